@@ -1,0 +1,308 @@
+"""Job files: one TOML file per experiment, checked against a schema on load.
+
+A job is a tree of small frozen dataclasses, one per TOML section. Loading refuses unknown keys, wrong types
+and out-of-range values with the key named; `--set section.key=value` overrides any key before the checks run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class JobError(Exception):
+    """A job file or override that cannot be used; the message names the file and the key."""
+
+
+def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,
+          length: int | None = None, help: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "choices": choices, "length": length, "help": help}
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_dir: str = _spec("training_data", help="training folder, relative to --data")
+    val_dir: str = _spec("validation_data", help="validation folder, relative to --data")
+    test_dir: str = _spec("", help="test folder run after training by cluster jobs; empty: none")
+    num_classes: int = _spec(4, lo=2, hi=255)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    features: tuple[int, ...] = _spec((32, 64, 128, 256, 512, 32), lo=1, hi=4096, length=6)
+    act: str = _spec("LeakyReLU", choices=("ReLU", "LeakyReLU", "PReLU", "ELU", "GELU"))
+    norm: str = _spec("instance", choices=("instance", "batch", "group"))
+    dropout: float = _spec(0.4, lo=0.0, hi=0.95)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = _spec("dice_ce", choices=("dice", "dice_ce"))
+    dice_weight: float = _spec(0.8, lo=0.0, hi=1.0)
+    ce_weight: float = _spec(0.2, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _spec("adam", choices=("adam", "adamw", "sgd"))
+    lr: float = _spec(1e-3, lo=1e-8, hi=10.0, help="learning rate at optim.base_batch_size")
+    momentum: float = _spec(0.9, lo=0.0, hi=0.999, help="SGD only")
+    weight_decay: float = _spec(0.0, lo=0.0, hi=1.0)
+    base_batch_size: int = _spec(2, lo=1, hi=4096, help="batch size that optim.lr was tuned for")
+    lr_scaling: str = _spec("sqrt", choices=("none", "linear", "sqrt"),
+                            help="lr = lr * (batch_size / base_batch_size) ** {0, 1, 1/2}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _spec(700, lo=1, hi=1_000_000)
+    batch_size: int = _spec(2, lo=1, hi=4096)
+    crop: tuple[int, ...] = _spec((200, 200), lo=8, hi=8192, length=2)
+    seed: int = _spec(0, lo=0, hi=2**31 - 1)
+    val_interval: int = _spec(10, lo=1, hi=1_000_000, help="validate every N epochs (and after the last)")
+    early_stop: int = _spec(20, lo=0, hi=1_000_000, help="validation rounds without improvement; 0: never stop")
+    precision: str = _spec("bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype on CUDA; CPU runs fp32")
+    compile: bool = _spec(False, help="torch.compile the model; falls back with one line where it fails")
+    threads: int = _spec(0, lo=0, hi=1024, help="CPU threads; 0: one per core available to the job")
+    images_every: int = _spec(1, lo=0, hi=1_000_000, help="TensorBoard images every N validation rounds; 0: never")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = _spec(True)
+    flip_prob: tuple[float, ...] = _spec((0.5, 0.5), lo=0.0, hi=1.0, length=2)
+    affine_prob: float = _spec(0.7, lo=0.0, hi=1.0)
+    rotate: float = _spec(0.1, lo=0.0, hi=math.pi)
+    translate: float = _spec(10.0, lo=0.0, hi=10_000.0)
+    scale: float = _spec(0.1, lo=0.0, hi=0.9)
+    noise_prob: float = _spec(0.2, lo=0.0, hi=1.0)
+    noise_std: float = _spec(0.1, lo=0.0, hi=10.0)
+    shift_prob: float = _spec(0.5, lo=0.0, hi=1.0)
+    shift: float = _spec(0.1, lo=0.0, hi=10.0)
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    roi: tuple[int, ...] = _spec((200, 200), lo=8, hi=8192, length=2, help="sliding-window size")
+    sw_batch_size: int = _spec(4, lo=1, hi=4096)
+    overlap: float = _spec(0.25, lo=0.0, hi=0.95)
+    batch_size: int = _spec(16, lo=1, hi=4096, help="whole slices per forward pass where they fit the roi")
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Defaults for `hpcseg submit`; the site profile and command-line options override them."""
+
+    gpus: int = _spec(1, lo=0, hi=16)
+    cpus: int = _spec(4, lo=1, hi=256)
+    mem_gb: float = _spec(16.0, lo=0.1, hi=4096.0)
+    time: str = _spec("24:00", help="walltime HH:MM")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str = _spec("hpcseg", help="experiment name: run folders go to <scratch>/<name>/")
+    description: str = _spec("")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+    def replace(self, **overrides: Any) -> "Job":
+        """A copy with dotted keys replaced, checked like a file: `job.replace(**{"train.epochs": 3})`."""
+        tree = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(tree, key, value, source="override")
+        return job_from_dict(tree, source="override")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- checking
+
+
+def _check_value(key: str, value: Any, typ: Any, meta: dict, source: str) -> Any:
+    def fail(problem: str) -> JobError:
+        return JobError(f"{source}: {key}: {problem}")
+
+    if get_origin(typ) is tuple:
+        (elem_type, *_rest) = get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"expected a list of {elem_type.__name__}, got {value!r}")
+        if meta["length"] is not None and len(value) != meta["length"]:
+            raise fail(f"expected {meta['length']} values, got {len(value)}")
+        return tuple(_check_value(f"{key}[{i}]", v, elem_type, meta, source) for i, v in enumerate(value))
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {value!r}")
+        return value
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail(f"expected a finite number, got {value!r}")
+    elif typ is str:
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise fail(f"{value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    if meta["lo"] is not None and value < meta["lo"]:
+        raise fail(f"{value!r} is below the minimum {meta['lo']}")
+    if meta["hi"] is not None and value > meta["hi"]:
+        raise fail(f"{value!r} is above the maximum {meta['hi']}")
+    return value
+
+
+def _build(cls: type, tree: dict, prefix: str, source: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in tree:
+        if key not in known:
+            dotted = f"{prefix}{key}"
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise JobError(f"{source}: unknown key '{dotted}'{hint}")
+    values = {}
+    for name, f in known.items():
+        if name not in tree:
+            continue
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(tree[name], dict):
+                raise JobError(f"{source}: {prefix}{name}: expected a [{prefix}{name}] section")
+            values[name] = _build(typ, tree[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _check_value(f"{prefix}{name}", tree[name], typ, dict(f.metadata), source)
+    job = cls(**values)
+    _check_relations(job, prefix, source)
+    return job
+
+
+def _check_relations(section: Any, prefix: str, source: str) -> None:
+    if isinstance(section, LossConfig) and section.name == "dice_ce" and section.dice_weight + section.ce_weight <= 0:
+        raise JobError(f"{source}: {prefix}dice_weight: dice_weight and ce_weight cannot both be 0")
+    if isinstance(section, ResourcesConfig):
+        parse_walltime(section.time, f"{source}: {prefix}time")
+
+
+def parse_walltime(text: str, where: str = "time") -> int:
+    """'HH:MM' (or 'MM') to minutes; refuses anything else with `where` named."""
+    parts = text.strip().split(":")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if not numbers or len(numbers) > 2 or any(n < 0 for n in numbers) or (len(numbers) == 2 and numbers[1] >= 60):
+        raise JobError(f"{where}: {text!r} is not a walltime HH:MM")
+    minutes = numbers[0] * 60 + numbers[1] if len(numbers) == 2 else numbers[0]
+    if minutes <= 0:
+        raise JobError(f"{where}: walltime must be positive, got {text!r}")
+    return minutes
+
+
+def job_from_dict(tree: dict, source: str = "job") -> Job:
+    return _build(Job, tree, "", source)
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.epochs=3' -> ('train.epochs', 3); values are TOML (`1e-3`, `[16, 32]`, `true`) or a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise JobError(f"--set {text}: expected KEY=VALUE, e.g. train.epochs=3")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    *sections, leaf = key.split(".")
+    node = tree
+    for i, name in enumerate(sections):
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise JobError(f"{source}: unknown key '{key}' ('{'.'.join(sections[: i + 1])}' is not a section)")
+        node = child
+    node[leaf] = value
+
+
+def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Job:
+    """Read, override and check a job file; raises JobError with one line naming the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise JobError(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise JobError(f"{path}: cannot read: {err}") from None
+    try:
+        tree = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise JobError(f"{path}: not valid TOML: {err}") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, source=f"--set {item}")
+    return job_from_dict(tree, source=str(path))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps_toml(tree: dict) -> str:
+    """TOML text of a two-level tree of plain values (what a Job holds)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in tree.items() if not isinstance(v, dict)]
+    for name, section in tree.items():
+        if isinstance(section, dict):
+            lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items()]
+    return "\n".join(lines) + "\n"
