@@ -1,0 +1,293 @@
+"""Slice folders: find image/label pairs by id, read them, check them, stack them.
+
+A split folder holds 2D coronal slices, one pair per id:
+
+- ``<id>_T1w.npy`` (image) and ``<id>_T1w_tissue_segmentation.npy`` (labels), or
+- ``<id>_T1w.nii.gz`` / ``<id>_T1w.nii`` and ``<id>_T1w_tissue_segmentation.nii.gz`` / ``.nii``.
+
+The two files of a pair may use different formats. A NIfTI file may be 2D or have extra axes of size 1
+(``(H, W, 1)``); a ``.npy`` file must be exactly 2D. NIfTI arrays are taken as stored (first axis = rows), with no
+reorientation. Files that are neither ``.npy`` nor ``.nii``/``.nii.gz`` (README, manifest.csv) and hidden files are
+ignored.
+
+Images and labels are paired by ``<id>``, never by position in a sorted listing: an image without its label is
+reported, not silently matched with the next slice's label. :func:`load_split` reads and checks every file and
+raises one :class:`DataError` that lists every problem found, one line per problem, each naming its file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+
+IMAGE_SUFFIX = "_T1w"
+LABEL_SUFFIX = "_T1w_tissue_segmentation"
+#: File extensions that hold slices, longest first so ``.nii.gz`` wins over ``.gz``.
+EXTENSIONS = (".nii.gz", ".nii", ".npy")
+
+_NAME = re.compile(r"^(?P<id>.+?)(?P<kind>_T1w_tissue_segmentation|_T1w)(?P<ext>\.nii\.gz|\.nii|\.npy)$", re.IGNORECASE)
+
+
+class DataError(Exception):
+    """One or more problems with slice data; ``problems`` holds one line each, ``"<path>: <problem>"``."""
+
+    def __init__(self, problems: Sequence[str] | str):
+        if isinstance(problems, str):
+            problems = [problems]
+        self.problems: list[str] = list(problems)
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+@dataclass(frozen=True)
+class SlicePair:
+    id: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class Split:
+    """The slices of one folder, sorted by id: images float32 (H, W), labels uint8 (H, W); sizes may differ."""
+
+    folder: Path
+    ids: list[str]
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def stacked(self, min_size: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All slices in three tensors: images float32 (N, 1, Hm, Wm), labels uint8 (N, 1, Hm, Wm), sizes int64 (N, 2).
+
+        Every slice is zero-padded at the bottom and right to the common size ``Hm, Wm``: the largest height and
+        width over the slices, and at least ``min_size`` (e.g. the training crop). ``sizes`` holds each slice's
+        own ``(H, W)``, so padding can be cut off again after inference.
+        """
+        min_h, min_w = (int(v) for v in min_size)
+        n = len(self.ids)
+        sizes = np.array([img.shape for img in self.images], dtype=np.int64).reshape(n, 2)
+        hm = max([min_h, *sizes[:, 0].tolist()])
+        wm = max([min_w, *sizes[:, 1].tolist()])
+        images = np.zeros((n, 1, hm, wm), dtype=np.float32)
+        labels = np.zeros((n, 1, hm, wm), dtype=np.uint8)
+        for k, (img, lab) in enumerate(zip(self.images, self.labels)):
+            h, w = img.shape
+            images[k, 0, :h, :w] = img
+            labels[k, 0, :h, :w] = lab
+        return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(sizes)
+
+
+# ----------------------------------------------------------------------------------------------------- finding
+
+
+def _scan(folder: Path) -> tuple[list[SlicePair], list[str]]:
+    """Pairs by id, plus one problem line per folder/naming/pairing problem."""
+    if not folder.exists():
+        return [], [f"{folder}: folder does not exist"]
+    if not folder.is_dir():
+        return [], [f"{folder}: is not a folder"]
+    problems: list[str] = []
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        if name.startswith(".") or not name.lower().endswith(EXTENSIONS):
+            continue
+        if not path.is_file():
+            problems.append(f"{path}: is not a regular file")
+            continue
+        match = _NAME.match(name)
+        if match is None or match["kind"] not in (IMAGE_SUFFIX, LABEL_SUFFIX):
+            problems.append(
+                f"{path}: name follows neither <id>{IMAGE_SUFFIX}.<ext> nor <id>{LABEL_SUFFIX}.<ext> "
+                f"(ext .npy, .nii or .nii.gz)"
+            )
+            continue
+        slice_id = match["id"]
+        table, what = (labels, "label") if match["kind"] == LABEL_SUFFIX else (images, "image")
+        if slice_id in table:
+            problems.append(f"{path}: a second {what} for id '{slice_id}' (also {table[slice_id].name})")
+            continue
+        table[slice_id] = path
+    for slice_id in sorted(images.keys() - labels.keys()):
+        problems.append(f"{images[slice_id]}: image without label (expected {slice_id}{LABEL_SUFFIX}.npy or .nii.gz)")
+    for slice_id in sorted(labels.keys() - images.keys()):
+        problems.append(f"{labels[slice_id]}: label without image (expected {slice_id}{IMAGE_SUFFIX}.npy or .nii.gz)")
+    pairs = [SlicePair(i, images[i], labels[i]) for i in sorted(images.keys() & labels.keys())]
+    if not pairs and not problems:
+        problems.append(f"{folder}: no slices (<id>{IMAGE_SUFFIX}.npy + <id>{LABEL_SUFFIX}.npy, or .nii.gz)")
+    return pairs, problems
+
+
+def find_pairs(folder: Path | str) -> list[SlicePair]:
+    """The image/label pairs of a folder, sorted by id; raises DataError listing every naming or pairing problem."""
+    pairs, problems = _scan(Path(folder))
+    if problems:
+        raise DataError(problems)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The array stored in a .npy or NIfTI file, with the extra singleton axes of a NIfTI file dropped."""
+    if path.name.lower().endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    import nibabel as nib
+
+    array = np.asanyarray(nib.load(path).dataobj)
+    if array.ndim > 2:
+        keep = [n for n in array.shape if n != 1]
+        if len(keep) == 2:
+            array = array.reshape(keep)
+    return array
+
+
+def _describe(error: BaseException, path: Path) -> str:
+    text = str(error).replace(f'"{path}"', "it").replace(str(path), "it").strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _where(mask: np.ndarray) -> str:
+    row, col = np.argwhere(mask)[0]
+    return f"row {row}, col {col}"
+
+
+def _read_checked(path: Path, what: str) -> tuple[np.ndarray | None, list[str]]:
+    try:
+        array = _read_array(path)
+    except Exception as error:  # noqa: BLE001 - any failure to read is one reported problem
+        return None, [f"{path}: cannot read {what} ({_describe(error, path)})"]
+    if array.dtype.kind not in "biuf":
+        return None, [f"{path}: {what} has non-numeric dtype {array.dtype}"]
+    if array.ndim != 2:
+        return None, [f"{path}: {what} is not 2D (shape {tuple(array.shape)})"]
+    if 0 in array.shape:
+        return None, [f"{path}: {what} is empty (shape {tuple(array.shape)})"]
+    return np.asarray(array), []
+
+
+def _check_image(path: Path, array: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    with np.errstate(over="ignore", invalid="ignore"):
+        image = np.ascontiguousarray(array, dtype=np.float32)
+    finite = np.isfinite(image)
+    if finite.all():
+        return image, []
+    bad = int(image.size - np.count_nonzero(finite))
+    return image, [f"{path}: image has {bad} non-finite value(s) (NaN or inf as float32; first at {_where(~finite)})"]
+
+
+def _check_label(path: Path, array: np.ndarray, num_classes: int) -> tuple[np.ndarray, list[str]]:
+    if array.dtype.kind == "f":
+        integral = np.isfinite(array) & (array == np.round(array))
+        if not integral.all():
+            bad = int(array.size - np.count_nonzero(integral))
+            first = array[~integral].flat[0]
+            return array, [f"{path}: label has {bad} non-integer value(s) (e.g. {first} at {_where(~integral)})"]
+    low, high = array.min(), array.max()
+    if low < 0 or high > num_classes - 1:
+        outside = (array < 0) | (array > num_classes - 1)
+        values = np.unique(array[outside])
+        shown = ", ".join(str(v.item() if hasattr(v, "item") else v) for v in values[:5])
+        more = ", ..." if values.size > 5 else ""
+        return array, [
+            f"{path}: label values outside 0..{num_classes - 1}: {shown}{more} "
+            f"({int(np.count_nonzero(outside))} pixel(s), first at {_where(outside)})"
+        ]
+    return np.ascontiguousarray(array, dtype=np.uint8), []
+
+
+def load_split(folder: Path | str, num_classes: int) -> Split:
+    """Read and check every slice of a folder; raise one DataError listing all problems, one line each."""
+    if not 1 <= int(num_classes) <= 256:
+        raise ValueError(f"num_classes must be in 1..256 (labels are stored as uint8), got {num_classes}")
+    folder = Path(folder)
+    pairs, problems = _scan(folder)
+    ids: list[str] = []
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for pair in pairs:
+        raw_image, image_problems = _read_checked(pair.image, "image")
+        raw_label, label_problems = _read_checked(pair.label, "label")
+        if raw_image is not None:
+            image, more = _check_image(pair.image, raw_image)
+            image_problems += more
+        if raw_label is not None:
+            label, more = _check_label(pair.label, raw_label, num_classes)
+            label_problems += more
+        if raw_image is not None and raw_label is not None and raw_image.shape != raw_label.shape:
+            label_problems.append(
+                f"{pair.label}: shape {raw_label.shape[0]}x{raw_label.shape[1]} differs from its image "
+                f"{pair.image.name} ({raw_image.shape[0]}x{raw_image.shape[1]})"
+            )
+        if image_problems or label_problems:
+            problems += image_problems + label_problems
+            continue
+        ids.append(pair.id)
+        images.append(image)
+        labels.append(label)
+    if problems:
+        raise DataError(problems)
+    return Split(folder=folder, ids=ids, images=images, labels=labels)
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+def slice_paths(folder: Path | str, id: str, fmt: Literal["npy", "nifti"] = "npy") -> tuple[Path, Path]:
+    """Where :func:`save_slice` puts the image and label of ``id``."""
+    ext = {"npy": ".npy", "nifti": ".nii.gz"}.get(fmt)
+    if ext is None:
+        raise ValueError(f"fmt must be 'npy' or 'nifti', got {fmt!r}")
+    folder = Path(folder)
+    return folder / f"{id}{IMAGE_SUFFIX}{ext}", folder / f"{id}{LABEL_SUFFIX}{ext}"
+
+
+def save_slice(
+    folder: Path | str,
+    id: str,
+    image: np.ndarray,
+    label: np.ndarray,
+    fmt: Literal["npy", "nifti"] = "npy",
+) -> tuple[Path, Path]:
+    """Write one slice pair (image as float32, label as uint8) and return the two paths.
+
+    ``fmt="nifti"`` writes 2D ``.nii.gz`` files with 1 mm pixels and an identity affine. Refuses (ValueError)
+    arrays that are not 2D, of different shapes, or labels that are not whole numbers in 0..255; it does not
+    check the image values, so tests can write bad images with it.
+    """
+    if not id or "/" in id or "\\" in id or id.startswith("."):
+        raise ValueError(f"bad slice id {id!r}: must be non-empty, not start with '.', and have no path separator")
+    image = np.asarray(image)
+    label = np.asarray(label)
+    if image.ndim != 2 or image.shape != label.shape:
+        raise ValueError(f"image and label must be 2D of the same shape, got {image.shape} and {label.shape}")
+    if label.dtype.kind not in "biu" and not np.array_equal(label, np.round(label)):
+        raise ValueError("label values must be whole numbers")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError("label values must be in 0..255")
+    image = image.astype(np.float32)
+    label = label.astype(np.uint8)
+    image_path, label_path = slice_paths(folder, id, fmt)
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npy":
+        np.save(image_path, image)
+        np.save(label_path, label)
+    else:
+        import nibabel as nib
+
+        for array, path in ((image, image_path), (label, label_path)):
+            img = nib.Nifti1Image(array, np.eye(4))
+            img.header.set_xyzt_units("mm")
+            nib.save(img, path)
+    return image_path, label_path
