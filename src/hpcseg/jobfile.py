@@ -44,7 +44,7 @@ class DataConfig:
 class ModelConfig:
     features: tuple[int, ...] = _spec((32, 64, 128, 256, 512, 32), lo=1, hi=4096, length=6)
     act: str = _spec("LeakyReLU", choices=("ReLU", "LeakyReLU", "PReLU", "ELU", "GELU"))
-    norm: str = _spec("instance", choices=("instance", "batch", "group"))
+    norm: str = _spec("instance", choices=("instance", "batch"))
     dropout: float = _spec(0.4, lo=0.0, hi=0.95)
 
 

@@ -1,0 +1,103 @@
+"""The `hpcseg` command: train and test in the foreground, demo data, and the cluster commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .jobfile import JobError
+    from .train import RunDirError
+
+    return (CheckpointError, DataError, JobError, RunDirError)
+
+
+class HpcsegGroup(click.Group):
+    """Prints a user error as `hpcseg: error: ...` (one line per problem) and exits 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as err:
+            problems = getattr(err, "problems", None) or [str(err)]
+            for problem in problems:
+                click.echo(f"hpcseg: error: {problem}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=HpcsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hpcseg")
+def main() -> None:
+    """Train and test a MONAI 2D U-Net for brain tissue segmentation, here or as cluster jobs."""
+
+
+def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | None) -> tuple[Path, Path]:
+    """--train-dir / --val-dir win; else the job's folders, relative to --data when given."""
+    base = Path(data) if data else Path(".")
+    return (Path(train_dir) if train_dir else base / job.data.train_dir,
+            Path(val_dir) if val_dir else base / job.data.val_dir)
+
+
+@main.command()
+@click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="Folder holding the job's training and validation folders.")
+@click.option("--train-dir", type=click.Path(path_type=Path), help="Training folder (overrides --data).")
+@click.option("--val-dir", type=click.Path(path_type=Path), help="Validation folder (overrides --data).")
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job key, e.g. train.epochs=3.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> None:
+    """Train JOB_FILE into the run folder --out (JOB_FILE defaults to the run's job.toml with --resume)."""
+    from .jobfile import load_job
+    from .train import train as run_training
+
+    if job_file is None:
+        if not resume:
+            raise click.UsageError("JOB_FILE is required unless --resume continues a run")
+        job_file = run_dir / "job.toml"
+    job = load_job(job_file, overrides)
+    train_folder, val_folder = data_dirs(job, data, train_dir, val_dir)
+    run_training(job, train_folder, val_folder, run_dir, resume=resume)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder of slice pairs to test on.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default RUN_DIR/test/<data folder name>).")
+def test(run_dir, data, out_dir) -> None:
+    """Test RUN_DIR's best checkpoint on the slices in --data."""
+    from .evaluate import test_run
+
+    test_run(run_dir, data, out_dir)
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo data folder.")
+def demo_data(out, overwrite) -> None:
+    """Write demo slices from the MNI152 template shipped with nilearn into OUT (one brain, three splits)."""
+    from .demo_data import build_demo_data
+
+    counts = build_demo_data(out, overwrite=overwrite)
+    click.echo(f"wrote {out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
+
+
+def _register_cluster_commands() -> None:
+    try:
+        from .cluster.cli import cancel, collect, logs, status, submit
+    except ImportError:  # the cluster commands land separately
+        return
+    for command in (submit, status, collect, cancel, logs):
+        main.add_command(command)
+
+
+_register_cluster_commands()

@@ -1,0 +1,261 @@
+"""`hpcseg train`: the training loop, top to bottom.
+
+Both splits are read and checked once, held in memory as tensors on the training device, and each batch is
+cropped and augmented there in one go. The loop keeps the losses on the device and reads them once per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .atomic import atomic_write_text
+from .augment import AugmentParams, augment_batch, crop_batch
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Split, load_split
+from .infer import autocast, predict_labels, shape_groups, stack
+from .jobfile import Job, JobError, job_from_dict
+from .metrics import FolderDice, named, nanmean
+from .model import build_loss, build_model, build_optimizer
+from .progress import EpochProgress
+
+LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
+
+
+class RunDirError(Exception):
+    """A run folder that cannot be started or resumed as asked."""
+
+
+@dataclass
+class LoopState:
+    """What early stopping and best-checkpoint selection remember between epochs (saved in `last`)."""
+
+    epoch: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    stale_rounds: int = 0
+    stopped_early: bool = False
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(requested: int) -> None:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(requested or available)
+
+
+def augment_params(job: Job) -> AugmentParams | None:
+    a = job.augment
+    if not a.enabled:
+        return None
+    return AugmentParams(flip_prob=tuple(a.flip_prob), affine_prob=a.affine_prob, rotate=a.rotate,
+                         translate=a.translate, scale=a.scale, noise_prob=a.noise_prob, noise_std=a.noise_std,
+                         shift_prob=a.shift_prob, shift=a.shift)
+
+
+def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bool = False,
+          progress: bool | None = None, log=print) -> dict:
+    """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`."""
+    run_dir = Path(run_dir)
+    job = _check_run_dir(job, run_dir, resume)
+    train_split = load_split(Path(train_dir), job.data.num_classes)  # checked before anything is written
+    val_split = load_split(Path(val_dir), job.data.num_classes)
+
+    device = pick_device()
+    set_threads(job.train.threads)
+    torch.manual_seed(job.train.seed)
+    generator = torch.Generator(device=device).manual_seed(job.train.seed)
+    model = build_model(job).to(device)
+    optimizer = build_optimizer(job.optim, model, job.train.batch_size, device)
+    loss_fn = build_loss(job.loss)
+    state = LoopState()
+    if resume:
+        state = _restore(run_dir / LAST, model, optimizer, generator, device)
+        _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "job.toml", job.to_toml())
+    step_model = _maybe_compile(model, job, log)
+
+    images, labels, sizes = (t.to(device) for t in train_split.stacked())
+    val_groups = [(stack(val_split.images, g, torch.float32, device), stack(val_split.labels, g, torch.uint8, device))
+                  for g in shape_groups(val_split.images)]
+    params = augment_params(job)
+    n, batch = images.shape[0], job.train.batch_size
+    steps = math.ceil(n / batch)
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
+    bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress)
+    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, "
+        f"epochs {state.epoch + 1}..{job.train.epochs}, batch {batch}")
+
+    for epoch in range(state.epoch + 1, job.train.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        order = torch.randperm(n, device=device, generator=generator)
+        for step in range(steps):
+            index = order[step * batch : (step + 1) * batch]
+            x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
+            if params is not None:
+                x, y = augment_batch(x, y, params, generator)
+            with autocast(device, job.train.precision):
+                logits = step_model(x)
+            loss = loss_fn(logits.float(), y.long())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * index.numel()
+        train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
+        train_seconds = time.perf_counter() - started
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": n / train_seconds}
+
+        if epoch % job.train.val_interval == 0 or epoch == job.train.epochs:
+            dice, example = validate(model, val_groups, job)
+            record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
+            improved = record["val_mean_dice"] > state.best_dice
+            state.stale_rounds = 0 if improved else state.stale_rounds + 1
+            if improved:
+                state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
+                save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+            state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
+            _log_validation(writer, record, example, epoch, job)
+
+        state.epoch = epoch
+        record["seconds"] = time.perf_counter() - started
+        save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+        _append_jsonl(run_dir / "metrics.jsonl", record)
+        writer.add_scalar("loss/train", train_loss, epoch)
+        writer.add_scalar("lr", record["lr"], epoch)
+        _write_progress(run_dir, job, state, record["seconds"], finished=False)
+        bar.update(record, state)
+        if state.stopped_early:
+            log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
+            break
+
+    writer.close()
+    bar.close()
+    _write_progress(run_dir, job, state, None, finished=True)
+    summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
+               "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
+    log(f"done: {state.epoch} epochs, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
+    return summary
+
+
+@torch.no_grad()
+def validate(model, val_groups, job: Job) -> tuple[torch.Tensor, tuple]:
+    """Dice of each tissue over all validation pixels, and the first slice's (image, label, prediction)."""
+    folder_dice = FolderDice(job.data.num_classes, device=val_groups[0][0].device)
+    example = None
+    for images, labels in val_groups:
+        pred = predict_labels(model, images, job.infer, job.train.precision)
+        folder_dice.update(pred, labels)
+        if example is None:
+            example = (images[0], labels[0], pred[0])
+    return folder_dice.dice(), example
+
+
+def _log_validation(writer, record: dict, example: tuple, epoch: int, job: Job) -> None:
+    writer.add_scalar("dice/mean", record["val_mean_dice"], epoch)
+    for tissue, value in record["val_dice"].items():
+        writer.add_scalar(f"dice/{tissue}", value, epoch)
+    rounds = epoch // job.train.val_interval
+    if job.train.images_every and rounds % job.train.images_every == 0:
+        image, label, pred = example
+        scale = float(job.data.num_classes - 1)
+        span = (image.max() - image.min()).clamp(min=1e-6)
+        writer.add_image("val/input", ((image - image.min()) / span).float().cpu(), epoch)
+        writer.add_image("val/label", (label.float() / scale).cpu(), epoch)
+        writer.add_image("val/prediction", (pred.float() / scale).cpu(), epoch)
+
+
+def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: int) -> dict:
+    """`best` holds the weights and what they scored; `last` also the optimiser and every random state."""
+    ckpt = {"model": model.state_dict(), "job": job.to_dict(), "epoch": epoch, "loop": asdict(state),
+            "hpcseg_version": __version__}
+    if optimizer is not None:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["rng"] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        if torch.cuda.is_available():
+            ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
+    return ckpt
+
+
+def _restore(path: Path, model, optimizer, generator, device) -> LoopState:
+    ckpt = load_checkpoint(path, map_location=device)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    generator.set_state(ckpt["rng"]["generator"].cpu())
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    return LoopState(**ckpt["loop"])
+
+
+def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> Job:
+    """Refuse to train over an existing run, or to resume one with a different job (only epochs may grow)."""
+    saved = run_dir / "job.toml"
+    if not resume:
+        if (run_dir / LAST).exists() or saved.exists():
+            raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
+        return job
+    if not (run_dir / LAST).exists():
+        raise RunDirError(f"{run_dir / LAST}: nothing to resume from")
+    ckpt_job = job_from_dict(load_checkpoint(run_dir / LAST)["job"], source=str(run_dir / LAST))
+    if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
+        raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
+    return job
+
+
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop lines of epochs after the checkpoint: an attempt killed mid-epoch wrote them, the resumed one redoes them."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | None, finished: bool) -> None:
+    path = run_dir / "progress.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    per_epoch = previous.get("seconds_per_epoch")
+    if seconds is not None:  # smoothed, so one validation epoch does not swing the estimate
+        per_epoch = seconds if per_epoch is None else 0.8 * per_epoch + 0.2 * seconds
+    progress = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice if state.best_epoch else None,
+                "best_epoch": state.best_epoch or None, "seconds_per_epoch": per_epoch, "updated": time.time(),
+                "finished": finished, "stopped_early": state.stopped_early}
+    atomic_write_text(path, json.dumps(progress) + "\n")
+
+
+def _maybe_compile(model, job: Job, log):
+    """`torch.compile` the model if the job asks; where compiling or its first backward fails, fall back."""
+    if not job.train.compile:
+        return model
+    device = next(model.parameters()).device
+    try:
+        compiled = torch.compile(model)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the probe's dropout
+            compiled(torch.zeros(1, 1, 32, 32, device=device)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        log(f"torch.compile failed here, training without it ({type(err).__name__}: {first})")
+        return model
