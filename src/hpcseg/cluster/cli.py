@@ -1,0 +1,245 @@
+"""The cluster commands, as plain click commands the main `hpcseg` group registers:
+
+    from hpcseg.cluster.cli import cancel, collect, logs, status, submit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .runs import CANCELLED, OUTCOME, ClusterError, find_one_run, find_runs, scratches_to_search
+
+_SCRATCH_HELP = "scratch folder holding <experiment>/<run_id>/ (default: $HPCSEG_SCRATCH, else ./hpcseg-scratch " \
+                "and the scratch folders earlier submits used)"
+
+
+def _poll_interval() -> float:
+    try:
+        return float(os.environ.get("HPCSEG_POLL_S", "5"))
+    except ValueError:
+        return 5.0
+
+
+# ---------------------------------------------------------------- submit
+
+
+@click.command()
+@click.argument("job_file", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), help="data folder holding the job's training/validation "
+              "(and test) folders; default: the current folder")
+@click.option("--executor", type=click.Choice(["auto", "local", "slurm", "lsf"]), default=None,
+              help="where to run: auto picks LSF where bsub exists, Slurm where sbatch exists, else this machine")
+@click.option("--queue", help="queue (LSF) or partition (Slurm)")
+@click.option("--gpus", type=int, help="GPUs per job")
+@click.option("--cpus", type=int, help="CPU cores per job")
+@click.option("--mem", "mem_gb", type=float, help="memory per job, GB")
+@click.option("--time", "walltime", help="walltime HH:MM")
+@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, local) or a .toml file")
+@click.option("--scratch", type=click.Path(path_type=Path), help="scratch folder for run folders "
+              "(default: $HPCSEG_SCRATCH, the profile's, ./hpcseg-scratch)")
+@click.option("--name", help="experiment name (default: the job's name)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a job key, e.g. train.epochs=3")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
+              help="sweep a key; several --sweep make a grid, submitted as one job array")
+@click.option("--max-parallel", type=int, help="at most this many array elements run at once")
+@click.option("--dry-run", is_flag=True, help="print the job script(s) and submit nothing")
+@click.option("--wait", is_flag=True, help="block until the submitted runs end, then print their status")
+def submit(job_file, data, executor, queue, gpus, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
+           max_parallel, dry_run, wait) -> None:
+    """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
+    from .submit import SubmitOptions
+    from .submit import submit as do_submit
+
+    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, cpus=cpus,
+                         mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
+                         overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
+                         dry_run=dry_run)
+    result = do_submit(opts, echo=click.echo)
+    if wait and result.runs:
+        from .runs import load_run
+        from .status import TERMINAL, collect_status, format_table
+
+        interval = min(_poll_interval(), 2.0)
+        while True:
+            runs = [load_run(r.path) or r for r in result.runs]
+            statuses, _ = collect_status(runs)
+            if all(s.state in TERMINAL for s in statuses):
+                break
+            time.sleep(interval)
+        click.echo(format_table(statuses))
+        if any(s.state != "COMPLETED" for s in statuses):
+            sys.exit(1)
+
+
+# ---------------------------------------------------------------- status
+
+
+@click.command()
+@click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table")
+@click.option("--watch", is_flag=True, help="refresh until every run has ended (Ctrl-C to stop)")
+def status(selectors, scratch, as_json, watch) -> None:
+    """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
+    from .status import TERMINAL, collect_status, format_table
+
+    scratches = scratches_to_search(scratch)
+    while True:
+        runs = find_runs(selectors, scratches)
+        statuses, warnings = collect_status(runs)
+        if as_json:
+            click.echo(json.dumps([s.to_dict() for s in statuses], indent=1))
+        else:
+            if watch and sys.stdout.isatty():
+                click.clear()
+            for warning in warnings:
+                click.echo(f"hpcseg: warning: {warning}", err=True)
+            click.echo(format_table(statuses) if statuses else f"no runs under {', '.join(map(str, scratches))}")
+        if not watch or all(s.state in TERMINAL for s in statuses):
+            return
+        try:
+            time.sleep(_poll_interval())
+        except KeyboardInterrupt:
+            return
+        if not as_json:
+            click.echo("")
+
+
+# ---------------------------------------------------------------- collect
+
+
+@click.command()
+@click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
+@click.option("--dest", type=click.Path(path_type=Path), default=Path("collected"), show_default=True,
+              help="copy into DEST/<run_id>/")
+@click.option("--top", type=int, help="only the K runs with the best validation Dice")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+def collect(selectors, dest, top, scratch) -> None:
+    """Copy best checkpoint, job, metrics, test summary and a training-curve PNG, with verified SHA256SUMS."""
+    from .collect import collect_run, pick_top
+    from .status import collect_status
+
+    if top is not None and top < 1:
+        raise ClusterError(f"--top {top}: must be at least 1")
+    runs = find_runs(selectors, scratches_to_search(scratch))
+    if not runs:
+        raise ClusterError("no runs to collect")
+    if top is not None:
+        statuses, _ = collect_status(runs)
+        dice = {s.path: s.best_dice for s in statuses}
+        runs = pick_top([(r, dice.get(str(r.path))) for r in runs], top)
+    done, skipped = 0, []
+    for run in runs:
+        if not (run.path / "checkpoints" / "best.pt").exists():
+            skipped.append(run.run_id)
+            continue
+        info = collect_run(run, dest)
+        done += 1
+        kept = f", {len(info['kept'])} unchanged" if info["kept"] else ""
+        click.echo(f"{run.run_id}: {len(info['copied'])} files copied{kept}, SHA256SUMS verified -> {info['dest']}")
+    for run_id in skipped:
+        click.echo(f"{run_id}: no best checkpoint yet, skipped", err=True)
+    if not done:
+        raise ClusterError("no run has a best checkpoint yet")
+
+
+# ---------------------------------------------------------------- cancel
+
+
+@click.command()
+@click.argument("selectors", nargs=-1, required=True, metavar="RUN...")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+def cancel(selectors, scratch) -> None:
+    """Cancel runs (a run id, a sweep id or an experiment name)."""
+    from .runs import mark_cancelled
+    from .status import TERMINAL, collect_status, local_alive
+
+    runs = find_runs(selectors, scratches_to_search(scratch))
+    statuses, _ = collect_status(runs)
+    live = [r for r, s in zip(runs, statuses) if s.state not in TERMINAL and r.job_id]
+    for r, s in zip(runs, statuses):
+        if s.state in TERMINAL:
+            click.echo(f"{r.run_id}: already {s.state}")
+    by_exec: dict[str, list] = {}
+    for r in live:
+        by_exec.setdefault(r.executor, []).append(r)
+    for executor, group in by_exec.items():
+        ids = [r.job_id for r in group]
+        if executor == "slurm":
+            _scheduler_cancel(["scancel", *ids])
+        elif executor == "lsf":
+            try:
+                from .lsf import cancel_lsf
+
+                cancel_lsf(ids)
+            except Exception as err:
+                raise ClusterError(f"bkill failed: {' '.join(str(err).split())[:300]}") from None
+        elif executor == "local":
+            for r in group:
+                if local_alive(r.job_id, str(r.submitit_dir)):
+                    try:
+                        os.kill(int(r.job_id), signal.SIGINT)
+                    except ProcessLookupError:
+                        pass
+        for r in group:
+            mark_cancelled(r.path / CANCELLED)
+            click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
+
+
+def _scheduler_cancel(cmd: list[str]) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ClusterError(f"{cmd[0]} failed: {err}") from None
+    if proc.returncode != 0:
+        raise ClusterError(f"{cmd[0]} failed: {' '.join(proc.stderr.split())[:300]}")
+
+
+# ---------------------------------------------------------------- logs
+
+
+@click.command()
+@click.argument("run_selector", metavar="RUN")
+@click.option("--err", "stderr", is_flag=True, help="standard error instead of standard output")
+@click.option("--follow", is_flag=True, help="keep printing new lines until the job ends (Ctrl-C to stop)")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+def logs(run_selector, stderr, follow, scratch) -> None:
+    """Print the job's standard output (or error) from submitit's log files."""
+    from .status import TERMINAL, collect_status
+
+    run = find_one_run(run_selector, scratches_to_search(scratch))
+    path = run.log_path(stderr)
+    if path is None:
+        raise ClusterError(f"{run.run_id}: no job id recorded (the submission did not complete)")
+    position = 0
+    quiet_rounds = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as fh:
+                fh.seek(position)
+                chunk = fh.read()
+                position += len(chunk)
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        elif not follow:
+            raise ClusterError(f"{run.run_id}: no log yet ({path}); the job has not started")
+        if not follow:
+            return
+        statuses, _ = collect_status([run])
+        if statuses[0].state in TERMINAL:
+            quiet_rounds += 1
+            if quiet_rounds > 1:  # one more read after the end, for the last lines
+                return
+        try:
+            time.sleep(1.0)
+        except KeyboardInterrupt:
+            return

@@ -1,0 +1,116 @@
+"""What a cluster job runs: train the job into its run folder, then test it, then write the outcome.
+
+`JobRunner` is a `submitit.helpers.Checkpointable`. On the scheduler's warning signal (USR2 before the walltime,
+or preemption) submitit calls `checkpoint()`, which resubmits the same runner; the training has already saved
+`checkpoints/last.pt` at the end of the last finished epoch, so the requeued attempt resumes from there and
+ends with the same number of epochs as an uninterrupted run. The runner holds only plain data (the job as a
+dict, folder paths): all state lives in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ..atomic import atomic_write_text
+from .runs import ATTEMPTS, OUTCOME, append_jsonl
+
+LAST = Path("checkpoints") / "last.pt"
+
+_JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "LSB_JOBID", "SUBMITIT_LOCAL_JOB_ID")
+
+
+def _scheduler_job_id() -> str | None:
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    for var in _JOB_ID_VARS[1:]:
+        if os.environ.get(var):
+            index = os.environ.get("LSB_JOBINDEX", "0") if var == "LSB_JOBID" else "0"
+            return os.environ[var] + (f"[{index}]" if index not in ("", "0") else "")
+    return None
+
+
+def write_outcome(run_dir: Path, state: str, **extra: Any) -> None:
+    record = {"state": state, "time": time.time(), **extra}
+    atomic_write_text(run_dir / OUTCOME, json.dumps(record, indent=2) + "\n")
+
+
+class JobRunner(submitit.helpers.Checkpointable):
+    """Train (resuming from `checkpoints/last.pt` when it exists), test if the job has a test folder, and
+    record the outcome in `outcome.json`."""
+
+    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None,
+                 submitted_job_toml: str | None = None) -> None:
+        self.job = job
+        self.train_dir = str(train_dir)
+        self.val_dir = str(val_dir)
+        self.run_dir = str(run_dir)
+        self.test_dir = str(test_dir) if test_dir else None
+        self.submitted_job_toml = submitted_job_toml
+
+    def __call__(self) -> dict:
+        from ..jobfile import job_from_dict
+
+        run_dir = Path(self.run_dir)
+        resume = (run_dir / LAST).exists()
+        attempt = {"event": "start", "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                   "job_id": _scheduler_job_id(), "resume": resume}
+        append_jsonl(run_dir / ATTEMPTS, attempt)
+        (run_dir / OUTCOME).unlink(missing_ok=True)  # running again: an earlier outcome no longer holds
+        print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",
+              flush=True)
+        if not resume:
+            self._drop_submitted_job_toml(run_dir)
+        try:
+            from ..train import train
+
+            job = job_from_dict(self.job, source=str(run_dir / "run.json"))
+            summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume, progress=False)
+            result: dict[str, Any] = {"train": summary}
+            if self.test_dir:
+                from ..evaluate import test_run
+
+                test = test_run(run_dir, Path(self.test_dir))
+                result["test"] = {"data": self.test_dir, "mean_dice": test.get("mean_dice"),
+                                  "dice_per_class": test.get("dice_per_class")}
+        except submitit.core.utils.UncompletedJobError as err:  # timed out more often than allowed
+            write_outcome(run_dir, "TIMEOUT", error=str(err))
+            raise
+        except SystemExit:  # submitit's signal handler requeued the job
+            append_jsonl(run_dir / ATTEMPTS, {"event": "requeued", "time": time.time()})
+            raise
+        except Exception as err:
+            write_outcome(run_dir, "FAILED", error=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc(limit=20))
+            print(f"hpcseg job runner: FAILED: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            raise
+        write_outcome(run_dir, "COMPLETED", **result)
+        print("hpcseg job runner: COMPLETED", flush=True)
+        return result
+
+    def _drop_submitted_job_toml(self, run_dir: Path) -> None:
+        """`submit` left the resolved job as job.toml; the training writes it itself and refuses to start over
+        a folder that already has one, so remove it if it is still the submitted copy."""
+        path = run_dir / "job.toml"
+        try:
+            if self.submitted_job_toml is not None and path.read_text() == self.submitted_job_toml:
+                path.unlink()
+        except OSError:
+            pass
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on USR2: the state is on disk already, so resubmit this same runner."""
+        run_dir = Path(self.run_dir)
+        try:
+            append_jsonl(run_dir / ATTEMPTS, {"event": "checkpoint", "time": time.time()})
+        except OSError:
+            pass
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

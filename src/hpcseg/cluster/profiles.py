@@ -1,0 +1,176 @@
+"""Site profiles (`hpc/<name>.toml`): which scheduler, queues and their limits, scratch, job set-up lines.
+
+A profile is found by name in `$HPCSEG_PROFILES`, `./hpc/` and the `hpc/` folder of hpcseg's own checkout, or
+given as a path to a .toml file. Command-line options override it; it overrides the job's [resources].
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..jobfile import JobError, parse_walltime
+from .runs import ClusterError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+EXECUTORS = ("auto", "local", "slurm", "lsf")
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    max_time_min: int | None = None
+    max_gpus: int | None = None
+    gpu_type: str = ""  # shown only; e.g. "V100 16/32 GB"
+    extra: dict[str, Any] = field(default_factory=dict)  # scheduler directives added for this queue
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path | None = None
+    description: str = ""
+    executor: str = "auto"
+    scratch: str | None = None
+    queue: str | None = None  # default queue
+    queues: dict[str, Queue] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    signal_delay_s: int | None = None
+    max_requeues: int = 30
+    gpus: int | None = None
+    cpus: int | None = None
+    mem_gb: float | None = None
+    time: str | None = None
+
+    def check_queue(self, queue: str | None, minutes: int, gpus: int, source: str = "--queue") -> None:
+        """Refuse an unknown queue, a time above its limit or more GPUs than its nodes have."""
+        if queue is None:
+            return
+        if not self.queues:
+            if self.executor == "local":
+                raise ClusterError(f"{source} {queue}: profile '{self.name}' runs jobs on this machine and has no queues")
+            return
+        q = self.queues.get(queue)
+        if q is None:
+            raise ClusterError(f"{source} {queue}: unknown queue for profile '{self.name}' "
+                               f"(known: {', '.join(sorted(self.queues))})")
+        if q.max_time_min is not None and minutes > q.max_time_min:
+            raise ClusterError(f"--time {fmt_minutes(minutes)}: above the {fmt_minutes(q.max_time_min)} limit of "
+                               f"queue {queue} (profile '{self.name}')")
+        if q.max_gpus is not None and gpus > q.max_gpus:
+            raise ClusterError(f"--gpus {gpus}: queue {queue} has at most {q.max_gpus} GPUs per node "
+                               f"(profile '{self.name}')")
+
+
+def fmt_minutes(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+NO_PROFILE = Profile(name="(none)")
+
+_TOP_KEYS = {"name", "description", "executor", "scratch", "queue", "queues", "setup", "signal_delay_s",
+             "max_requeues", "defaults"}
+_DEFAULT_KEYS = {"gpus", "cpus", "mem_gb", "time"}
+_QUEUE_KEYS = {"max_time", "max_gpus", "gpu_type", "extra"}
+
+
+def search_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("HPCSEG_PROFILES", "").split(os.pathsep) if p]
+    dirs.append(Path("hpc"))
+    dirs.append(Path(__file__).resolve().parents[3] / "hpc")  # the checkout hpcseg runs from
+    return dirs
+
+
+def find_profile(name: str) -> Path:
+    if name.endswith(".toml") or os.sep in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ClusterError(f"--profile {name}: no such file")
+        return path
+    for folder in search_dirs():
+        path = folder / f"{name}.toml"
+        if path.is_file():
+            return path
+    known = sorted({p.stem for d in search_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    raise ClusterError(f"--profile {name}: unknown profile (known: {', '.join(known) or 'none'})")
+
+
+def load_profile(name: str | None) -> Profile:
+    if not name:
+        return NO_PROFILE
+    path = find_profile(name)
+    try:
+        tree = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise ClusterError(f"{path}: cannot read: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ClusterError(f"{path}: not valid TOML: {err}") from None
+    return profile_from_dict(tree, path)
+
+
+def _expect(path: Path, key: str, value: Any, types: tuple, what: str) -> Any:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ClusterError(f"{path}: {key}: expected {what}, got {value!r}")
+    return value
+
+
+def profile_from_dict(tree: dict, path: Path) -> Profile:
+    unknown = sorted(set(tree) - _TOP_KEYS)
+    if unknown:
+        raise ClusterError(f"{path}: unknown key '{unknown[0]}'")
+    executor = _expect(path, "executor", tree.get("executor", "auto"), (str,), "a string")
+    if executor not in EXECUTORS:
+        raise ClusterError(f"{path}: executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    setup = _expect(path, "setup", tree.get("setup", []), (list,), "a list of shell lines")
+    for line in setup:
+        _expect(path, "setup", line, (str,), "a list of shell lines")
+    defaults = _expect(path, "defaults", tree.get("defaults", {}), (dict,), "a [defaults] table")
+    unknown = sorted(set(defaults) - _DEFAULT_KEYS)
+    if unknown:
+        raise ClusterError(f"{path}: unknown key 'defaults.{unknown[0]}'")
+    if "time" in defaults:
+        _time_minutes(path, "defaults.time", defaults["time"])
+    queues = {}
+    for qname, q in _expect(path, "queues", tree.get("queues", {}), (dict,), "[queues.NAME] tables").items():
+        _expect(path, f"queues.{qname}", q, (dict,), "a table")
+        unknown = sorted(set(q) - _QUEUE_KEYS)
+        if unknown:
+            raise ClusterError(f"{path}: unknown key 'queues.{qname}.{unknown[0]}'")
+        queues[qname] = Queue(
+            name=qname,
+            max_time_min=_time_minutes(path, f"queues.{qname}.max_time", q["max_time"]) if "max_time" in q else None,
+            max_gpus=_expect(path, f"queues.{qname}.max_gpus", q["max_gpus"], (int,), "an integer")
+            if "max_gpus" in q else None,
+            gpu_type=_expect(path, f"queues.{qname}.gpu_type", q.get("gpu_type", ""), (str,), "a string"),
+            extra=dict(_expect(path, f"queues.{qname}.extra", q.get("extra", {}), (dict,), "a table")),
+        )
+    queue = tree.get("queue")
+    if queue is not None and queues and queue not in queues:
+        raise ClusterError(f"{path}: queue: {queue!r} is not one of its [queues]")
+    delay = tree.get("signal_delay_s")
+    if delay is not None:
+        _expect(path, "signal_delay_s", delay, (int,), "an integer")
+    return Profile(
+        name=str(tree.get("name") or path.stem), path=path,
+        description=str(tree.get("description", "")), executor=executor,
+        scratch=_expect(path, "scratch", tree["scratch"], (str,), "a string") if "scratch" in tree else None,
+        queue=queue, queues=queues, setup=tuple(setup), signal_delay_s=delay,
+        max_requeues=_expect(path, "max_requeues", tree.get("max_requeues", 30), (int,), "an integer"),
+        gpus=defaults.get("gpus"), cpus=defaults.get("cpus"), mem_gb=defaults.get("mem_gb"),
+        time=defaults.get("time"),
+    )
+
+
+def _time_minutes(path: Path, key: str, value: Any) -> int:
+    _expect(path, key, value, (str,), "a walltime string HH:MM")
+    try:
+        return parse_walltime(value, f"{path}: {key}")
+    except JobError as err:
+        raise ClusterError(str(err)) from None

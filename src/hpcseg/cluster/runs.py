@@ -1,0 +1,275 @@
+"""Run folders and run records: where each submitted run lives and what it remembers about itself.
+
+A run is the folder `<scratch>/<experiment>/<run_id>/` (mode 0700) holding:
+
+- `run.json`: the run record (written atomically): run id, experiment, executor, job id, submit time, hpcseg
+  version, git commit of the code, command line, sweep values, data folders, the submitit folder;
+- `job.toml`: the resolved job (the training rewrites it on start);
+- `submitit/` (or a link to the sweep's shared submitit folder): submitit's job script, pickles and logs;
+- what the training writes (`progress.json`, `metrics.jsonl`, `checkpoints/`, `tb/`, `test/`);
+- `outcome.json` (written by the job runner when the job ends: COMPLETED, FAILED or TIMEOUT),
+  `attempts.jsonl` (one line per start of the job) and `cancelled.json` (written by `hpcseg cancel`).
+
+Everything status and collect read here is JSON or text: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+from ..atomic import atomic_write_text
+
+RUN_RECORD = "run.json"
+OUTCOME = "outcome.json"
+ATTEMPTS = "attempts.jsonl"
+CANCELLED = "cancelled.json"
+PROGRESS = "progress.json"
+DEFAULT_SCRATCH = "hpcseg-scratch"
+
+
+class ClusterError(click.ClickException):
+    """A user error of the cluster commands: printed as one line, non-zero exit, no traceback."""
+
+    def show(self, file=None) -> None:  # one line, in the project's style
+        click.echo(f"hpcseg: error: {self.format_message()}", err=True, file=file)
+
+
+# ---------------------------------------------------------------- scratch
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "hpcseg"
+
+
+def remember_scratch(scratch: Path) -> None:
+    """Note a scratch folder that `submit` used, so a later `status` without --scratch finds its runs."""
+    path = state_dir() / "scratch_dirs"
+    try:
+        known = path.read_text().split("\n") if path.exists() else []
+        entry = str(Path(scratch).resolve())
+        if entry not in known:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "\n".join([k for k in known if k] + [entry]) + "\n")
+    except OSError:  # only a convenience
+        pass
+
+
+def remembered_scratches() -> list[Path]:
+    path = state_dir() / "scratch_dirs"
+    try:
+        return [Path(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def resolve_scratch(option: str | Path | None, profile_scratch: str | None = None) -> Path:
+    """--scratch, then $HPCSEG_SCRATCH, then the profile's scratch, then ./hpcseg-scratch."""
+    for candidate in (option, os.environ.get("HPCSEG_SCRATCH"), profile_scratch):
+        if candidate:
+            return Path(os.path.expandvars(os.path.expanduser(str(candidate)))).absolute()
+    return Path(DEFAULT_SCRATCH).absolute()
+
+
+def scratches_to_search(option: str | Path | None) -> list[Path]:
+    """Where status/collect/cancel/logs look: the one given, else ./hpcseg-scratch and the remembered ones."""
+    if option or os.environ.get("HPCSEG_SCRATCH"):
+        return [resolve_scratch(option)]
+    found = [Path(DEFAULT_SCRATCH).absolute()] + remembered_scratches()
+    unique: list[Path] = []
+    for path in found:
+        if path not in unique and path.is_dir():
+            unique.append(path)
+    return unique or [Path(DEFAULT_SCRATCH).absolute()]
+
+
+def make_private_dir(path: Path) -> None:
+    """mkdir -p, with the new folders (and `path` itself) private to the user (0700)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
+    os.chmod(path, 0o700)
+
+
+# ---------------------------------------------------------------- ids and provenance
+
+
+def new_run_id(now: float | None = None) -> str:
+    """`YYYYmmdd-HHMMSS-xxxx`: sorts by submit time, unique enough for one user's scratch."""
+    stamp = _dt.datetime.fromtimestamp(now or time.time()).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """The commit of the code's git checkout (with `+dirty` when it has local changes), or None."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=False)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def command_line() -> list[str]:
+    return [Path(sys.argv[0]).name] + sys.argv[1:]
+
+
+# ---------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """A run folder and its record."""
+
+    path: Path
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.get("run_id") or self.path.name
+
+    @property
+    def experiment(self) -> str:
+        return self.record.get("experiment") or self.path.parent.name
+
+    @property
+    def executor(self) -> str:
+        return self.record.get("executor") or "?"
+
+    @property
+    def job_id(self) -> str | None:
+        return self.record.get("job_id")
+
+    @property
+    def submitit_dir(self) -> Path:
+        return Path(self.record.get("submitit_dir") or self.path / "submitit")
+
+    def read_json(self, name: str) -> dict | None:
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def attempts(self) -> list[dict]:
+        try:
+            lines = (self.path / ATTEMPTS).read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def log_path(self, stderr: bool = False) -> Path | None:
+        """submitit's stdout/stderr file of the job (task 0)."""
+        if not self.job_id:
+            return None
+        name = f"{self.job_id}_0_log.{'err' if stderr else 'out'}"
+        return self.submitit_dir / name
+
+    def result_file(self) -> Path | None:
+        if not self.job_id:
+            return None
+        return self.submitit_dir / f"{self.job_id}_0_result.pkl"
+
+
+def write_record(run: Run) -> None:
+    atomic_write_text(run.path / RUN_RECORD, json.dumps(run.record, indent=2, sort_keys=True) + "\n")
+
+
+def mark_cancelled(path: Path) -> None:
+    atomic_write_text(path, json.dumps({"time": time.time(), "by": os.environ.get("USER", "")}) + "\n")
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def load_run(path: Path) -> Run | None:
+    try:
+        record = json.loads((path / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return Run(path=path, record=record)
+
+
+def iter_runs(scratch: Path) -> Iterable[Run]:
+    """Every run under `scratch` (`<experiment>/<run_id>/run.json`), skipping hidden folders."""
+    try:
+        experiments = sorted(os.scandir(scratch), key=lambda e: e.name)
+    except OSError:
+        return
+    for exp in experiments:
+        if exp.name.startswith(".") or not exp.is_dir():
+            continue
+        try:
+            entries = sorted(os.scandir(exp.path), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            run = load_run(Path(entry.path))
+            if run is not None:
+                yield run
+
+
+def find_runs(selectors: Iterable[str], scratches: list[Path]) -> list[Run]:
+    """Runs matching any selector: an experiment name, a run id, or a unique start of run ids
+    (a sweep's id selects all its elements). No selector: every run. An unmatched selector is an error."""
+    selectors = list(selectors)
+    every = [run for scratch in scratches for run in iter_runs(scratch)]
+    if not selectors:
+        return every
+    chosen: dict[Path, Run] = {}
+    for sel in selectors:
+        matched = [r for r in every if r.experiment == sel or r.run_id == sel]
+        if not matched:
+            matched = [r for r in every if r.run_id.startswith(sel)]
+        if not matched:
+            where = ", ".join(str(s) for s in scratches)
+            raise ClusterError(f"{sel}: no run or experiment of that name under {where}")
+        for r in matched:
+            chosen[r.path] = r
+    return sorted(chosen.values(), key=lambda r: (r.experiment, r.run_id))
+
+
+def find_one_run(selector: str, scratches: list[Path]) -> Run:
+    runs = find_runs([selector], scratches)
+    exact = [r for r in runs if r.run_id == selector]
+    if exact:
+        return exact[0]
+    if len(runs) != 1:
+        ids = ", ".join(r.run_id for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+        raise ClusterError(f"{selector}: matches {len(runs)} runs ({ids}); give one run id")
+    return runs[0]

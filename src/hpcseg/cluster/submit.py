@@ -1,0 +1,381 @@
+"""`hpcseg submit`: resolve job, profile and options into runs, build the submitit executor, submit.
+
+Order of precedence for resources: command-line option > site profile ([defaults]) > the job's [resources].
+Everything that can be refused (job file, overrides, sweep values, profile, queue, walltime, data folders) is
+checked before any folder is created or anything is submitted; a failed submission removes the run folders
+it created.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
+from .profiles import Profile, fmt_minutes, load_profile
+from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
+                   resolve_scratch, write_record)
+
+
+@dataclass
+class SubmitOptions:
+    job_file: Path
+    data: Path | None = None
+    executor: str | None = None
+    queue: str | None = None
+    gpus: int | None = None
+    cpus: int | None = None
+    mem_gb: float | None = None
+    time: str | None = None
+    profile: str | None = None
+    scratch: Path | None = None
+    name: str | None = None
+    overrides: tuple[str, ...] = ()
+    sweeps: tuple[str, ...] = ()
+    max_parallel: int | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class Plan:
+    """Everything decided before submitting."""
+
+    executor: str
+    profile: Profile
+    experiment: str
+    scratch: Path
+    queue: str | None
+    gpus: int
+    cpus: int
+    mem_gb: float
+    minutes: int
+    max_parallel: int
+    signal_delay_s: int
+    train_dir: Path
+    val_dir: Path
+    test_dir: Path | None
+    elements: list[tuple[dict[str, Any], Job]] = field(default_factory=list)  # (sweep values, job)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def pick_executor(requested: str | None, profile: Profile) -> str:
+    choice = requested or profile.executor or "auto"
+    if choice != "auto":
+        return choice
+    if shutil.which("bsub"):
+        return "lsf"
+    if shutil.which("sbatch"):
+        return "slurm"
+    return "local"
+
+
+def split_values(text: str) -> list[str]:
+    """'1e-3,3e-4' -> ['1e-3', '3e-4']; commas inside [...] or quotes do not split ('[4,8],[8,16]')."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
+
+
+def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
+    axes = []
+    for item in sweeps:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise ClusterError(f"--sweep {item}: expected KEY=V1,V2,..., e.g. optim.lr=1e-3,3e-4")
+        values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
+        if any(v == "" for v in values):
+            raise ClusterError(f"--sweep {item}: an empty value")
+        if key in [k for k, _ in axes]:
+            raise ClusterError(f"--sweep {item}: {key} is swept twice")
+        axes.append((key, values))
+    return axes
+
+
+def _check_name(name: str) -> str:
+    if not name or name.startswith(".") or "/" in name or name.strip() != name:
+        raise ClusterError(f"--name {name!r}: an experiment name must be a plain folder name")
+    return name
+
+
+def plan_submission(opts: SubmitOptions) -> Plan:
+    profile = load_profile(opts.profile)
+    executor = pick_executor(opts.executor, profile)
+    try:
+        job = load_job(opts.job_file, list(opts.overrides))
+        axes = parse_sweeps(opts.sweeps)
+        elements = []
+        for combo in itertools.product(*[values for _, values in axes]):
+            values = {key: value for (key, _), value in zip(axes, combo)}
+            elements.append((values, job.replace(**values) if values else job))
+    except JobError as err:
+        raise ClusterError(str(err)) from None
+    if len(elements) > 1000:
+        raise ClusterError(f"--sweep: {len(elements)} combinations; at most 1000 per submission")
+
+    res = job.resources
+    gpus = opts.gpus if opts.gpus is not None else profile.gpus if profile.gpus is not None else res.gpus
+    cpus = opts.cpus if opts.cpus is not None else profile.cpus if profile.cpus is not None else res.cpus
+    mem_gb = opts.mem_gb if opts.mem_gb is not None else profile.mem_gb if profile.mem_gb is not None else res.mem_gb
+    time_text = opts.time or profile.time or res.time
+    try:
+        minutes = parse_walltime(time_text, "--time" if opts.time else "time")
+    except JobError as err:
+        raise ClusterError(str(err)) from None
+    if gpus < 0 or cpus < 1 or mem_gb <= 0:
+        raise ClusterError("--gpus/--cpus/--mem: must be positive")
+    queue = opts.queue or profile.queue
+    if executor == "local" and opts.queue and not profile.queues:
+        raise ClusterError(f"--queue {opts.queue}: the local executor has no queues")
+    if executor == "local":
+        queue = None
+    profile.check_queue(queue, minutes, gpus, source="--queue" if opts.queue else f"{profile.path}: queue")
+    if opts.max_parallel is not None and opts.max_parallel < 1:
+        raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
+
+    base = Path(opts.data) if opts.data else Path(".")
+    if opts.data and not base.is_dir():
+        raise ClusterError(f"--data {opts.data}: no such folder")
+    folders = {}
+    for key in ("train_dir", "val_dir", "test_dir"):
+        rel = getattr(job.data, key)
+        if key == "test_dir" and not rel:
+            folders[key] = None
+            continue
+        path = (base / rel).absolute()
+        if not path.is_dir():
+            where = f"--data {opts.data}" if opts.data else "the current folder"
+            raise ClusterError(f"data.{key} = {rel!r}: no folder {path} (relative to {where})")
+        folders[key] = path
+
+    default_delay = 300 if executor == "lsf" else 120 if executor == "slurm" else 60
+    delay = profile.signal_delay_s if profile.signal_delay_s is not None else default_delay
+    delay = max(1, min(delay, minutes * 60 // 2))  # leave the job at least half its walltime before the warning
+    return Plan(executor=executor, profile=profile, experiment=_check_name(opts.name or job.name),
+                scratch=resolve_scratch(opts.scratch, profile.scratch), queue=queue, gpus=gpus, cpus=cpus,
+                mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
+                signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
+                test_dir=folders["test_dir"], elements=elements)
+
+
+# ---------------------------------------------------------------- executors
+
+
+def _local_executor_class():
+    import submitit
+    from submitit.local.local import LocalExecutor, LocalJob
+
+    class DetachedLocalExecutor(LocalExecutor):
+        """submitit's local executor, with the job's controller detached from the submitting command (own
+        session, no inherited terminal or pipes), so `hpcseg submit` returns at once and the job outlives it."""
+
+        def _submit_command(self, command: str) -> LocalJob:
+            env = dict(os.environ)
+            env.update(
+                SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_COMMAND=command,
+                SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 5))),
+                SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+                SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
+                SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="1" if self.parameters.get("setup") else "",
+            )
+            if self.parameters.get("gpus_per_node") is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(self.parameters["gpus_per_node"]))
+            cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
+            setup = list(self.parameters.get("setup") or ())
+            if setup:
+                cmd = " && ".join(setup + [shlex.join(cmd)])
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "controller.log", "ab") as log:
+                process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=[0])
+
+    del submitit
+    return DetachedLocalExecutor
+
+
+def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = False):
+    name = f"{plan.experiment}"
+    setup = list(plan.profile.setup)
+    max_timeouts = plan.profile.max_requeues
+    if plan.executor == "local":
+        ex = _local_executor_class()(folder=folder, max_num_timeout=max_timeouts) if not dry_run else None
+        params = {"timeout_min": plan.minutes, "signal_delay_s": plan.signal_delay_s}
+        if setup:
+            params["setup"] = setup
+        if ex is not None:
+            ex.update_parameters(**params)
+        return ex
+    if plan.executor == "slurm":
+        from submitit.slurm.slurm import SlurmExecutor
+
+        cls = SlurmExecutor
+        if dry_run:  # printing a script needs no Slurm on this machine
+            cls = type("DrySlurmExecutor", (SlurmExecutor,), {"affinity": classmethod(lambda c: 2)})
+        ex = cls(folder=folder, max_num_timeout=max_timeouts)
+        params: dict[str, Any] = {"job_name": name, "time": plan.minutes, "cpus_per_task": plan.cpus,
+                                  "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
+                                  else f"{int(plan.mem_gb * 1024)}MB",
+                                  "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
+        if plan.queue:
+            params["partition"] = plan.queue
+        if plan.gpus:
+            params["gpus_per_node"] = plan.gpus
+        if setup:
+            params["setup"] = setup
+        ex.update_parameters(**params)
+        return ex
+    if plan.executor == "lsf":
+        try:
+            from .lsf import LsfExecutor
+        except ImportError as err:
+            raise ClusterError(f"--executor lsf: the LSF plugin is not available ({err})") from None
+        ex = LsfExecutor(folder=folder, max_num_timeout=max_timeouts)
+        params = {"job_name": name, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
+                  "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
+        if plan.queue:
+            params["queue"] = plan.queue
+            extra = plan.profile.queues.get(plan.queue)
+            if extra is not None and extra.extra:
+                params["additional_parameters"] = dict(extra.extra)
+        if setup:
+            params["setup"] = setup
+        ex.update_parameters(**params)
+        return ex
+    raise ClusterError(f"--executor {plan.executor}: not one of auto, local, slurm, lsf")
+
+
+def job_script(plan: Plan, folder: Path, n_elements: int) -> str:
+    """The script that would be submitted (for --dry-run)."""
+    ex = build_executor(plan, folder, n_elements, dry_run=True)
+    if plan.executor == "local":
+        setup = "".join(f"{line}\n" for line in plan.profile.setup)
+        return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
+                f"walltime {fmt_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
+                f"{shlex.quote(sys.executable)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
+    if n_elements > 1:
+        ex.parameters["map_count"] = n_elements
+    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+# ---------------------------------------------------------------- submitting
+
+
+@dataclass
+class Submitted:
+    runs: list[Run]
+    scripts: list[str] = field(default_factory=list)
+
+
+def submit(opts: SubmitOptions, echo=print) -> Submitted:
+    plan = plan_submission(opts)
+    n = len(plan.elements)
+    sweep_id = new_run_id()
+    run_ids = [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
+    exp_dir = plan.scratch / plan.experiment
+    array = n > 1 and plan.executor != "local"  # the local executor has no arrays: one process per element
+    shared = exp_dir / ".arrays" / sweep_id if array else None
+
+    if opts.dry_run:
+        folder = shared or exp_dir / run_ids[0] / "submitit"
+        scripts = [job_script(plan, folder, n)] if plan.executor != "local" or n == 1 else \
+            [job_script(plan, exp_dir / rid / "submitit", 1) for rid in run_ids]
+        for (values, _), rid in zip(plan.elements, run_ids):
+            where = f"  {' '.join(f'{k}={v!r}' for k, v in values.items())}" if values else ""
+            echo(f"# would submit run {rid} ({plan.executor}){where} -> {exp_dir / rid}")
+        for script in scripts:
+            echo(script.rstrip("\n"))
+        return Submitted(runs=[], scripts=scripts)
+
+    from .jobrunner import JobRunner
+
+    created: list[Path] = []
+    try:
+        make_private_dir(exp_dir)
+        runs, runners = [], []
+        commit = git_commit()
+        for (values, job), rid in zip(plan.elements, run_ids):
+            run_dir = exp_dir / rid
+            make_private_dir(run_dir)
+            created.append(run_dir)
+            submitit_dir = shared if shared else run_dir / "submitit"
+            job_toml = job.to_toml()
+            (run_dir / "job.toml").write_text(job_toml)
+            record = {
+                "run_id": rid, "experiment": plan.experiment, "executor": plan.executor, "job_id": None,
+                "array_job_id": None, "sweep_id": sweep_id if n > 1 else None, "sweep": values,
+                "submit_time": time.time(), "hpcseg_version": __version__, "git_commit": commit,
+                "command_line": command_line(), "job_file": str(Path(opts.job_file).absolute()),
+                "profile": plan.profile.name, "queue": plan.queue,
+                "resources": {"gpus": plan.gpus, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
+                              "time": fmt_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
+                "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
+                         "test_dir": str(plan.test_dir) if plan.test_dir else None},
+                "epochs": job.train.epochs, "submitit_dir": str(submitit_dir),
+            }
+            run = Run(path=run_dir, record=record)
+            write_record(run)
+            runs.append(run)
+            runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
+                                     str(plan.test_dir) if plan.test_dir else None, submitted_job_toml=job_toml))
+        if shared is not None:
+            make_private_dir(shared)
+            for run in runs:
+                os.symlink(os.path.relpath(shared, run.path), run.path / "submitit")
+            ex = build_executor(plan, shared, n)
+            jobs = ex.submit_array(runners)
+        else:
+            jobs = []
+            for run, runner in zip(runs, runners):
+                ex = build_executor(plan, run.path / "submitit", 1)
+                jobs.append(ex.submit(runner))
+        for run, job in zip(runs, jobs):
+            run.record["job_id"] = str(job.job_id)
+            if shared is not None:
+                run.record["array_job_id"] = str(job.job_id).split("_")[0].split("[")[0]
+            write_record(run)
+    except ClusterError:
+        _remove(created)
+        raise
+    except Exception as err:  # the scheduler refused, or its command is missing
+        _remove(created)
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
+        message = " ".join(str(err).split())
+        raise ClusterError(f"submitting to {plan.executor} failed: {message[:400]}") from None
+    remember_scratch(plan.scratch)
+    for run in runs:
+        sweep = "  " + " ".join(f"{k}={v}" for k, v in run.record["sweep"].items()) if run.record["sweep"] else ""
+        echo(f"submitted run {run.run_id}  job {run.job_id}  ({plan.executor}){sweep}  {run.path}")
+    return Submitted(runs=runs)
+
+
+def _remove(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
