@@ -1,0 +1,348 @@
+#!/usr/bin/env bash
+# Start a real single-node Slurm cluster (with accounting) on this machine, for hpcseg's tests.
+#
+#   bash hpc/dev-cluster/start.sh      # idempotent: installs, configures, starts, waits until usable
+#   bash hpc/dev-cluster/stop.sh       # stops exactly the daemons this script started (by pid file)
+#
+# Daemons: munged, a private mariadbd (127.0.0.1:3307, own datadir), slurmdbd, slurmctld, slurmd.
+# Data, logs and pid files live in $HPCSEG_DEV_CLUSTER_DIR (default /tmp/hpcseg-dev-cluster).
+# Configs are written to /etc/slurm so that plain sbatch/squeue/sacct work without env vars.
+# Partitions: gpuv100 (default) and debug; one fake GPU (gres gpu:1 backed by a character device).
+# Meant for disposable dev/CI machines (Debian 12, root, no systemd). See docs/slurm-dev-cluster.md.
+set -euo pipefail
+
+STATE_DIR=${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}
+WAIT_S=${HPCSEG_DEV_CLUSTER_WAIT_S:-60}
+NODE_CPUS=${HPCSEG_DEV_CLUSTER_CPUS:-2}
+CLUSTER_NAME=hpcseg-dev
+ACCOUNT_NAME=hpcseg
+DB_PORT=3307
+SLURM_ETC=/etc/slurm
+HOST=$(hostname -s)
+
+RUN_DIR=$STATE_DIR/run
+LOG_DIR=$STATE_DIR/log
+# munged listens on its default socket so that every Slurm command (and sacctmgr) finds it
+MUNGE_SOCKET=/run/munge/munge.socket.2
+MYSQL_SOCKET=$RUN_DIR/mysqld.sock
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+
+t_start=$(date +%s.%N)
+log() { echo "[dev-cluster] $*" >&2; }
+
+die() {
+    # die MESSAGE [LOGFILE...]: print the message and the tail of each relevant log, exit 1.
+    local msg=$1; shift
+    log "ERROR: $msg"
+    local f
+    for f in "$@"; do
+        if [[ -s $f ]]; then
+            echo "----- last lines of $f -----" >&2
+            tail -n 25 "$f" >&2
+        fi
+    done
+    exit 1
+}
+
+[[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and writes /etc/slurm)"
+
+# pid_of NAME: print the pid recorded for daemon NAME if that process is alive and really is NAME.
+pid_of() {
+    local name=$1 pidfile=$RUN_DIR/$1.pid pid comm
+    [[ -r $pidfile ]] || return 1
+    pid=$(tr -dc '0-9' <"$pidfile")
+    [[ -n $pid ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == "$name" ]] || return 1
+    echo "$pid"
+}
+alive() { pid_of "$1" >/dev/null; }
+
+# ---------------------------------------------------------------------------------------------
+# Already running?
+# ---------------------------------------------------------------------------------------------
+all_alive=1
+for d in "${DAEMONS[@]}"; do alive "$d" || all_alive=0; done
+if [[ $all_alive == 1 ]] && timeout 10 sinfo -h >/dev/null 2>&1; then
+    echo "hpcseg dev cluster already running ($CLUSTER_NAME on $HOST, state in $STATE_DIR)"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# (a) Packages
+# ---------------------------------------------------------------------------------------------
+need_pkgs=()
+for p in munge slurmctld slurmd slurm-client slurmdbd mariadb-server; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need_pkgs+=("$p")
+done
+if ((${#need_pkgs[@]})); then
+    log "installing packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends \
+        munge slurmctld slurmd slurm-client slurmdbd mariadb-server >/dev/null
+fi
+# The Debian packages may have started nothing (no systemd, policy-rc.d) - we start everything below.
+
+# ---------------------------------------------------------------------------------------------
+# (b) State dir and configs
+# ---------------------------------------------------------------------------------------------
+mkdir -p "$STATE_DIR" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/munge" "$STATE_DIR/slurmctld" \
+    "$STATE_DIR/slurmd" "$STATE_DIR/mysql" "$SLURM_ETC" /etc/munge "$(dirname "$MUNGE_SOCKET")"
+chmod 755 "$STATE_DIR" "$RUN_DIR"
+chmod 700 "$STATE_DIR/munge" "$STATE_DIR/mysql"
+
+# munge key (kept if present, so a restart and any other munge client keep working)
+if [[ ! -s /etc/munge/munge.key ]]; then
+    log "creating munge key"
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+fi
+chmod 700 /etc/munge
+chmod 400 /etc/munge/munge.key
+
+# accounting DB password: random, created once, readable only by root
+if [[ ! -s $STATE_DIR/db-password ]]; then
+    (umask 077; head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$STATE_DIR/db-password")
+fi
+DB_PASS=$(cat "$STATE_DIR/db-password")
+
+real_mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+
+# the fake GPU: a character device (a regular file, or no File=, leaves the node drained)
+GPU_DEV=$STATE_DIR/fake-gpu0
+if [[ ! -c $GPU_DEV ]]; then
+    rm -f "$GPU_DEV"
+    mknod "$GPU_DEV" c 1 3 2>/dev/null || GPU_DEV=/dev/null
+fi
+
+write_if_changed() {
+    # write_if_changed FILE MODE: stdin -> FILE, only touching it when the content differs.
+    local file=$1 mode=$2 tmp
+    tmp=$(mktemp "$file.XXXXXX")
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [[ -f $file ]] && cmp -s "$tmp" "$file"; then
+        rm -f "$tmp"
+        chmod "$mode" "$file"
+    else
+        mv -f "$tmp" "$file"
+    fi
+}
+
+write_if_changed "$SLURM_ETC/slurm.conf" 644 <<EOF
+# Written by hpcseg hpc/dev-cluster/start.sh - a single-node dev/test cluster. Do not use in production.
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# a requeued job is otherwise held 120 s
+AuthInfo=cred_expire=10
+MpiDefault=none
+SwitchType=switch/none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MailProg=/bin/true
+
+StateSaveLocation=$STATE_DIR/slurmctld
+SlurmdSpoolDir=$STATE_DIR/slurmd
+SlurmctldPidFile=$RUN_DIR/slurmctld.pid
+SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+
+# fast scheduling and fast requeue
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=2,bf_interval=5
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=512
+KillWait=5
+MinJobAge=300
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStorageTRES=gres/gpu
+JobCompType=jobcomp/none
+
+GresTypes=gpu
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$real_mem_mb Gres=gpu:1 State=UNKNOWN
+PartitionName=gpuv100 Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=NO MaxTime=INFINITE State=UP
+EOF
+
+write_if_changed "$SLURM_ETC/gres.conf" 644 <<EOF
+# Written by hpcseg hpc/dev-cluster/start.sh: one fake GPU (character device), no autodetection.
+AutoDetect=off
+NodeName=$HOST Name=gpu File=$GPU_DEV
+EOF
+
+write_if_changed "$SLURM_ETC/slurmdbd.conf" 600 <<EOF
+# Written by hpcseg hpc/dev-cluster/start.sh (mode 600: it holds the DB password).
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+SlurmUser=root
+PidFile=$RUN_DIR/slurmdbd.pid
+LogFile=$LOG_DIR/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$DB_PASS
+StorageLoc=slurm_acct_db
+EOF
+
+# ---------------------------------------------------------------------------------------------
+# (c) Daemons
+# ---------------------------------------------------------------------------------------------
+wait_for() {
+    # wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.1 s until it succeeds.
+    local secs=$1 what=$2 logf=$3; shift 3
+    local deadline=$(( $(date +%s) + secs ))
+    until "$@" >/dev/null 2>&1; do
+        if (( $(date +%s) >= deadline )); then
+            die "timed out after ${secs}s waiting for $what" "$logf"
+        fi
+        sleep 0.1
+    done
+}
+
+# daemons started by an earlier run that died leave pid files behind
+for d in "${DAEMONS[@]}"; do
+    alive "$d" || rm -f "$RUN_DIR/$d.pid"
+done
+
+# munged: private socket, key in /etc/munge
+if ! alive munged; then
+    log "starting munged"
+    # (munged itself replaces a stale socket, and refuses to start if another munged owns it)
+    munged --key-file=/etc/munge/munge.key --socket="$MUNGE_SOCKET" \
+        --pid-file="$RUN_DIR/munged.pid" --log-file="$LOG_DIR/munged.log" \
+        --seed-file="$STATE_DIR/munge/munged.seed" --force \
+        </dev/null >>"$LOG_DIR/munged.log" 2>&1 \
+        || die "munged failed to start" "$LOG_DIR/munged.log"
+fi
+wait_for 10 "munged" "$LOG_DIR/munged.log" \
+    bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'"
+
+# private MariaDB
+mysql_cmd() { mariadb --no-defaults --protocol=socket -S "$MYSQL_SOCKET" -uroot "$@"; }
+if ! alive mariadbd; then
+    if [[ ! -d $STATE_DIR/mysql/mysql ]]; then
+        log "initialising MariaDB datadir"
+        mariadb-install-db --no-defaults --datadir="$STATE_DIR/mysql" --user=root \
+            --auth-root-authentication-method=socket --skip-test-db \
+            >"$LOG_DIR/mariadb-install.log" 2>&1 \
+            || die "mariadb-install-db failed" "$LOG_DIR/mariadb-install.log"
+    fi
+    log "starting mariadbd on 127.0.0.1:$DB_PORT"
+    rm -f "$MYSQL_SOCKET"
+    setsid mariadbd --no-defaults --user=root --datadir="$STATE_DIR/mysql" \
+        --port=$DB_PORT --bind-address=127.0.0.1 --socket="$MYSQL_SOCKET" \
+        --pid-file="$RUN_DIR/mariadbd.pid" --log-error="$LOG_DIR/mariadb.log" \
+        --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 --skip-log-bin --skip-name-resolve \
+        </dev/null >>"$LOG_DIR/mariadb.log" 2>&1 &
+    disown || true
+fi
+wait_for 30 "mariadbd" "$LOG_DIR/mariadb.log" mysql_cmd -e 'SELECT 1'
+mysql_cmd <<EOF || die "could not create the accounting database/user" "$LOG_DIR/mariadb.log"
+CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+EOF
+
+# slurmdbd (daemonises itself and writes its pid file)
+if ! alive slurmdbd; then
+    log "starting slurmdbd"
+    setsid slurmdbd </dev/null >>"$LOG_DIR/slurmdbd.log" 2>&1 \
+        || die "slurmdbd failed to start" "$LOG_DIR/slurmdbd.log"
+fi
+wait_for 30 "slurmdbd (pid file)" "$LOG_DIR/slurmdbd.log" alive slurmdbd
+wait_for 30 "slurmdbd to answer" "$LOG_DIR/slurmdbd.log" timeout 5 sacctmgr -n show cluster
+
+# (d) cluster and account in the accounting DB (before slurmctld, so it registers at once)
+if [[ -z $(sacctmgr -n -P show cluster "$CLUSTER_NAME" format=cluster 2>/dev/null) ]]; then
+    log "registering cluster $CLUSTER_NAME"
+    sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null \
+        || die "sacctmgr add cluster failed" "$LOG_DIR/slurmdbd.log"
+fi
+if [[ -z $(sacctmgr -n -P show account "$ACCOUNT_NAME" format=account 2>/dev/null) ]]; then
+    log "registering account $ACCOUNT_NAME"
+    sacctmgr -i add account "$ACCOUNT_NAME" Cluster="$CLUSTER_NAME" \
+        Description="hpcseg dev" Organization=hpcseg >/dev/null \
+        || die "sacctmgr add account failed" "$LOG_DIR/slurmdbd.log"
+fi
+for u in root ${SUDO_USER:-}; do
+    if [[ -z $(sacctmgr -n -P show assoc cluster="$CLUSTER_NAME" account="$ACCOUNT_NAME" user="$u" format=user 2>/dev/null) ]]; then
+        sacctmgr -i add user "$u" Account="$ACCOUNT_NAME" Cluster="$CLUSTER_NAME" >/dev/null || true
+    fi
+done
+
+# slurmctld
+if ! alive slurmctld; then
+    log "starting slurmctld"
+    setsid slurmctld </dev/null >>"$LOG_DIR/slurmctld.log" 2>&1 \
+        || die "slurmctld failed to start" "$LOG_DIR/slurmctld.log"
+fi
+wait_for 30 "slurmctld (pid file)" "$LOG_DIR/slurmctld.log" alive slurmctld
+wait_for 30 "slurmctld to answer" "$LOG_DIR/slurmctld.log" timeout 5 scontrol ping
+
+# slurmd
+slurmd_started_at=0
+if ! alive slurmd; then
+    log "starting slurmd"
+    slurmd_started_at=$(date +%s)
+    setsid slurmd </dev/null >>"$LOG_DIR/slurmd.log" 2>&1 \
+        || die "slurmd failed to start" "$LOG_DIR/slurmd.log"
+fi
+wait_for 30 "slurmd (pid file)" "$LOG_DIR/slurmd.log" alive slurmd
+
+# ---------------------------------------------------------------------------------------------
+# (e) Wait until the node has registered and is usable, and sacct answers
+# ---------------------------------------------------------------------------------------------
+node_ready() {
+    local info state started
+    info=$(timeout 5 scontrol -o show node "$HOST" 2>/dev/null) || return 1
+    state=$(sed -n 's/.* State=\([^ ]*\).*/\1/p' <<<"$info")
+    # slurmctld may report the node from its saved state before this slurmd has registered
+    if (( slurmd_started_at > 0 )); then
+        started=$(sed -n 's/.* SlurmdStartTime=\([^ ]*\).*/\1/p' <<<"$info")
+        started=$(date -d "$started" +%s 2>/dev/null || echo 0)
+        (( started >= slurmd_started_at - 1 )) || return 1
+    fi
+    case $state in
+        *NOT_RESPONDING* | *POWER* ) return 1 ;;
+        *DRAIN* | DOWN*)
+            log "node $HOST is $state; resuming it"
+            timeout 5 scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true
+            return 1 ;;
+        IDLE* | MIXED* | ALLOCATED* | COMPLETING*) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+deadline=$(( $(date +%s) + WAIT_S ))
+until node_ready; do
+    if (( $(date +%s) >= deadline )); then
+        timeout 5 scontrol show node "$HOST" >&2 || true
+        die "node $HOST did not become idle within ${WAIT_S}s" \
+            "$LOG_DIR/slurmd.log" "$LOG_DIR/slurmctld.log"
+    fi
+    sleep 0.2
+done
+wait_for "$WAIT_S" "sacct to answer" "$LOG_DIR/slurmdbd.log" timeout 5 sacct -n -X -S now-1minutes
+
+# ---------------------------------------------------------------------------------------------
+# (f) Ready
+# ---------------------------------------------------------------------------------------------
+elapsed=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+echo "hpcseg dev cluster ready in ${elapsed}s: $CLUSTER_NAME on $HOST, partitions gpuv100 (default) and debug, 1 fake GPU; state in $STATE_DIR"

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Stop the single-node dev Slurm cluster started by hpc/dev-cluster/start.sh.
+# Only the daemons recorded in the state dir's pid files are signalled (never by name); a pid file
+# whose process is gone, or is no longer that daemon, is just removed. Harmless when nothing runs.
+# Data (accounting DB, slurmctld state, logs) stays in the state dir for the next start.
+set -uo pipefail
+
+STATE_DIR=${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}
+RUN_DIR=$STATE_DIR/run
+STOP_WAIT_S=${HPCSEG_DEV_CLUSTER_STOP_WAIT_S:-20}
+
+log() { echo "[dev-cluster] $*" >&2; }
+
+# pid_of NAME: the pid in NAME's pid file, if that process is alive and really is NAME
+pid_of() {
+    local name=$1 pidfile=$RUN_DIR/$1.pid pid comm
+    [[ -r $pidfile ]] || return 1
+    pid=$(tr -dc '0-9' <"$pidfile")
+    [[ -n $pid ]] || return 1
+    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $comm == "$name" ]] || return 1
+    echo "$pid"
+}
+
+stopped=0
+# reverse start order: compute nodes first, the database and munge last
+for name in slurmd slurmctld slurmdbd mariadbd munged; do
+    pidfile=$RUN_DIR/$name.pid
+    if pid=$(pid_of "$name"); then
+        log "stopping $name (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        deadline=$(( $(date +%s) + STOP_WAIT_S ))
+        while [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; do
+            if (( $(date +%s) >= deadline )); then
+                log "$name (pid $pid) still running after ${STOP_WAIT_S}s; sending SIGKILL"
+                kill -KILL "$pid" 2>/dev/null || true
+                sleep 0.5
+                break
+            fi
+            sleep 0.1
+        done
+        stopped=$((stopped + 1))
+    fi
+    rm -f "$pidfile"
+done
+
+if (( stopped )); then
+    echo "hpcseg dev cluster stopped ($stopped daemons; data kept in $STATE_DIR)"
+else
+    echo "hpcseg dev cluster was not running (nothing to stop in $STATE_DIR)"
+fi
