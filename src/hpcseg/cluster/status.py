@@ -176,17 +176,23 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     cancelled = (run.path / CANCELLED).exists()
     result = run.result_file()
     has_result = bool(result and result.exists())
-    started = bool(run.attempts())
+    attempts = run.attempts()
+    last_event = attempts[-1].get("event") if attempts else None
     error = None
     if outcome and outcome.get("state") in TERMINAL:
         state = outcome["state"]
         error = outcome.get("error")
     elif sched in ("RUNNING", "PENDING", "REQUEUED"):
-        state = "REQUEUED" if sched == "PENDING" and started else sched
+        state = sched
+        if sched == "PENDING" and last_event in ("checkpoint", "requeued"):
+            state = "REQUEUED"  # saved its state on the warning signal and waits to run again
+        elif sched == "PENDING" and last_event == "start":
+            state = "RUNNING"  # it has started since the scheduler's answer was made
         if cancelled and state == "PENDING":
             state = "CANCELLED"
     elif sched in ("CANCELLED", "TIMEOUT", "FAILED"):
-        state = sched
+        # a job killed on `hpcseg cancel` may end as FAILED (its exit code): the user cancelled it
+        state = "CANCELLED" if cancelled and sched == "FAILED" else sched
     elif sched == "COMPLETED":  # the script ended but the runner wrote no outcome
         state = "CANCELLED" if cancelled else "FAILED"
         error = "the job ended without writing its outcome (see hpcseg logs --err)"
@@ -200,7 +206,7 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     elif run.executor == "local":  # the process is gone and left nothing: it was killed
         state = "FAILED"
         error = "the job's process ended without writing its outcome"
-    elif now - float(run.record.get("submit_time") or 0) < GRACE_S and not started:
+    elif now - float(run.record.get("submit_time") or 0) < GRACE_S and not attempts:
         state = "PENDING"  # not listed yet
     else:
         state = "UNKNOWN"

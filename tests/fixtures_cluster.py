@@ -1,0 +1,130 @@
+"""pytest plugin for the cluster front end's tests: tiny data, an isolated scratch, the CLI in-process, and
+`backend`, parametrised over the local executor, the LSF emulator and the real single-node Slurm.
+
+Load it from tests/conftest.py with ``pytest_plugins = [..., "fixtures_cluster"]`` (it uses the
+``lsf_emulator`` and ``slurm_cluster`` fixtures of fixtures_lsf / fixtures_slurm).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+JOB_FILE = REPO / "jobs" / "exercise-improved.toml"
+#: a model and data small enough that a job's time is mostly Python importing torch
+TINY = ["model.features=[4,4,8,8,16,4]", "train.epochs=3", "train.val_interval=1", "train.crop=[32,32]",
+        "infer.roi=[32,32]", "train.threads=1", "train.early_stop=0"]
+
+
+def write_slices(folder: Path, n: int, seed: int, size: int = 32, bad: bool = False) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = np.zeros((size, size), np.uint8)
+        q = size // 8
+        label[q:-q, q:-q] = 1
+        label[2 * q:-2 * q, 2 * q:-2 * q] = 2
+        label[3 * q:-3 * q, 3 * q:-3 * q] = 3
+        if bad:
+            label[0, 0] = 9  # outside the job's classes: the training refuses the folder
+        image = (label / 3.0 + rng.normal(0, 0.2, label.shape)).astype(np.float32)
+        np.save(folder / f"s{i:03d}_T1w.npy", image)
+        np.save(folder / f"s{i:03d}_T1w_tissue_segmentation.npy", label)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """`training_data/` (4 slices), `validation_data/` (2), `test_data/` (2), and `bad_data/` whose
+    training labels are out of range (a job on it fails at its start)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_slices(root / "training_data", 4, 0)
+    write_slices(root / "validation_data", 2, 1)
+    write_slices(root / "test_data", 2, 2)
+    write_slices(root / "bad_data" / "training_data", 2, 3, bad=True)
+    write_slices(root / "bad_data" / "validation_data", 2, 4)
+    return root
+
+
+@dataclass
+class Cli:
+    """The `hpcseg` command run in-process against an isolated scratch folder."""
+
+    scratch: Path
+    tmp: Path
+    extra_submit: list[str] = field(default_factory=list)
+
+    def __call__(self, *args: str) -> tuple[int, str]:
+        from hpcseg.cli import main
+
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+        return result.exit_code, result.output
+
+    def submit(self, *args: str, sets: list[str] = (), data: Path | None = None) -> list[tuple[str, str]]:
+        """Submit; returns [(run_id, job_id)]; fails the test if the command fails."""
+        cmd = ["submit", JOB_FILE, *self.extra_submit, *args]
+        if data is not None:
+            cmd += ["--data", data]
+        for s in [*TINY, *sets]:
+            cmd += ["--set", s]
+        code, out = self(*cmd)
+        assert code == 0, out
+        return re.findall(r"submitted run (\S+)\s+job (\S+)", out)
+
+    def status(self, *selectors: str) -> list[dict]:
+        code, out = self("status", "--json", *selectors)
+        assert code == 0, out
+        return json.loads(out[out.index("["):])
+
+    def wait(self, run_id: str, states: tuple[str, ...], timeout_s: float = 60, seen: set | None = None,
+             until=None) -> dict:
+        """Poll status until the run is in one of `states` (and `until(row)` holds); records states seen."""
+        deadline = time.time() + timeout_s
+        while True:
+            row = self.status(run_id)[0]
+            if seen is not None:
+                seen.add(row["state"])
+            if row["state"] in states and (until is None or until(row)):
+                return row
+            if time.time() > deadline:
+                raise AssertionError(f"{run_id} still {row['state']} after {timeout_s} s: {row}")
+            time.sleep(0.3)
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    monkeypatch.setenv("HPCSEG_SCRATCH", str(scratch))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("HPCSEG_POLL_S", "0.3")
+    monkeypatch.setenv("HPCSEG_SCHEDULER_TIMEOUT_S", "10")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cli = Cli(scratch=scratch, tmp=tmp_path)
+    yield cli
+    if scratch.exists():  # end whatever a failed test left running (only this test's runs)
+        live = [r["run_id"] for r in cli.status() if r["state"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")]
+        if live:
+            cli("cancel", *live)
+
+
+@pytest.fixture(params=["local", "lsf", "slurm"])
+def backend(request, cli) -> str:
+    """Each cluster test runs on the local executor, the LSF emulator and the single-node Slurm."""
+    name = request.param
+    common = ["--gpus", "0", "--cpus", "1", "--mem", "1"]
+    if name == "lsf":
+        request.getfixturevalue("lsf_emulator")
+        cli.extra_submit = ["--executor", "lsf", "--queue", "gpuv100", *common]
+    elif name == "slurm":
+        request.getfixturevalue("slurm_cluster")
+        cli.extra_submit = ["--executor", "slurm", "--queue", "gpuv100", *common]
+    else:
+        cli.extra_submit = ["--executor", "local", *common]
+    return name

@@ -1,0 +1,128 @@
+"""Real jobs through `hpcseg submit/status/collect/cancel/logs` on the local executor, the LSF emulator and the
+single-node Slurm (skipped where no cluster answers). Models and data are tiny: a job is mostly imports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_cluster import TINY
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def _check_sums(dest: Path) -> list[str]:
+    names = []
+    for line in (dest / "SHA256SUMS").read_text().splitlines():
+        sha, name = line.split("  ", 1)
+        assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == sha, name
+        names.append(name)
+    return names
+
+
+def _metrics_epochs(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_submit_status_collect_cancel_fail_sweep(backend, cli, tiny_data):
+    # a job to cancel first (on Slurm's two cores it must get one of them), then the others at once
+    [(long_id, _)] = cli.submit("--name", "long", data=tiny_data, sets=["train.epochs=100000", "train.val_interval=1000"])
+    [(good_id, good_job)] = cli.submit("--name", "good", data=tiny_data, sets=["data.test_dir=test_data"])
+    [(bad_id, _)] = cli.submit("--name", "bad", data=tiny_data / "bad_data")
+    sweep = cli.submit("--name", "sweep", "--sweep", "optim.lr=1e-3,3e-4", "--max-parallel", "2", data=tiny_data)
+    assert len(sweep) == 2
+
+    # cancel: seen RUNNING, then CANCELLED
+    cli.wait(long_id, ("RUNNING",), timeout_s=60)
+    code, out = cli("cancel", long_id)
+    assert code == 0 and "cancelled" in out, out
+    cli.wait(long_id, ("CANCELLED",), timeout_s=60)
+
+    # the good run completes; status shows its epochs and best Dice
+    seen: set = set()
+    row = cli.wait(good_id, ("COMPLETED",), timeout_s=90, seen=seen)
+    assert seen <= {"PENDING", "RUNNING", "COMPLETED"}, seen
+    assert (row["epoch"], row["epochs"], row["job_id"], row["executor"]) == (3, 3, good_job, backend)
+    assert 0 <= row["best_dice"] <= 1 and row["best_epoch"] in (1, 2, 3)
+    code, table = cli("status", "good")
+    assert code == 0 and good_id in table and "COMPLETED" in table and "3/3" in table, table
+    run_dir = cli.scratch / "good" / good_id
+    assert (run_dir.stat().st_mode & 0o777) == 0o700
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["job_id"] == good_job and record["executor"] == backend and record["hpcseg_version"]
+    assert (run_dir / "test" / "test_data" / "summary.json").exists()
+
+    # collect: checksummed copy; a second collect copies nothing
+    dest = cli.tmp / "collected"
+    code, out = cli("collect", "good", "--dest", dest)
+    assert code == 0, out
+    names = _check_sums(dest / good_id)
+    assert {"best.pt", "job.toml", "metrics.jsonl", "curves.png", "test/test_data/summary.json"} <= set(names)
+    assert (dest / good_id / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    code, out = cli("collect", good_id, "--dest", dest)
+    assert code == 0 and "0 files copied" in out, out
+
+    # logs
+    code, out = cli("logs", good_id)
+    assert code == 0 and "COMPLETED" in out, out
+
+    # the failing job: FAILED, its error in status and in `logs --err`
+    row = cli.wait(bad_id, ("FAILED",), timeout_s=90)
+    assert "bad_data" in (row["error"] or ""), row
+    code, err = cli("logs", bad_id, "--err")
+    assert code == 0 and "FAILED" in err and "bad_data" in err, err
+
+    # the sweep: one array, both elements completed in their own folders, with their own lr
+    for run_id, job_id in sweep:
+        cli.wait(run_id, ("COMPLETED",), timeout_s=90)
+    records = [json.loads((cli.scratch / "sweep" / r / "run.json").read_text()) for r, _ in sweep]
+    assert [r["sweep"] for r in records] == [{"optim.lr": 1e-3}, {"optim.lr": 3e-4}]
+    if backend != "local":  # the local executor has no arrays: one process per element
+        assert len({r["array_job_id"] for r in records}) == 1
+        assert records[0]["job_id"] != records[1]["job_id"]
+    code, out = cli("collect", "sweep", "--top", "1", "--dest", dest)
+    assert code == 0 and out.count("SHA256SUMS verified") == 1, out
+
+
+def _interrupt(backend: str, cli, run_id: str, job_id: str) -> None:
+    """Send the warning signal (USR2) the way the scheduler does before its time limit."""
+    if backend == "slurm":  # Slurm checks limits every 30 s: signal it directly, as submitit's _interrupt does
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=10)
+
+
+def test_short_time_limit_requeues_and_resumes(backend, cli, tiny_data, tmp_path):
+    """The job cannot finish within its time limit: on the warning signal it saves, requeues itself, and the
+    next attempt resumes from checkpoints/last.pt, ending with exactly the asked number of epochs."""
+    epochs = 400
+    profile = tmp_path / "short.toml"
+    if backend == "local":  # 1 min walltime, USR2 50 s before it: a warning 10 s into every attempt
+        profile.write_text('executor = "local"\nsignal_delay_s = 50\nmax_requeues = 5\n')
+        walltime = "00:01"
+    elif backend == "lsf":  # the emulator runs 3 s per minute: 15 s walltime, warning 3 s (-wt 1) before
+        profile.write_text('executor = "lsf"\nsignal_delay_s = 60\nmax_requeues = 5\n')
+        walltime = "00:05"
+    else:  # Slurm's own limit checks land up to 30 s late: give time, and send the warning signal ourselves
+        profile.write_text('executor = "slurm"\nsignal_delay_s = 30\nmax_requeues = 5\n')
+        walltime = "00:10"
+    [(run_id, job_id)] = cli.submit("--profile", profile, "--time", walltime, "--name", "requeue", data=tiny_data,
+                                    sets=[f"train.epochs={epochs}", "train.val_interval=100"])
+    run_dir = cli.scratch / "requeue" / run_id
+    if backend == "slurm":
+        cli.wait(run_id, ("RUNNING",), timeout_s=60, until=lambda r: (r["epoch"] or 0) >= 5)
+        _interrupt(backend, cli, run_id, job_id)
+    seen: set = set()
+    row = cli.wait(run_id, TERMINAL, timeout_s=120, seen=seen)
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    starts = [a for a in attempts if a["event"] == "start"]
+    assert row["state"] == "COMPLETED", (row, attempts)
+    assert len(starts) >= 2 and starts[-1]["resume"], attempts
+    assert any(a["event"] == "checkpoint" for a in attempts)
+    assert row["epoch"] == epochs
+    assert _metrics_epochs(run_dir) == list(range(1, epochs + 1))
