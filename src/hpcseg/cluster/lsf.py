@@ -653,7 +653,8 @@ class LsfExecutor(core.PicklingExecutor):
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
     signal_delay_s, job_name, array_parallelism, setup (shell lines run before Python, e.g.
     ``module load cuda/12.1``), additional_parameters (extra #BSUB lines), stderr_to_stdout; nodes and
-    tasks_per_node are accepted for AutoExecutor compatibility and must be 1.
+    tasks_per_node are accepted for AutoExecutor compatibility and must be 1. A value of None restores the
+    default.
 
     ``folder`` must be on a file system shared with the compute nodes (at DTU: /work3/$USER, ~/).
     """
@@ -695,8 +696,11 @@ class LsfExecutor(core.PicklingExecutor):
                 f"Unknown LSF executor parameter(s) {', '.join(unknown)}; "
                 f"valid: {', '.join(sorted(self._valid_parameters()))}"
             )
-        _make_bsub_string(command="true", folder=self.folder, **{**self.parameters, **kwargs})
-        super()._internal_update_parameters(**kwargs)
+        # None means "back to the default", as for submitit's AutoExecutor
+        merged = {k: v for k, v in {**self.parameters, **kwargs}.items() if v is not None}
+        _make_bsub_string(command="true", folder=self.folder, **merged)
+        self.parameters.clear()
+        self.parameters.update(merged)
 
     def _internal_process_submissions(
         self, delayed_submissions: tp.List[utils.DelayedSubmission]
