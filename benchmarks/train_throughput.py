@@ -1,0 +1,239 @@
+"""Training samples/s: the exercise loop against hpcseg's loop, alternating in one process.
+
+Variants (``--variants``, comma separated):
+
+* ``ex``: the exercise loop as written (``exercise_loop.py``: MONAI Dataset + DataLoader(num_workers=2,
+  batch_size=2, shuffle=True) + dictionary transforms, BasicUNet with ``nn.Dropout``, ``loss.item()`` per step);
+* ``b<N>``: ``hpcseg.train.train_one_epoch`` on resident tensors at batch N (the improved job, FastDropout,
+  the job's precision: bf16 autocast on CUDA, fp32 on CPU);
+* suffix ``-fp32``: hpcseg with autocast off; suffix ``-torchdrop``: hpcseg's loop with MONAI's plain BasicUNet
+  (``nn.Dropout``), i.e. the ablation of FastDropout.
+
+Every round runs every variant for the same number of training samples (``--samples``), in alternating order
+(reversed every other round) so that a change in the machine's load hits all of them alike. An exercise round
+starts a fresh DataLoader iterator, as each of its epochs does (worker start-up included; ``--samples 180`` is
+one epoch of brain2d). Reported: samples/s per round, the median per variant, and the ratio to ``ex`` (median of
+the per-round ratios). Peak memory: the process's VmHWM during the variant's rounds (reset before each round
+with /proc/self/clear_refs; it includes the other variants' resident models, see ``rss_before_mib``), the
+exercise's DataLoader workers' VmHWM, PSS and USS (what they add; VmHWM and PSS include pages inherited by fork
+from this process, which also holds the hpcseg variants), and ``torch.cuda.max_memory_allocated`` on a GPU.
+
+Quick run (about 2 min on 2 CPU cores):  python benchmarks/train_throughput.py --quick
+Full run:                                 python benchmarks/train_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+import exercise_loop as ex  # noqa: E402
+
+from hpcseg.data import load_split  # noqa: E402
+from hpcseg.jobfile import load_job  # noqa: E402
+from hpcseg.model import build_loss, build_model, build_optimizer  # noqa: E402
+from hpcseg.train import augment_params, set_threads, train_one_epoch  # noqa: E402
+
+JOB = C.REPO / "jobs" / "exercise-improved.toml"
+
+
+@dataclass
+class Variant:
+    name: str
+    batch: int
+    run: object = None  # callable(samples) -> dict
+    rounds: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="brain2d folder (default: benchmarks/data/brain2d or ../shared/data/brain2d)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--variants", default=None,
+                   help="default: ex,b2,b2-torchdrop,b4,b8 on CPU; ex,b2,b2-fp32,b8,b16,b32,b64 on CUDA")
+    p.add_argument("--samples", type=int, default=None, help="training samples per variant per round (default 180, --quick 16)")
+    p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3, --quick 2)")
+    p.add_argument("--warmup-samples", type=int, default=None, help="samples per variant before measuring (default: 2 batches)")
+    p.add_argument("--crop", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small sizes: --samples 16 --rounds 2")
+    p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--results", type=Path, default=C.RESULTS, help="RESULTS.md to append to")
+    p.add_argument("--no-append", action="store_true", help="print JSON only; do not touch RESULTS.md")
+    args = p.parse_args(argv)
+    args.samples = args.samples or (16 if args.quick else 180)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    return args
+
+
+def parse_variant(spec: str) -> tuple[str, int, bool, bool]:
+    """'b8-fp32-torchdrop' -> ('b8-fp32-torchdrop', 8, fp32, torchdrop); 'ex' -> batch 2."""
+    parts = spec.strip().split("-")
+    if parts[0] == "ex":
+        if len(parts) > 1:
+            raise SystemExit(f"variant {spec!r}: the exercise loop takes no options")
+        return spec, 2, False, False
+    if not parts[0].startswith("b") or not parts[0][1:].isdigit() or set(parts[1:]) - {"fp32", "torchdrop"}:
+        raise SystemExit(f"variant {spec!r}: expected ex or b<N>[-fp32][-torchdrop]")
+    return spec, int(parts[0][1:]), "fp32" in parts[1:], "torchdrop" in parts[1:]
+
+
+def exercise_variant(args, device) -> Variant:
+    torch.manual_seed(args.seed)
+    model = ex.build_model().to(device)
+    optimizer, loss_fn = ex.build_optimizer(model), ex.build_loss()
+    loader = ex.train_loader(args.data / "training_data", crop=args.crop, seed=args.seed)
+    v = Variant("ex", 2)
+
+    def probe(iterator):
+        workers = getattr(iterator, "_workers", [])
+        hwm = [C.proc_status_kib(w.pid, "VmHWM") for w in workers]
+        smaps = [C.smaps_kib(w.pid) for w in workers]
+        v.memory["worker_hwm_mib"] = round(max([x or 0 for x in hwm] + [v.memory.get("worker_hwm_mib", 0) * 1024]) / 1024, 1)
+        v.memory["workers_pss_mib"] = round(sum(x.get("pss", 0) for x in smaps) / 1024, 1)
+        v.memory["workers_uss_mib"] = round(sum(x.get("uss", 0) for x in smaps) / 1024, 1)
+        v.memory["workers"] = len(workers)
+
+    def run(samples: int) -> dict:
+        return ex.train_steps(model, optimizer, loss_fn, loader, device, max_steps=math.ceil(samples / 2), probe=probe)
+
+    v.run = run
+    return v
+
+
+def hpcseg_variant(spec, batch, fp32, torchdrop, args, device, tensors) -> Variant:
+    overrides = {"train.batch_size": batch, "train.crop": [args.crop, args.crop]}
+    if fp32:
+        overrides["train.precision"] = "fp32"
+    job = load_job(JOB).replace(**overrides)
+    torch.manual_seed(args.seed)
+    model = (ex.build_model(job.model.dropout) if torchdrop else build_model(job)).to(device)
+    optimizer = build_optimizer(job.optim, model, batch, device)
+    loss_fn, params = build_loss(job.loss), augment_params(job)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    images, labels, sizes = tensors
+    n = images.shape[0]
+    v = Variant(spec, batch)
+
+    def run(samples: int) -> dict:
+        # whole batches only, so every variant trains on the same number of samples
+        chunks, left = [], samples
+        while left > 0:
+            take = min(left, n - n % batch)
+            idx = torch.randperm(n, device=device, generator=generator)[:take]
+            chunks.append((images[idx], labels[idx], sizes[idx]))
+            left -= take
+        started = time.perf_counter()
+        total = 0.0
+        for imgs, labs, szs in chunks:
+            total += train_one_epoch(model, optimizer, loss_fn, imgs, labs, szs, job, params, generator).item()
+        return {"steps": sum(math.ceil(c[0].shape[0] / batch) for c in chunks), "samples": samples,
+                "loss_sum": total, "seconds": time.perf_counter() - started}
+
+    v.run = run
+    return v
+
+
+def measure(v: Variant, samples: int, device) -> dict:
+    before = C.proc_status_kib("self", "VmRSS")
+    C.reset_peak_rss()
+    C.reset_gpu_peak(device)
+    gpu_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    out = v.run(samples)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    m = v.memory
+    m["peak_rss_mib"] = max(m.get("peak_rss_mib", 0), round((C.proc_status_kib("self", "VmHWM") or 0) / 1024, 1))
+    m["rss_before_mib"] = round((before or 0) / 1024, 1)
+    if device.type == "cuda":
+        m["gpu_peak_mib"] = max(m.get("gpu_peak_mib", 0), C.gpu_peak_mib(device))
+        m["gpu_allocated_before_mib"] = round(gpu_before, 1)
+    out["samples_per_s"] = out["samples"] / out["seconds"]
+    return out
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.data = Path(args.data or C.default_data())
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    set_threads(0)
+    info = C.machine()
+    specs = args.variants or ("ex,b2,b2-fp32,b8,b16,b32,b64" if device.type == "cuda" else "ex,b2,b2-torchdrop,b4,b8")
+    parsed = [parse_variant(s) for s in specs.split(",") if s.strip()]
+    lcm = math.lcm(*[b for _, b, _, _ in parsed])
+    samples = math.ceil(args.samples / lcm) * lcm  # every variant runs whole batches of the same sample count
+    split = load_split(args.data / "training_data", ex.NUM_CLASSES)
+    tensors = tuple(t.to(device) for t in split.stacked(min_size=(1, 1)))
+    variants = [exercise_variant(args, device) if spec == "ex" else hpcseg_variant(spec, b, f, t, args, device, tensors)
+                for spec, b, f, t in parsed]
+    print(f"# {len(variants)} variants x {args.rounds} rounds x {samples} samples on {device} "
+          f"({info['gpu'] or info['cpu']}, {info['cores']} cores)", file=sys.stderr, flush=True)
+
+    warm = args.warmup_samples
+    for v in variants:  # warm-up: allocator, cuDNN/oneDNN kernels, worker start
+        v.run(warm if warm is not None else 2 * v.batch)
+    for r in range(args.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for v in order:
+            out = measure(v, samples, device)
+            v.rounds.append(out)
+            print(f"round {r + 1}/{args.rounds} {v.name:>14}: {out['samples_per_s']:7.2f} samples/s "
+                  f"({out['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    base = next((v for v in variants if v.name == "ex"), None)
+    result = {"benchmark": "train_throughput", "date": C.now(), "command": C.command_line(), "machine": info,
+              "device": str(device), "samples_per_round": samples, "rounds": args.rounds, "crop": args.crop,
+              "data": str(args.data), "variants": {}}
+    for v in variants:
+        rates = [o["samples_per_s"] for o in v.rounds]
+        entry = {"batch": v.batch, "median_samples_per_s": round(statistics.median(rates), 3),
+                 "samples_per_s": [round(x, 3) for x in rates], "memory": v.memory}
+        if v.name == "ex":
+            entry["first_batch_s"] = [round(o["first_batch_s"], 3) for o in v.rounds]
+        if base is not None and v is not base:
+            per_round = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(v.rounds, base.rounds)]
+            entry["ratio_to_ex"] = round(statistics.median(per_round), 3)
+            entry["ratio_to_ex_per_round"] = [round(x, 3) for x in per_round]
+        result["variants"][v.name] = entry
+    names = result["variants"]
+    if "b2" in names and "b2-torchdrop" in names:
+        per_round = [a["samples_per_s"] / b["samples_per_s"] for a, b in
+                     zip(variants[[v.name for v in variants].index("b2")].rounds,
+                         variants[[v.name for v in variants].index("b2-torchdrop")].rounds)]
+        result["fastdropout_speedup_b2"] = round(statistics.median(per_round), 3)
+    info["loadavg_end"] = C._loadavg()
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if not args.no_append:
+        lines = [f"- Device {device}; {samples} samples per variant per round, {args.rounds} rounds, alternating "
+                 f"(order reversed every other round); load average at end {info['loadavg_end']}", "",
+                 "| variant | batch | median samples/s | ratio to ex (median of rounds) | peak RSS MiB (before) |"
+                 + (" GPU peak MiB |" if device.type == "cuda" else " workers USS / PSS MiB |"),
+                 "|---|---|---|---|---|---|"]
+        for name, e in names.items():
+            mem = e["memory"]
+            last = mem.get("gpu_peak_mib") if device.type == "cuda" else (f"{mem['workers_uss_mib']} / {mem['workers_pss_mib']}" if "workers_uss_mib" in mem else "")
+            lines.append(f"| {name} | {e['batch']} | {e['median_samples_per_s']} | {e.get('ratio_to_ex', '-')} | "
+                         f"{mem.get('peak_rss_mib')} ({mem.get('rss_before_mib')}) | {last} |")
+        if "fastdropout_speedup_b2" in result:
+            lines.append("")
+            lines.append(f"- FastDropout over nn.Dropout in hpcseg's loop at batch 2: x{result['fastdropout_speedup_b2']}")
+        C.append_results("train_throughput", info, result["command"], lines, result, args.results)
+    return result
+
+
+if __name__ == "__main__":
+    main()
