@@ -32,12 +32,18 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused: holds objects other than tensors and plain metadata ({first})"
-        ) from None
+        # an object the weights-only unpickler will not build is named by its GLOBAL; anything else is damage
+        reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), None)
+        if reason is None:
+            raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch file)") from None
+        raise CheckpointError(f"{path}: refused: holds objects other than tensors and plain metadata ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_last_line(err)})") from None
     if not isinstance(state, dict) or "model" not in state or "job" not in state:
         raise CheckpointError(f"{path}: not an hpcseg checkpoint (no model weights and job)")
     return state
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__

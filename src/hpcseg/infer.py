@@ -11,6 +11,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from .jobfile import InferConfig
+from .model import MIN_SIZE
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -37,6 +38,12 @@ def stack(arrays: list[np.ndarray], index: list[int], dtype: torch.dtype, device
 def predict_logits(model: nn.Module, images: torch.Tensor, cfg: InferConfig, precision: str = "fp32") -> Iterator[torch.Tensor]:
     """Yields float32 logits for consecutive chunks of `images` (N, 1, H, W), all slices of one shape."""
     height, width = images.shape[-2:]
+    pad_h, pad_w = max(0, MIN_SIZE - height), max(0, MIN_SIZE - width)
+    if pad_h or pad_w:  # too small for the U-Net's four poolings: pad, predict, crop back
+        padded = torch.nn.functional.pad(images, (0, pad_w, 0, pad_h))
+        for logits in predict_logits(model, padded, cfg, precision):
+            yield logits[..., :height, :width]
+        return
     roi_h, roi_w = cfg.roi
     fits = height <= roi_h and width <= roi_w
     chunk = cfg.batch_size if fits else cfg.sw_batch_size

@@ -70,7 +70,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _spec(700, lo=1, hi=1_000_000)
     batch_size: int = _spec(2, lo=1, hi=4096)
-    crop: tuple[int, ...] = _spec((200, 200), lo=8, hi=8192, length=2)
+    crop: tuple[int, ...] = _spec((200, 200), lo=32, hi=8192, length=2)
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     val_interval: int = _spec(10, lo=1, hi=1_000_000, help="validate every N epochs (and after the last)")
     early_stop: int = _spec(20, lo=0, hi=1_000_000, help="validation rounds without improvement; 0: never stop")
@@ -96,7 +96,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    roi: tuple[int, ...] = _spec((200, 200), lo=8, hi=8192, length=2, help="sliding-window size")
+    roi: tuple[int, ...] = _spec((200, 200), lo=32, hi=8192, length=2, help="sliding-window size")
     sw_batch_size: int = _spec(4, lo=1, hi=4096)
     overlap: float = _spec(0.25, lo=0.0, hi=0.95)
     batch_size: int = _spec(16, lo=1, hi=4096, help="whole slices per forward pass where they fit the roi")
@@ -278,10 +278,13 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise JobError(f"{path}: not valid TOML: {err}") from None
-    for item in overrides:
+    job = job_from_dict(tree, source=str(path))
+    for item in overrides:  # one at a time, so an error names the --set that caused it
         key, value = parse_override(item)
+        tree = job.to_dict()
         _set_dotted(tree, key, value, source=f"--set {item}")
-    return job_from_dict(tree, source=str(path))
+        job = job_from_dict(tree, source=f"--set {item}")
+    return job
 
 
 # ---------------------------------------------------------------- writing

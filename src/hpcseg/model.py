@@ -10,6 +10,11 @@ from torch import nn
 from .jobfile import Job, LossConfig, OptimConfig
 
 
+#: BasicUNet halves the image four times and instance norm needs more than one pixel at the bottom:
+#: smaller slices are zero-padded up to this size.
+MIN_SIZE = 32
+
+
 class FastDropout(nn.Module):
     """Inverted dropout with its mask drawn as `rand < keep` instead of `bernoulli_`.
 

@@ -23,7 +23,7 @@ from .data import Split, load_split
 from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
-from .model import build_loss, build_model, build_optimizer
+from .model import MIN_SIZE, build_loss, build_model, build_optimizer
 from .progress import EpochProgress
 
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
@@ -85,12 +85,11 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     atomic_write_text(run_dir / "job.toml", job.to_toml())
     step_model = _maybe_compile(model, job, log)
 
-    images, labels, sizes = (t.to(device) for t in train_split.stacked())
+    images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     val_groups = [(stack(val_split.images, g, torch.float32, device), stack(val_split.labels, g, torch.uint8, device))
                   for g in shape_groups(val_split.images)]
     params = augment_params(job)
     n, batch = images.shape[0], job.train.batch_size
-    steps = math.ceil(n / batch)
     from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
@@ -100,21 +99,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
 
     for epoch in range(state.epoch + 1, job.train.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        order = torch.randperm(n, device=device, generator=generator)
-        for step in range(steps):
-            index = order[step * batch : (step + 1) * batch]
-            x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
-            if params is not None:
-                x, y = augment_batch(x, y, params, generator)
-            with autocast(device, job.train.precision):
-                logits = step_model(x)
-            loss = loss_fn(logits.float(), y.long())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach() * index.numel()
+        loss_sum = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator)
         train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
@@ -150,6 +135,27 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
     log(f"done: {state.epoch} epochs, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
     return summary
+
+
+def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator) -> torch.Tensor:
+    """One pass over the resident training tensors in random order; returns the summed loss, still on the device."""
+    model.train()
+    n, batch, device = images.shape[0], job.train.batch_size, images.device
+    loss_sum = torch.zeros((), device=device)
+    order = torch.randperm(n, device=device, generator=generator)
+    for step in range(math.ceil(n / batch)):
+        index = order[step * batch : (step + 1) * batch]
+        x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
+        if params is not None:
+            x, y = augment_batch(x, y, params, generator)
+        with autocast(device, job.train.precision):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y.long())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * index.numel()
+    return loss_sum
 
 
 @torch.no_grad()

@@ -1,0 +1,85 @@
+"""Job files: every shipped job loads; unknown keys, wrong types and out-of-range values are refused by name."""
+
+from pathlib import Path
+
+import pytest
+
+from hpcseg.jobfile import Job, JobError, load_job, parse_override
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("name", ["demo", "exercise-baseline", "exercise-improved"])
+def test_shipped_jobs_load(name):
+    job = load_job(JOBS / f"{name}.toml")
+    assert job.name == name
+    assert job.train.epochs >= 1 and job.train.val_interval >= 1
+
+
+def test_improved_job_is_the_recipe():
+    job = load_job(JOBS / "exercise-improved.toml")
+    assert job.model.features == (32, 64, 128, 256, 512, 32)
+    assert (job.model.act, job.model.norm, job.model.dropout) == ("LeakyReLU", "instance", 0.4)
+    assert (job.loss.name, job.loss.dice_weight, job.loss.ce_weight) == ("dice_ce", 0.8, 0.2)
+    assert (job.optim.name, job.optim.lr, job.train.batch_size) == ("adam", 1e-3, 2)
+    assert (job.train.val_interval, job.train.early_stop, job.train.epochs) == (10, 20, 700)
+
+
+def write(tmp_path, text):
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nepoch = 3\n", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("[trian]\nepochs = 3\n", "unknown key 'trian'"),
+    ("[train]\nepochs = 'ten'\n", "train.epochs: expected an integer, got 'ten'"),
+    ("[train]\nepochs = 2.5\n", "train.epochs: expected an integer"),
+    ("[train]\nepochs = 0\n", "train.epochs: 0 is below the minimum 1"),
+    ("[train]\nbatch_size = true\n", "train.batch_size: expected an integer, got True"),
+    ("[optim]\nlr = -1.0\n", "optim.lr: -1.0 is below the minimum"),
+    ("[optim]\nname = 'rmsprop'\n", "optim.name: 'rmsprop' is not one of"),
+    ("[model]\nfeatures = [16, 32]\n", "model.features: expected 6 values, got 2"),
+    ("[model]\nfeatures = [16, 32, 32, 64, 128, 'x']\n", "model.features[5]: expected an integer"),
+    ("[model]\ndropout = 1.5\n", "model.dropout: 1.5 is above the maximum"),
+    ("[augment]\nenabled = 1\n", "augment.enabled: expected true or false"),
+    ("train = 3\n", "train: expected a [train] section"),
+    ("[resources]\ntime = '25:99'\n", "resources.time: '25:99' is not a walltime HH:MM"),
+    ("[train\n", "not valid TOML"),
+])
+def test_bad_job_files_are_refused_with_the_key_named(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert str(err.value).startswith(str(path))
+    assert message in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(JobError, match="no such job file"):
+        load_job(tmp_path / "nope.toml")
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 10\n")
+    job = load_job(path, ["train.epochs=3", "optim.lr=3e-4", "model.act=ReLU", "model.features=[4,4,8,8,16,4]"])
+    assert (job.train.epochs, job.optim.lr, job.model.act, job.model.features) == (3, 3e-4, "ReLU", (4, 4, 8, 8, 16, 4))
+    with pytest.raises(JobError, match=r"--set train\.epochs=0: train\.epochs: 0 is below the minimum"):
+        load_job(path, ["train.epochs=0"])
+    with pytest.raises(JobError, match="unknown key 'train.epochz'"):
+        load_job(path, ["train.epochz=3"])
+    with pytest.raises(JobError, match="expected KEY=VALUE"):
+        parse_override("train.epochs")
+
+
+def test_resolved_job_round_trips_through_toml(tmp_path):
+    job = load_job(JOBS / "exercise-improved.toml", ["train.epochs=5"])
+    again = load_job(write(tmp_path, job.to_toml()))
+    assert again == job and again.train.epochs == 5
+
+
+def test_replace_checks_like_a_file():
+    assert Job().replace(**{"train.seed": 7}).train.seed == 7
+    with pytest.raises(JobError, match="train.seed"):
+        Job().replace(**{"train.seed": -1})

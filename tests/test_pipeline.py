@@ -1,0 +1,187 @@
+"""`hpcseg train` and `hpcseg test` end to end on tiny synthetic slices, through the real command line."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from fixtures_cluster import TINY, write_slices
+
+from hpcseg.checkpoint import load_checkpoint
+from hpcseg.cli import main
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "exercise-improved.toml"
+
+
+def hpcseg(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def train(data, out, *sets, resume=False):
+    args = ["train", JOB, "--data", data, "--out", out]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    code, output = hpcseg(*args, *(["--resume"] if resume else []))
+    assert code == 0, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "run"
+    train(tiny_data, run)
+    return run
+
+
+def test_run_folder_holds_everything(trained):
+    assert (trained / "job.toml").is_file() and "epochs = 3" in (trained / "job.toml").read_text()
+    lines = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for record in lines:
+        assert {"epoch", "train_loss", "lr", "samples_per_s", "seconds", "val_dice", "val_mean_dice"} <= set(record)
+        assert set(record["val_dice"]) == {"csf", "grey_matter", "white_matter"}
+        assert record["val_mean_dice"] == pytest.approx(np.mean(list(record["val_dice"].values())))
+    assert list((trained / "tb").glob("events.out.tfevents.*"))
+    last = load_checkpoint(trained / "checkpoints" / "last.pt")
+    best = load_checkpoint(trained / "checkpoints" / "best.pt")
+    assert last["epoch"] == 3 and {"optimizer", "rng"} <= set(last)
+    assert best["loop"]["best_dice"] == max(r["val_mean_dice"] for r in lines)
+    progress = json.loads((trained / "progress.json").read_text())
+    assert progress["finished"] and progress["epoch"] == 3 and progress["best_epoch"] == best["epoch"]
+
+
+def test_tensorboard_has_loss_dice_lr_and_images(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(trained / "tb"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss/train", "lr", "dice/mean", "dice/csf", "dice/grey_matter", "dice/white_matter"} <= set(tags["scalars"])
+    assert {"val/input", "val/label", "val/prediction"} <= set(tags["images"])
+
+
+def test_test_command_writes_predictions_pngs_csv_and_summary(trained, tiny_data):
+    code, output = hpcseg("test", trained, "--data", tiny_data / "test_data")
+    assert code == 0, output
+    out = trained / "test" / "test_data"
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["s000_prediction.npy", "s001_prediction.npy"]
+    assert len(list((out / "png").glob("*.png"))) == 2
+    rows = list(csv.DictReader((out / "per_slice.csv").open()))
+    assert [r["id"] for r in rows] == ["s000", "s001"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["dice_per_class"]) == {"csf", "grey_matter", "white_matter"}
+    assert summary["mean_dice"] == pytest.approx(np.mean(list(summary["dice_per_class"].values())))
+    # the folder Dice recomputed by hand from the written predictions
+    counts = np.zeros((4, 3))
+    for r in rows:
+        pred = np.load(out / "predictions" / f"{r['id']}_prediction.npy")
+        label = np.load(tiny_data / "test_data" / f"{r['id']}_T1w_tissue_segmentation.npy")
+        for c in range(1, 4):
+            counts[c] += [((pred == c) & (label == c)).sum(), ((pred == c) & (label != c)).sum(),
+                          ((pred != c) & (label == c)).sum()]
+    by_hand = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts[1:]]
+    assert list(summary["dice_per_class"].values()) == pytest.approx(by_hand)
+    assert "mean" in output and "white_matter" in output
+
+
+def test_resume_gives_the_same_weights_as_one_run(tiny_data, tmp_path):
+    train(tiny_data, tmp_path / "once", "train.epochs=2")
+    train(tiny_data, tmp_path / "twice", "train.epochs=1")
+    train(tiny_data, tmp_path / "twice", "train.epochs=2", resume=True)
+    a = load_checkpoint(tmp_path / "once" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    once = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+    twice = [json.loads(x) for x in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in once] == [r["train_loss"] for r in twice]
+
+
+def test_same_seed_same_result_other_seed_other_result(tiny_data, tmp_path):
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        train(tiny_data, tmp_path / name, "train.epochs=1", f"train.seed={seed}")
+    w = {n: load_checkpoint(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in "abc"}
+    assert all(torch.equal(w["a"][k], w["b"][k]) for k in w["a"])
+    assert not all(torch.equal(w["a"][k], w["c"][k]) for k in w["a"])
+
+
+def test_resume_of_an_interrupted_epoch_drops_its_metrics_line(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_data, run, "train.epochs=2")
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    # as if the attempt had been killed after writing epoch 3's line but before its checkpoint
+    metrics.write_text("\n".join(lines + [lines[-1].replace('"epoch": 2', '"epoch": 3')]) + "\n")
+    train(tiny_data, run, "train.epochs=3", resume=True)
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_early_stopping(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    output = train(tiny_data, run, "train.epochs=40", "train.early_stop=2", "optim.name=sgd", "optim.lr=1e-8",
+                   "optim.momentum=0.0", "augment.enabled=false", "model.dropout=0.0")
+    progress = json.loads((run / "progress.json").read_text())
+    assert progress["stopped_early"] and progress["epoch"] == progress["best_epoch"] + 2 < 40
+    assert "early stop" in output
+
+
+def test_odd_and_small_slices_of_mixed_sizes(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in [("training_data", 3), ("validation_data", 2)]:
+        for i, (h, w) in enumerate([(13, 21), (37, 41), (40, 33)][:n]):
+            label = rng.integers(0, 4, (h, w)).astype(np.uint8)
+            np.save(tmp_path / split / f"x{i}_T1w.npy", label.astype(np.float32) / 3) if (tmp_path / split).exists() else (
+                (tmp_path / split).mkdir(), np.save(tmp_path / split / f"x{i}_T1w.npy", label.astype(np.float32) / 3))
+            np.save(tmp_path / split / f"x{i}_T1w_tissue_segmentation.npy", label)
+    train(tmp_path, tmp_path / "run", "train.epochs=1", "train.batch_size=3")
+    code, output = hpcseg("test", tmp_path / "run", "--data", tmp_path / "validation_data")
+    assert code == 0, output
+    preds = sorted((tmp_path / "run" / "test" / "validation_data" / "predictions").iterdir())
+    assert [np.load(p).shape for p in preds] == [(13, 21), (37, 41)]
+
+
+def test_bad_data_is_refused_with_one_line_per_file_and_nothing_written(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    code, output = hpcseg("train", JOB, "--data", tiny_data / "bad_data", "--out", out, *sum((["--set", s] for s in TINY), []))
+    assert code == 2
+    lines = output.strip().splitlines()
+    assert lines and all(line.startswith("hpcseg: error: ") for line in lines)
+    assert "s000_T1w_tissue_segmentation.npy" in output and "Traceback" not in output
+    assert not out.exists()
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_run(trained, tiny_data, tmp_path):
+    code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", trained)
+    assert code == 2 and "already holds a run" in output
+    code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "none", "--resume")
+    assert code == 2 and "nothing to resume from" in output
+
+
+def test_resume_with_another_job_is_refused(trained, tiny_data):
+    code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", trained, "--resume",
+                          *sum((["--set", s] for s in TINY), []), "--set", "optim.lr=0.5")
+    assert code == 2 and "differs from the run's job.toml" in output
+
+
+def test_test_refuses_a_checkpoint_holding_a_pickled_object(trained, tiny_data, tmp_path):
+    ckpt = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["extra"] = Path("/etc/passwd")  # any object that is not a tensor or plain metadata
+    run = tmp_path / "evil"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run / "checkpoints" / "best.pt")
+    code, output = hpcseg("test", run, "--data", tiny_data / "test_data")
+    assert code == 2
+    assert output.strip().splitlines() == [output.strip()]
+    assert "refused: holds objects other than tensors and plain metadata" in output
+    assert not (run / "test").exists()
+
+
+def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
+    code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "r", "--set", "train.epoch=3")
+    assert code == 2 and "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in output
+    assert not (tmp_path / "r").exists()
