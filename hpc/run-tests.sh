@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up and runs hpcseg's tests from a fresh clone: a virtual environment in .venv (CPU torch 2.13.0),
+# the single-node Slurm dev cluster (installed and started by hpc/dev-cluster/start.sh, stopped again at the end
+# if this script started it), then pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/pip install --quiet --upgrade pip
+.venv/bin/pip install --quiet torch==2.13.0 -e '.[test]'
+
+stop_cluster=0
+if [[ -f ${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}/run/slurmctld.pid ]] && scontrol ping >/dev/null 2>&1; then
+    echo "Slurm dev cluster already running: using it"
+elif bash hpc/dev-cluster/start.sh; then
+    stop_cluster=1
+elif [[ -n ${CI:-} ]]; then
+    echo "the Slurm dev cluster did not start, and CI needs it" >&2
+    exit 1
+else
+    echo "the Slurm dev cluster did not start: the tests that need it will be skipped"
+fi
+trap '[[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh' EXIT
+
+.venv/bin/python -m pytest "$@"
