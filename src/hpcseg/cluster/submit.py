@@ -175,7 +175,7 @@ def plan_submission(opts: SubmitOptions) -> Plan:
 
     default_delay = 300 if executor == "lsf" else 120 if executor == "slurm" else 60
     delay = profile.signal_delay_s if profile.signal_delay_s is not None else default_delay
-    delay = max(1, min(delay, minutes * 60 // 2))  # leave the job at least half its walltime before the warning
+    delay = max(1, min(delay, minutes * 60 - 5))  # the warning must come before the walltime ends
     return Plan(executor=executor, profile=profile, experiment=_check_name(opts.name or job.name),
                 scratch=resolve_scratch(opts.scratch, profile.scratch), queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
