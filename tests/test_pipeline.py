@@ -185,3 +185,16 @@ def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "r", "--set", "train.epoch=3")
     assert code == 2 and "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in output
     assert not (tmp_path / "r").exists()
+
+
+def test_compile_failure_falls_back_with_one_line(tiny_data, tmp_path, monkeypatch):
+    def failing_compile(model, **kwargs):
+        def run(x):
+            raise RuntimeError("replication_pad2d_backward: not supported\nmore details")
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    output = train(tiny_data, tmp_path / "run", "train.epochs=1", "train.compile=true")
+    lines = [line for line in output.splitlines() if "torch.compile" in line]
+    assert lines == ["torch.compile failed here, training without it (RuntimeError: replication_pad2d_backward: not supported)"]
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
