@@ -108,8 +108,13 @@ def cli(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cli = Cli(scratch=scratch, tmp=tmp_path)
     yield cli
-    if scratch.exists():  # end whatever a failed test left running (only this test's runs)
-        live = [r["run_id"] for r in cli.status() if r["state"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")]
+    # end whatever a failed test left running (only this test's submitted runs)
+    from hpcseg.cluster.runs import iter_runs
+
+    submitted = [r.run_id for r in iter_runs(scratch) if (r.path / "submitit").exists()]
+    if submitted:
+        live = [r["run_id"] for r in cli.status(*submitted)
+                if r["state"] in ("PENDING", "RUNNING", "REQUEUED")]
         if live:
             cli("cancel", *live)
 

@@ -255,7 +255,10 @@ def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = Fa
             from .lsf import LsfExecutor
         except ImportError as err:
             raise ClusterError(f"--executor lsf: the LSF plugin is not available ({err})") from None
-        ex = LsfExecutor(folder=folder, max_num_timeout=max_timeouts)
+        cls = LsfExecutor
+        if dry_run:  # printing a script needs no LSF on this machine
+            cls = type("DryLsfExecutor", (LsfExecutor,), {"affinity": classmethod(lambda c: 2)})
+        ex = cls(folder=folder, max_num_timeout=max_timeouts)
         params = {"job_name": name, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
                   "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
         if plan.queue:

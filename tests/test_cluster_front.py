@@ -1,0 +1,187 @@
+"""The cluster front end without running training: dry-run scripts, profile refusals, and status when the
+scheduler has forgotten a job or its command fails or hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_cluster import JOB_FILE, TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dry(cli, *args, data) -> tuple[int, str]:
+    cmd = ["submit", JOB_FILE, "--data", data, "--dry-run", *args]
+    return cli(*cmd)
+
+
+def test_dry_run_lsf_script(cli, tiny_data):
+    code, out = _dry(cli, "--profile", "dtu", "--queue", "gpuv100", "--scratch", cli.tmp / "work3", data=tiny_data)
+    assert code == 0, out
+    for line in ["#BSUB -q gpuv100", "#BSUB -n 4", '#BSUB -R "span[hosts=1]"', '#BSUB -R "rusage[mem=4GB]"',
+                 '#BSUB -gpu "num=1:mode=exclusive_process"', "#BSUB -W 24:00", "#BSUB -wa USR2", "#BSUB -wt 5",
+                 "module load python3/", "module load cuda/", "/bin/activate", "export SUBMITIT_EXECUTOR=lsf"]:
+        assert line in out, (line, out)
+    assert not (cli.tmp / "work3").exists()  # nothing written
+
+
+def test_dry_run_lsf_sweep_is_one_array(cli, tiny_data):
+    code, out = _dry(cli, "--profile", "dtu", "--queue", "gpua100", "--time", "02:00", "--sweep", "optim.lr=1e-3,3e-4",
+                     "--sweep", "model.dropout=0,0.2", "--max-parallel", "2", data=tiny_data)
+    assert code == 0, out
+    assert out.count("#!/bin/bash") == 1 and out.count("# would submit run") == 4
+    assert '#BSUB -J "exercise-improved[1-4]%2"' in out or "#BSUB -J exercise-improved[1-4]%2" in out, out
+    assert "#BSUB -W 2:00" in out and "#BSUB -q gpua100" in out
+    assert "%J_%I_0_log.out" in out
+
+
+def test_dry_run_slurm_script(cli, tiny_data):
+    code, out = _dry(cli, "--profile", "slurm", "--queue", "gpuv100", "--gpus", "2", "--cpus", "8", "--mem", "32",
+                     "--time", "12:00", "--sweep", "train.seed=0,1,2", "--max-parallel", "2", data=tiny_data)
+    assert code == 0, out
+    for line in ["#SBATCH --partition=gpuv100", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=32GB", "#SBATCH --time=720", "#SBATCH --array=0-2%2", "#SBATCH --signal=USR2@120",
+                 "export SUBMITIT_EXECUTOR=slurm"]:
+        assert line in out, (line, out)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--profile", "dtu", "--queue", "gpuh100"], "--queue gpuh100: unknown queue for profile 'dtu'"),
+    (["--profile", "dtu", "--queue", "gpuv100", "--time", "25:00"], "--time 25:00: above the 24:00 limit of queue gpuv100"),
+    (["--profile", "dtu", "--gpus", "3"], "--gpus 3: queue gpuv100 has at most 2 GPUs"),
+    (["--profile", "nosuch"], "--profile nosuch: unknown profile"),
+    (["--time", "1:75"], "--time: '1:75' is not a walltime HH:MM"),
+    (["--executor", "local", "--queue", "gpuv100"], "--queue gpuv100: the local executor has no queues"),
+    (["--set", "train.epoch=3"], "unknown key 'train.epoch'"),
+    (["--sweep", "optim.lr"], "--sweep optim.lr: expected KEY=V1,V2"),
+    (["--sweep", "optim.lr=1e-3,-1"], "optim.lr: -1.0 is below the minimum"),
+    (["--name", "a/b"], "--name 'a/b': an experiment name must be a plain folder name"),
+    (["--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
+])
+def test_refusals_before_submitting(cli, tiny_data, args, message):
+    executor = [] if "--profile" in args or "--executor" in args else ["--executor", "local"]
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, *executor, *args)
+    assert code != 0
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hpcseg: error: ") and message in lines[0], out
+    assert "Traceback" not in out
+    assert not cli.scratch.exists()  # nothing half-written
+
+
+def test_refuses_missing_data_and_bad_profile(cli, tiny_data, tmp_path):
+    code, out = cli("submit", JOB_FILE, "--data", tmp_path / "nope", "--executor", "local")
+    assert code != 0 and out.strip() == f"hpcseg: error: --data {tmp_path / 'nope'}: no such folder", out
+    bad = tmp_path / "bad.toml"
+    bad.write_text('executor = "pbs"\n')
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", bad)
+    assert code != 0 and "executor: 'pbs' is not one of" in out and len(out.strip().splitlines()) == 1, out
+    bad.write_text('[queues.q]\nmax_time = "forever"\n')
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", bad)
+    assert code != 0 and "queues.q.max_time" in out, out
+    assert not cli.scratch.exists()
+
+
+def test_site_profiles_load():
+    from hpcseg.cluster.profiles import load_profile
+
+    dtu = load_profile(str(REPO / "hpc" / "dtu.toml"))
+    assert dtu.executor == "lsf" and dtu.scratch == "/work3/$USER" and set(dtu.queues) == {"gpuv100", "gpua100"}
+    assert all(q.max_time_min == 24 * 60 for q in dtu.queues.values())
+    assert load_profile(str(REPO / "hpc" / "slurm.toml")).executor == "slurm"
+    assert load_profile(str(REPO / "hpc" / "local.toml")).executor == "local"
+
+
+# ---------------------------------------------------------------- status from files and a broken scheduler
+
+
+def _fake_run(scratch: Path, run_id: str, executor: str, job_id: str, outcome: str | None = None,
+              progress: dict | None = None) -> Path:
+    run_dir = scratch / "exp" / run_id
+    run_dir.mkdir(parents=True)
+    record = {"run_id": run_id, "experiment": "exp", "executor": executor, "job_id": job_id, "epochs": 10,
+              "submit_time": time.time() - 3600, "submitit_dir": str(run_dir / "submitit")}
+    (run_dir / "run.json").write_text(json.dumps(record))
+    if outcome:
+        (run_dir / "outcome.json").write_text(json.dumps({"state": outcome, "error": "boom" if outcome == "FAILED" else None}))
+    if progress:
+        (run_dir / "progress.json").write_text(json.dumps(progress))
+    return run_dir
+
+
+def _shim(folder: Path, name: str, body: str) -> None:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("mode", ["fails", "hangs"])
+def test_status_when_scheduler_fails_or_hangs(cli, tmp_path, monkeypatch, mode):
+    """One bounded query per backend; where the command fails or hangs, runs with an outcome keep it and the
+    others are UNKNOWN."""
+    shims = tmp_path / "bin"
+    body = "exit 1" if mode == "fails" else "exec sleep 30"
+    for name in ("bjobs", "sacct", "squeue"):
+        _shim(shims, name, f'echo "$0 $*" >> {tmp_path}/calls.log\n{body}' if mode == "fails" else
+              f'echo "$0 $*" >> {tmp_path}/calls.log\n{body}')
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HPCSEG_SCHEDULER_TIMEOUT_S", "1")
+    progress = {"epoch": 4, "epochs": 10, "best_dice": 0.5, "best_epoch": 4, "updated": time.time()}
+    _fake_run(cli.scratch, "r-lsf-done", "lsf", "101", outcome="COMPLETED", progress=progress)
+    _fake_run(cli.scratch, "r-lsf-run", "lsf", "102", progress=progress)
+    _fake_run(cli.scratch, "r-lsf-run2", "lsf", "103")
+    _fake_run(cli.scratch, "r-slurm-failed", "slurm", "201", outcome="FAILED")
+    _fake_run(cli.scratch, "r-slurm-run", "slurm", "202_1")
+    started = time.time()
+    rows = {r["run_id"]: r for r in cli.status()}
+    elapsed = time.time() - started
+    assert rows["r-lsf-done"]["state"] == "COMPLETED"
+    assert rows["r-lsf-run"]["state"] == "UNKNOWN" and rows["r-lsf-run"]["epoch"] == 4
+    assert rows["r-lsf-run2"]["state"] == "UNKNOWN"
+    assert rows["r-slurm-failed"]["state"] == "FAILED" and rows["r-slurm-failed"]["error"] == "boom"
+    assert rows["r-slurm-run"]["state"] == "UNKNOWN"
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert sum("bjobs" in c for c in calls) == 1  # one query for both unfinished LSF runs
+    assert sum("sacct" in c for c in calls) == 1 and sum("squeue" in c for c in calls) == 1
+    assert elapsed < 10
+    code, out = cli("status")
+    assert code == 0 and "UNKNOWN" in out and "hpcseg: warning: LSF: bjobs" in out, out
+
+
+def test_status_squeue_fallback(cli, tmp_path, monkeypatch):
+    """Without sacct (accounting off) Slurm states come from squeue; a job squeue no longer lists gets its
+    state from its files."""
+    shims = tmp_path / "bin"
+    _shim(shims, "sacct", 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1')
+    _shim(shims, "squeue", 'printf "301|RUNNING\\n302_0|PENDING\\n302_1|RUNNING\\n999|RUNNING\\n"')
+    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
+    _fake_run(cli.scratch, "a", "slurm", "301")
+    _fake_run(cli.scratch, "b", "slurm", "302_0")
+    _fake_run(cli.scratch, "c", "slurm", "302_1")
+    _fake_run(cli.scratch, "d", "slurm", "303", outcome="COMPLETED")
+    _fake_run(cli.scratch, "e", "slurm", "304")
+    rows = {r["run_id"]: r["state"] for r in cli.status()}
+    assert rows == {"a": "RUNNING", "b": "PENDING", "c": "RUNNING", "d": "COMPLETED", "e": "UNKNOWN"}
+
+
+def test_lsf_forgotten_job_keeps_its_state(cli, tiny_data, lsf_emulator):
+    """bjobs forgets finished jobs after CLEAN_PERIOD: status then reads the run's own files."""
+    [(run_id, job_id)] = cli.submit("--executor", "lsf", "--queue", "gpuv100", "--gpus", "0", "--cpus", "1",
+                                    "--mem", "1", data=tiny_data, sets=["train.epochs=1"])
+    lsf_emulator.wait_for(job_id, timeout_s=60)
+    before = cli.status(run_id)[0]
+    lsf_emulator.forget(job_id)
+    after = cli.status(run_id)[0]
+    assert before["state"] == after["state"] == "COMPLETED"
+    assert after["epoch"] == after["epochs"] == 1
+    # a forgotten job whose run wrote nothing (killed hard) is UNKNOWN, not invented
+    (cli.scratch / "exercise-improved" / run_id / "outcome.json").unlink()
+    (cli.scratch / "exercise-improved" / run_id / "submitit" / f"{job_id}_0_result.pkl").unlink()
+    assert cli.status(run_id)[0]["state"] == "UNKNOWN"
+    assert TINY  # the tiny model is used by cli.submit
