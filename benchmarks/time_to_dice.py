@@ -6,8 +6,9 @@ per-tissue folder Dice (mean over CSF, grey and white matter) for both.
 
 Clock: the budget counts training only (for the exercise loop: its epochs including the DataLoader worker
 start-up; for hpcseg: ``train_one_epoch``). Validation, checkpoints and logging are excluded from the budget;
-each point also records the total wall seconds since the loop started (everything included) and the CPU
-seconds of the process and its reaped children, which a busy machine disturbs less than wall time.
+each point also records the total wall seconds since the loop started (everything included, at the end of the
+point's validation) and the CPU seconds of the process and its reaped children up to the start of that
+validation (earlier validations included), which a busy machine disturbs less than wall time.
 
 * The exercise loop (``exercise_loop.py``) validates every ``--ex-val-interval`` epochs with MONAI's sliding
   window, per slice through a DataLoader, and once more when its budget ends (mid-epoch: it stops at the step
@@ -102,7 +103,7 @@ class Clock:
 
     def point(self, **extra) -> dict:
         return {"train_s": round(self.train_s, 2), "wall_s": round(time.perf_counter() - self.wall0, 2),
-                "cpu_s": round(self._cpu() - self.cpu0, 2), **extra}
+                "cpu_s": round(self._cpu() - self.cpu0, 2)} | extra
 
 
 def sync(device) -> None:
@@ -127,9 +128,9 @@ def run_exercise(args, device, budget_s: float, log) -> dict:
         samples += out["samples"]
         last = clock.train_s >= budget_s or (args.epochs is not None and epoch == args.epochs)
         if epoch % args.ex_val_interval == 0 or last:
-            started = time.perf_counter()
+            started, cpu_s = time.perf_counter(), clock.point()["cpu_s"]  # CPU up to here, as hpcseg's points
             dice = ex.validate(model, val_loader, device).tolist()
-            point = clock.point(epoch=round(epoch - 1 + out["samples"] / n, 3), samples=samples,
+            point = clock.point(cpu_s=cpu_s, epoch=round(epoch - 1 + out["samples"] / n, 3), samples=samples,
                                 mean_dice=round(nanmean(dice), 4), dice={k: round(v, 4) for k, v in named(dice).items()},
                                 val_s=round(time.perf_counter() - started, 2), train_loss=round(out["loss_sum"] / out["steps"], 4))
             points.append(point)
@@ -238,6 +239,8 @@ def summarise(exercise: dict | None, variants: list[dict]) -> dict:
         out["exercise_best_dice"] = target
         out["exercise_final_dice"] = exercise["points"][-1]["mean_dice"]
         out["exercise_train_s"] = exercise["train_s"]
+        best = max(exercise["points"], key=lambda p: p["mean_dice"])
+        out["exercise_best_at"] = {k: best[k] for k in ("train_s", "wall_s", "cpu_s", "epoch")}
         for v in variants:
             reach = next((p for p in v["points"] if p["mean_dice"] >= target), None)
             out[v["name"]] = {
@@ -246,6 +249,7 @@ def summarise(exercise: dict | None, variants: list[dict]) -> dict:
                 "train_s": v["train_s"],
                 "reaches_exercise_best_at_train_s": reach["train_s"] if reach else None,
                 "reaches_exercise_best_at_wall_s": reach["wall_s"] if reach else None,
+                "reaches_exercise_best_at_cpu_s": reach["cpu_s"] if reach else None,
                 "reaches_within_budget": bool(reach and reach["train_s"] <= v["budget_s"]),
             }
     return out
@@ -298,26 +302,36 @@ def main(argv=None) -> dict:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     variants = [parse_variant(v) for v in (args.hpcseg or [DEFAULT_VARIANT])]
-    loops = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    loops, results, errors = [], [], []
     exercise = None
+    result = {"benchmark": "time_to_dice", "date": C.now(), "command": C.command_line(), "machine": info,
+              "device": str(device), "data": str(args.data), "epochs": args.epochs,
+              "clock": "budget = training seconds only; validation/checkpoints excluded (wall_s includes them)",
+              "loops": loops, "errors": errors, "summary": {}, "finished": False}
+
+    def save(finished: bool = False) -> bool:  # after every loop, so a late failure keeps the earlier loops
+        info["loadavg_end"] = C._loadavg()
+        result.update(summary=summarise(exercise, results), finished=finished)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        return plot(result, png_path)
+
     if not args.skip_exercise:
         log(f"exercise loop: budget {args.minutes} min of training on {device}")
         exercise = run_exercise(args, device, args.minutes * 60, log)
         loops.append(exercise)
-    results = []
+        save()
     for name, overrides in variants:
         log(f"hpcseg[{name}] ({impl}): budget {args.hpcseg_minutes} min, overrides {overrides}")
-        results.append(run_hpcseg(args, device, name, overrides, args.hpcseg_minutes * 60, impl, log))
-    loops += results
-    info["loadavg_end"] = C._loadavg()
-    result = {"benchmark": "time_to_dice", "date": C.now(), "command": C.command_line(), "machine": info,
-              "device": str(device), "data": str(args.data), "epochs": args.epochs,
-              "clock": "budget = training seconds only; validation/checkpoints excluded (wall_s includes them)",
-              "loops": loops, "summary": summarise(exercise, results)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    plotted = plot(result, png_path)
+        try:
+            results.append(run_hpcseg(args, device, name, overrides, args.hpcseg_minutes * 60, impl, log))
+            loops.append(results[-1])
+        except Exception as err:  # noqa: BLE001 - record it, keep the other loops' results
+            log(f"hpcseg[{name}] failed: {type(err).__name__}: {err}")
+            errors.append({"variant": name, "error": f"{type(err).__name__}: {err}"})
+        save()
+    plotted = save(finished=True)
     print(json.dumps(result["summary"], indent=1))
     if not args.no_append:
         s = result["summary"]
