@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
+from .errors import UserError
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or holds more than tensors and plain metadata."""
 
 

@@ -8,16 +8,8 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .errors import UserError
 
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .jobfile import JobError
-    from .train import RunDirError
-
-    return (CheckpointError, DataError, JobError, RunDirError)
 
 
 class HpcsegGroup(click.Group):
@@ -26,7 +18,7 @@ class HpcsegGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except _user_errors() as err:
+        except UserError as err:
             problems = getattr(err, "problems", None) or [str(err)]
             for problem in problems:
                 click.echo(f"hpcseg: error: {problem}", err=True)
@@ -91,13 +83,7 @@ def demo_data(out, overwrite) -> None:
     click.echo(f"wrote {out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
 
 
-def _register_cluster_commands() -> None:
-    try:
-        from .cluster.cli import cancel, collect, logs, status, submit
-    except ImportError:  # the cluster commands land separately
-        return
-    for command in (submit, status, collect, cancel, logs):
-        main.add_command(command)
+from .cluster.cli import cancel, collect, logs, status, submit  # noqa: E402 - registered on the group above
 
-
-_register_cluster_commands()
+for _command in (submit, status, collect, cancel, logs):
+    main.add_command(_command)

@@ -25,6 +25,8 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from .errors import UserError
+
 IMAGE_SUFFIX = "_T1w"
 LABEL_SUFFIX = "_T1w_tissue_segmentation"
 #: File extensions that hold slices, longest first so ``.nii.gz`` wins over ``.gz``.
@@ -33,7 +35,7 @@ EXTENSIONS = (".nii.gz", ".nii", ".npy")
 _NAME = re.compile(r"^(?P<id>.+?)(?P<kind>_T1w_tissue_segmentation|_T1w)(?P<ext>\.nii\.gz|\.nii|\.npy)$", re.IGNORECASE)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One or more problems with slice data; ``problems`` holds one line each, ``"<path>: <problem>"``."""
 
     def __init__(self, problems: Sequence[str] | str):

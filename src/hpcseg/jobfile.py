@@ -14,13 +14,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from .errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class JobError(Exception):
+class JobError(UserError):
     """A job file or override that cannot be used; the message names the file and the key."""
 
 

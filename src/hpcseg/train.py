@@ -19,7 +19,8 @@ from . import __version__
 from .atomic import atomic_write_text
 from .augment import AugmentParams, augment_batch, crop_batch
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import Split, load_split
+from .data import load_split
+from .errors import UserError
 from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
@@ -29,7 +30,7 @@ from .progress import EpochProgress
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """A run folder that cannot be started or resumed as asked."""
 
 
@@ -118,11 +119,12 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
 
         state.epoch = epoch
         record["seconds"] = time.perf_counter() - started
-        save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+        # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops and redoes
         _append_jsonl(run_dir / "metrics.jsonl", record)
+        _write_progress(run_dir, job, state, record["seconds"], finished=False)
+        save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
         writer.add_scalar("loss/train", train_loss, epoch)
         writer.add_scalar("lr", record["lr"], epoch)
-        _write_progress(run_dir, job, state, record["seconds"], finished=False)
         bar.update(record, state)
         if state.stopped_early:
             log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
@@ -210,9 +212,8 @@ def _restore(path: Path, model, optimizer, generator, device) -> LoopState:
 
 def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> Job:
     """Refuse to train over an existing run, or to resume one with a different job (only epochs may grow)."""
-    saved = run_dir / "job.toml"
-    if not resume:
-        if (run_dir / LAST).exists() or saved.exists():
+    if not resume:  # a folder prepared by `hpcseg submit` (job.toml, run.json) is fine; one that trained is not
+        if (run_dir / LAST).exists() or (run_dir / "metrics.jsonl").exists():
             raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
         return job
     if not (run_dir / LAST).exists():

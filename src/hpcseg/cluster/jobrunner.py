@@ -47,14 +47,12 @@ class JobRunner(submitit.helpers.Checkpointable):
     """Train (resuming from `checkpoints/last.pt` when it exists), test if the job has a test folder, and
     record the outcome in `outcome.json`."""
 
-    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None,
-                 submitted_job_toml: str | None = None) -> None:
+    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None) -> None:
         self.job = job
         self.train_dir = str(train_dir)
         self.val_dir = str(val_dir)
         self.run_dir = str(run_dir)
         self.test_dir = str(test_dir) if test_dir else None
-        self.submitted_job_toml = submitted_job_toml
 
     def __call__(self) -> dict:
         from ..jobfile import job_from_dict
@@ -67,8 +65,6 @@ class JobRunner(submitit.helpers.Checkpointable):
         (run_dir / OUTCOME).unlink(missing_ok=True)  # running again: an earlier outcome no longer holds
         print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",
               flush=True)
-        if not resume:
-            self._drop_submitted_job_toml(run_dir)
         try:
             from ..train import train
 
@@ -95,16 +91,6 @@ class JobRunner(submitit.helpers.Checkpointable):
         write_outcome(run_dir, "COMPLETED", **result)
         print("hpcseg job runner: COMPLETED", flush=True)
         return result
-
-    def _drop_submitted_job_toml(self, run_dir: Path) -> None:
-        """`submit` left the resolved job as job.toml; the training writes it itself and refuses to start over
-        a folder that already has one, so remove it if it is still the submitted copy."""
-        path = run_dir / "job.toml"
-        try:
-            if self.submitted_job_toml is not None and path.read_text() == self.submitted_job_toml:
-                path.unlink()
-        except OSError:
-            pass
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2: the state is on disk already, so resubmit this same runner."""

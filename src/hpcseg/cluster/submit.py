@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
 from .profiles import Profile, fmt_minutes, load_profile
+from ..atomic import atomic_write_text
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
                    resolve_scratch, write_record)
 
@@ -327,8 +328,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             make_private_dir(run_dir)
             created.append(run_dir)
             submitit_dir = shared if shared else run_dir / "submitit"
-            job_toml = job.to_toml()
-            (run_dir / "job.toml").write_text(job_toml)
+            atomic_write_text(run_dir / "job.toml", job.to_toml())
             record = {
                 "run_id": rid, "experiment": plan.experiment, "executor": plan.executor, "job_id": None,
                 "array_job_id": None, "sweep_id": sweep_id if n > 1 else None, "sweep": values,
@@ -345,7 +345,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             write_record(run)
             runs.append(run)
             runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
-                                     str(plan.test_dir) if plan.test_dir else None, submitted_job_toml=job_toml))
+                                     str(plan.test_dir) if plan.test_dir else None))
         if shared is not None:
             make_private_dir(shared)
             for run in runs:
