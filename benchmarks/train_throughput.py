@@ -16,7 +16,9 @@ one epoch of brain2d). Reported: samples/s per round, the median per variant, an
 the per-round ratios). Peak memory: the process's VmHWM during the variant's rounds (reset before each round
 with /proc/self/clear_refs; it includes the other variants' resident models, see ``rss_before_mib``), the
 exercise's DataLoader workers' VmHWM, PSS and USS (what they add; VmHWM and PSS include pages inherited by fork
-from this process, which also holds the hpcseg variants), and ``torch.cuda.max_memory_allocated`` on a GPU.
+from this process, which also holds the hpcseg variants), and ``torch.cuda.max_memory_allocated`` on a GPU. In one process these peaks mostly show what is already
+resident (every variant's model, the allocator's retained heap): ``--memory-isolated`` also runs each variant
+alone in a fresh process for two batches and reports its own peak.
 
 Quick run (about 2 min on 2 CPU cores):  python benchmarks/train_throughput.py --quick
 Full run:                                 python benchmarks/train_throughput.py
@@ -28,7 +30,9 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--crop", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes: --samples 16 --rounds 2")
+    p.add_argument("--memory-isolated", action="store_true",
+                   help="after timing, run each variant alone in a fresh process for 2 batches and report its peak memory")
+    p.add_argument("--memory-timeout", type=float, default=300, help="seconds per isolated-memory process")
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--results", type=Path, default=C.RESULTS, help="RESULTS.md to append to")
     p.add_argument("--no-append", action="store_true", help="print JSON only; do not touch RESULTS.md")
@@ -163,6 +170,22 @@ def measure(v: Variant, samples: int, device) -> dict:
     return out
 
 
+def isolated_memory(args, device, spec: str, batch: int) -> dict:
+    """Peak memory of one variant alone, in a fresh process (a shared process keeps every variant's model and
+    the allocator's retained heap, so its per-variant peaks mostly show what was already resident)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "m.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--variants", spec, "--rounds", "1",
+               "--samples", str(2 * batch), "--warmup-samples", str(batch), "--device", str(device),
+               "--data", str(args.data), "--crop", str(args.crop), "--no-append", "--json", str(out)]
+        try:
+            subprocess.run(cmd, check=True, timeout=args.memory_timeout, stdout=subprocess.DEVNULL)
+            child = json.loads(out.read_text())["variants"][spec]
+        except (subprocess.SubprocessError, OSError, KeyError, ValueError) as err:
+            return {"error": f"{type(err).__name__}: {err}"}
+    return {k: v for k, v in child["memory"].items() if k != "rss_before_mib"} | {"samples": 2 * batch}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.data = Path(args.data or C.default_data())
@@ -174,8 +197,10 @@ def main(argv=None) -> dict:
     parsed = [parse_variant(s) for s in specs.split(",") if s.strip()]
     lcm = math.lcm(*[b for _, b, _, _ in parsed])
     samples = math.ceil(args.samples / lcm) * lcm  # every variant runs whole batches of the same sample count
-    split = load_split(args.data / "training_data", ex.NUM_CLASSES)
-    tensors = tuple(t.to(device) for t in split.stacked(min_size=(1, 1)))
+    tensors = None
+    if any(spec != "ex" for spec, *_ in parsed):  # an exercise-only process holds no resident data
+        split = load_split(args.data / "training_data", ex.NUM_CLASSES)
+        tensors = tuple(t.to(device) for t in split.stacked(min_size=(1, 1)))
     variants = [exercise_variant(args, device) if spec == "ex" else hpcseg_variant(spec, b, f, t, args, device, tensors)
                 for spec, b, f, t in parsed]
     print(f"# {len(variants)} variants x {args.rounds} rounds x {samples} samples on {device} "
@@ -213,6 +238,9 @@ def main(argv=None) -> dict:
                      zip(variants[[v.name for v in variants].index("b2")].rounds,
                          variants[[v.name for v in variants].index("b2-torchdrop")].rounds)]
         result["fastdropout_speedup_b2"] = round(statistics.median(per_round), 3)
+    if args.memory_isolated:
+        for name, entry in names.items():
+            entry["isolated_memory"] = isolated_memory(args, device, name, entry["batch"])
     info["loadavg_end"] = C._loadavg()
     print(json.dumps(result, indent=1))
     if args.json:
@@ -228,6 +256,13 @@ def main(argv=None) -> dict:
             last = mem.get("gpu_peak_mib") if device.type == "cuda" else (f"{mem['workers_uss_mib']} / {mem['workers_pss_mib']}" if "workers_uss_mib" in mem else "")
             lines.append(f"| {name} | {e['batch']} | {e['median_samples_per_s']} | {e.get('ratio_to_ex', '-')} | "
                          f"{mem.get('peak_rss_mib')} ({mem.get('rss_before_mib')}) | {last} |")
+        isolated = {n: e["isolated_memory"] for n, e in names.items() if "isolated_memory" in e}
+        if isolated:
+            lines += ["", "Peak memory of each variant alone in a fresh process (2 batches):", "",
+                      "| variant | peak RSS MiB (VmHWM) | workers USS MiB | GPU peak MiB |", "|---|---|---|---|"]
+            for n, m in isolated.items():
+                lines.append(f"| {n} | {m.get('peak_rss_mib', m.get('error'))} | {m.get('workers_uss_mib', '-')} | "
+                             f"{m.get('gpu_peak_mib', '-')} |")
         if "fastdropout_speedup_b2" in result:
             lines.append("")
             lines.append(f"- FastDropout over nn.Dropout in hpcseg's loop at batch 2: x{result['fastdropout_speedup_b2']}")
