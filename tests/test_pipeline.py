@@ -198,3 +198,17 @@ def test_compile_failure_falls_back_with_one_line(tiny_data, tmp_path, monkeypat
     lines = [line for line in output.splitlines() if "torch.compile" in line]
     assert lines == ["torch.compile failed here, training without it (RuntimeError: replication_pad2d_backward: not supported)"]
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(tiny_data, tmp_path, monkeypatch):
+    import hpcseg.train as T
+
+    saved = []
+    real_save = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint", lambda state, path: (saved.append((path.name, state["epoch"])),
+                                                                    real_save(state, path)))
+    train(tiny_data, tmp_path / "slow", "train.epochs=5", "train.val_interval=2", "train.checkpoint_every_s=3600")
+    assert [e for name, e in saved if name == "last.pt"] == [2, 4, 5]
+    saved.clear()
+    train(tiny_data, tmp_path / "every", "train.epochs=3", "train.val_interval=5", "train.checkpoint_every_s=0")
+    assert [e for name, e in saved if name == "last.pt"] == [1, 2, 3]

@@ -80,6 +80,9 @@ class TrainConfig:
     compile: bool = _spec(False, help="torch.compile the model; falls back with one line where it fails")
     threads: int = _spec(0, lo=0, hi=1024, help="CPU threads; 0: one per core available to the job")
     images_every: int = _spec(1, lo=0, hi=1_000_000, help="TensorBoard images every N validation rounds; 0: never")
+    checkpoint_every_s: float = _spec(60.0, lo=0.0, hi=86_400.0,
+                                      help="save checkpoints/last at most this often (and always on validation "
+                                           "epochs and the last one); 0: every epoch")
 
 
 @dataclass(frozen=True)

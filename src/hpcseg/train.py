@@ -98,6 +98,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, "
         f"epochs {state.epoch + 1}..{job.train.epochs}, batch {batch}")
 
+    last_saved = time.monotonic()
     for epoch in range(state.epoch + 1, job.train.epochs + 1):
         started = time.perf_counter()
         loss_sum = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator)
@@ -106,7 +107,8 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                   "samples_per_s": n / train_seconds}
 
-        if epoch % job.train.val_interval == 0 or epoch == job.train.epochs:
+        validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
+        if validating:
             dice, example = validate(model, val_groups, job)
             record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
             improved = record["val_mean_dice"] > state.best_dice
@@ -122,7 +124,10 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops and redoes
         _append_jsonl(run_dir / "metrics.jsonl", record)
         _write_progress(run_dir, job, state, record["seconds"], finished=False)
-        save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+        # a GPU epoch can take less than writing the ~100 MB of weights and Adam state: save `last` by the clock
+        if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
+            save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+            last_saved = time.monotonic()
         writer.add_scalar("loss/train", train_loss, epoch)
         writer.add_scalar("lr", record["lr"], epoch)
         bar.update(record, state)
