@@ -221,10 +221,11 @@ def _loop(job, args, device, train_one_epoch, epochs, clock) -> list[dict]:
     params, records = T.augment_params(job), []
     for epoch in range(1, job.train.epochs + 1):
         try:
-            loss_sum = train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job, params, generator)
+            progress = T.new_epoch(images.shape[0], device, generator)
+            train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job, params, generator, progress)
         except BudgetSpent:
             break
-        record = {"epoch": epoch, "train_loss": loss_sum.item() / images.shape[0]}
+        record = {"epoch": epoch, "train_loss": progress["loss_sum"].item() / images.shape[0]}
         if epoch % job.train.val_interval == 0 or epoch == job.train.epochs:
             dice, _ = T.validate(model, val_groups, job)
             record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())

@@ -45,8 +45,8 @@ import exercise_loop as ex  # noqa: E402
 
 from hpcseg.data import load_split  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
-from hpcseg.model import build_loss, build_model, build_optimizer  # noqa: E402
-from hpcseg.train import augment_params, set_threads, train_one_epoch  # noqa: E402
+from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
+from hpcseg.train import augment_params, maybe_compile, new_epoch, set_threads, train_one_epoch  # noqa: E402
 
 JOB = C.REPO / "jobs" / "exercise-improved.toml"
 
@@ -84,16 +84,23 @@ def parse_args(argv=None):
     return args
 
 
-def parse_variant(spec: str) -> tuple[str, int, bool, bool]:
-    """'b8-fp32-torchdrop' -> ('b8-fp32-torchdrop', 8, fp32, torchdrop); 'ex' -> batch 2."""
+#: variant suffixes that set job keys: NHWC memory format, torch.compile (default mode / CUDA graphs)
+SUFFIX_OVERRIDES = {"cl": {"train.channels_last": True}, "co": {"train.compile": True},
+                    "ro": {"train.compile": True, "train.compile_mode": "reduce-overhead"}}
+
+
+def parse_variant(spec: str) -> tuple[str, int, bool, bool, dict]:
+    """'b8-fp32-torchdrop-cl' -> ('b8-fp32-torchdrop-cl', 8, fp32, torchdrop, job overrides); 'ex' -> batch 2."""
     parts = spec.strip().split("-")
     if parts[0] == "ex":
         if len(parts) > 1:
             raise SystemExit(f"variant {spec!r}: the exercise loop takes no options")
-        return spec, 2, False, False
-    if not parts[0].startswith("b") or not parts[0][1:].isdigit() or set(parts[1:]) - {"fp32", "torchdrop"}:
-        raise SystemExit(f"variant {spec!r}: expected ex or b<N>[-fp32][-torchdrop]")
-    return spec, int(parts[0][1:]), "fp32" in parts[1:], "torchdrop" in parts[1:]
+        return spec, 2, False, False, {}
+    if not parts[0].startswith("b") or not parts[0][1:].isdigit() or \
+            set(parts[1:]) - {"fp32", "torchdrop", *SUFFIX_OVERRIDES}:
+        raise SystemExit(f"variant {spec!r}: expected ex or b<N>[-fp32][-torchdrop][-cl][-co|-ro]")
+    overrides = {k: v for p in parts[1:] for k, v in SUFFIX_OVERRIDES.get(p, {}).items()}
+    return spec, int(parts[0][1:]), "fp32" in parts[1:], "torchdrop" in parts[1:], overrides
 
 
 def exercise_variant(args, device) -> Variant:
@@ -119,14 +126,17 @@ def exercise_variant(args, device) -> Variant:
     return v
 
 
-def hpcseg_variant(spec, batch, fp32, torchdrop, args, device, tensors) -> Variant:
-    overrides = {"train.batch_size": batch, "train.crop": [args.crop, args.crop]}
+def hpcseg_variant(spec, batch, fp32, torchdrop, extra, args, device, tensors) -> Variant:
+    overrides = {"train.batch_size": batch, "train.crop": [args.crop, args.crop], **extra}
     if fp32:
         overrides["train.precision"] = "fp32"
     job = load_job(JOB).replace(**overrides)
     torch.manual_seed(args.seed)
     model = (ex.build_model(job.model.dropout) if torchdrop else build_model(job)).to(device)
+    if job.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(job.optim, model, batch, device)
+    step_model = maybe_compile(model, job, print)
     loss_fn, params = build_loss(job.loss), augment_params(job)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images, labels, sizes = tensors
@@ -144,7 +154,9 @@ def hpcseg_variant(spec, batch, fp32, torchdrop, args, device, tensors) -> Varia
         started = time.perf_counter()
         total = 0.0
         for imgs, labs, szs in chunks:
-            total += train_one_epoch(model, optimizer, loss_fn, imgs, labs, szs, job, params, generator).item()
+            epoch = new_epoch(imgs.shape[0], device, generator)
+            train_one_epoch(step_model, optimizer, loss_fn, imgs, labs, szs, job, params, generator, epoch)
+            total += epoch["loss_sum"].item()
         return {"steps": sum(math.ceil(c[0].shape[0] / batch) for c in chunks), "samples": samples,
                 "loss_sum": total, "seconds": time.perf_counter() - started}
 
@@ -195,14 +207,14 @@ def main(argv=None) -> dict:
     info = C.machine()
     specs = args.variants or ("ex,b2,b2-fp32,b8,b16,b32,b64" if device.type == "cuda" else "ex,b2,b2-torchdrop,b4,b8")
     parsed = [parse_variant(s) for s in specs.split(",") if s.strip()]
-    lcm = math.lcm(*[b for _, b, _, _ in parsed])
+    lcm = math.lcm(*[b for _, b, *_ in parsed])
     samples = math.ceil(args.samples / lcm) * lcm  # every variant runs whole batches of the same sample count
     tensors = None
     if any(spec != "ex" for spec, *_ in parsed):  # an exercise-only process holds no resident data
         split = load_split(args.data / "training_data", ex.NUM_CLASSES)
-        tensors = tuple(t.to(device) for t in split.stacked(min_size=(1, 1)))
-    variants = [exercise_variant(args, device) if spec == "ex" else hpcseg_variant(spec, b, f, t, args, device, tensors)
-                for spec, b, f, t in parsed]
+        tensors = tuple(t.to(device) for t in split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
+    variants = [exercise_variant(args, device) if spec == "ex" else hpcseg_variant(spec, b, f, t, o, args, device, tensors)
+                for spec, b, f, t, o in parsed]
     print(f"# {len(variants)} variants x {args.rounds} rounds x {samples} samples on {device} "
           f"({info['gpu'] or info['cpu']}, {info['cores']} cores)", file=sys.stderr, flush=True)
 

@@ -212,3 +212,52 @@ def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(t
     saved.clear()
     train(tiny_data, tmp_path / "every", "train.epochs=3", "train.val_interval=5", "train.checkpoint_every_s=0")
     assert [e for name, e in saved if name == "last.pt"] == [1, 2, 3]
+
+
+def test_warning_signal_mid_epoch_saves_and_resume_is_exact(tiny_data, tmp_path, monkeypatch):
+    """A warning (USR2) in the middle of epoch 2 stops after that step, saves `last` mid-epoch, and resuming
+    ends with exactly the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    import hpcseg.train as T
+    from hpcseg.jobfile import load_job
+    from hpcseg.preempt import DeferredSignal, Preempted
+
+    job = load_job(JOB, [*TINY, "train.epochs=2", "train.batch_size=1", "train.checkpoint_every_s=3600"])
+    T.train(job, tiny_data / "training_data", tiny_data / "validation_data", tmp_path / "once", progress=False)
+
+    calls = {"n": 0}
+    real_step = T.crop_batch
+
+    def crop_then_signal(*args, **kwargs):  # the scheduler's signal arrives during epoch 2's second step
+        calls["n"] += 1
+        if calls["n"] == 6:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(T, "crop_batch", crop_then_signal)
+    forwarded = []
+    previous = signal.signal(signal.SIGUSR2, lambda s, f: forwarded.append(s))  # stands for submitit's handler
+    try:
+        with DeferredSignal(signal.SIGUSR2) as warning, pytest.raises(Preempted):
+            T.train(job, tiny_data / "training_data", tiny_data / "validation_data", tmp_path / "twice",
+                    progress=False, warning=warning)
+        assert not forwarded  # deferred: the loop decides when
+        warning.forward()
+        assert forwarded == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    saved = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")
+    assert saved["epoch"] == 1 and saved["partial"]["step"] == 2
+    monkeypatch.setattr(T, "crop_batch", real_step)
+    T.train(job, tiny_data / "training_data", tiny_data / "validation_data", tmp_path / "twice", resume=True,
+            progress=False)
+    a = load_checkpoint(tmp_path / "once" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and "partial" not in b
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    once = [json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()]
+    twice = [json.loads(x) for x in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in twice] == [1, 2]
+    assert [r["train_loss"] for r in once] == pytest.approx([r["train_loss"] for r in twice], rel=1e-6)

@@ -78,6 +78,9 @@ class TrainConfig:
     early_stop: int = _spec(20, lo=0, hi=1_000_000, help="validation rounds without improvement; 0: never stop")
     precision: str = _spec("bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype on CUDA; CPU runs fp32")
     compile: bool = _spec(False, help="torch.compile the model; falls back with one line where it fails")
+    compile_mode: str = _spec("default", choices=("default", "reduce-overhead", "max-autotune"),
+                              help="torch.compile mode; reduce-overhead replays CUDA graphs (small batches on a GPU)")
+    channels_last: bool = _spec(False, help="NHWC memory format for the model and its inputs")
     threads: int = _spec(0, lo=0, hi=1024, help="CPU threads; 0: one per core available to the job")
     images_every: int = _spec(1, lo=0, hi=1_000_000, help="TensorBoard images every N validation rounds; 0: never")
     checkpoint_every_s: float = _spec(60.0, lo=0.0, hi=86_400.0,

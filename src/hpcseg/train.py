@@ -25,6 +25,7 @@ from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
 from .model import MIN_SIZE, build_loss, build_model, build_optimizer
+from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
 
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
@@ -64,8 +65,12 @@ def augment_params(job: Job) -> AugmentParams | None:
 
 
 def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bool = False,
-          progress: bool | None = None, log=print) -> dict:
-    """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`."""
+          progress: bool | None = None, log=print, warning: DeferredSignal | None = None) -> dict:
+    """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`.
+
+    With `warning` (a scheduler's signal), the loop stops after the step in which the signal came, saves `last`
+    mid-epoch and raises `Preempted`; resuming continues that epoch exactly where it stopped.
+    """
     run_dir = Path(run_dir)
     job = _check_run_dir(job, run_dir, resume)
     train_split = load_split(Path(train_dir), job.data.num_classes)  # checked before anything is written
@@ -76,15 +81,17 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     torch.manual_seed(job.train.seed)
     generator = torch.Generator(device=device).manual_seed(job.train.seed)
     model = build_model(job).to(device)
+    if job.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(job.optim, model, job.train.batch_size, device)
     loss_fn = build_loss(job.loss)
-    state = LoopState()
+    state, partial = LoopState(), None
     if resume:
-        state = _restore(run_dir / LAST, model, optimizer, generator, device)
+        state, partial = _restore(run_dir / LAST, model, optimizer, generator, device)
         _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "job.toml", job.to_toml())
-    step_model = _maybe_compile(model, job, log)
+    step_model = maybe_compile(model, job, log)
 
     images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     val_groups = [(stack(val_split.images, g, torch.float32, device), stack(val_split.labels, g, torch.uint8, device))
@@ -101,7 +108,19 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     last_saved = time.monotonic()
     for epoch in range(state.epoch + 1, job.train.epochs + 1):
         started = time.perf_counter()
-        loss_sum = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator)
+        partial = partial or new_epoch(n, device, generator)
+        if warning is not None:
+            warning.deferring = True
+        stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator,
+                                  partial, stop=warning.requested if warning is not None else None)
+        if warning is not None:
+            warning.deferring = False
+        if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
+            save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial), run_dir / LAST)
+            writer.close()
+            log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
+            raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
+        loss_sum, partial = partial["loss_sum"], None
         train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
@@ -144,25 +163,41 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     return summary
 
 
-def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator) -> torch.Tensor:
-    """One pass over the resident training tensors in random order; returns the summed loss, still on the device."""
+def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
+    """An epoch's progress: a random order of the n slices, the steps done, the summed loss (on the device)."""
+    return {"order": torch.randperm(n, device=device, generator=generator), "step": 0,
+            "loss_sum": torch.zeros((), device=device)}
+
+
+def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
+                    stop=None) -> bool:
+    """One pass over the resident training tensors in the order `epoch["order"]`, from step `epoch["step"]`.
+
+    Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
+    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end.
+    """
     model.train()
-    n, batch, device = images.shape[0], job.train.batch_size, images.device
-    loss_sum = torch.zeros((), device=device)
-    order = torch.randperm(n, device=device, generator=generator)
-    for step in range(math.ceil(n / batch)):
+    n, batch = images.shape[0], job.train.batch_size
+    order, steps = epoch["order"], math.ceil(n / batch)
+    while epoch["step"] < steps:
+        step = epoch["step"]
         index = order[step * batch : (step + 1) * batch]
         x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
         if params is not None:
             x, y = augment_batch(x, y, params, generator)
-        with autocast(device, job.train.precision):
+        if job.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, job.train.precision):
             logits = model(x)
         loss = loss_fn(logits.float(), y.long())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * index.numel()
-    return loss_sum
+        epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * index.numel()
+        epoch["step"] = step + 1
+        if stop is not None and epoch["step"] < steps and stop():
+            return True
+    return False
 
 
 @torch.no_grad()
@@ -192,10 +227,13 @@ def _log_validation(writer, record: dict, example: tuple, epoch: int, job: Job) 
         writer.add_image("val/prediction", (pred.float() / scale).cpu(), epoch)
 
 
-def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: int) -> dict:
-    """`best` holds the weights and what they scored; `last` also the optimiser and every random state."""
+def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: int, partial: dict | None = None) -> dict:
+    """`best` holds the weights and what they scored; `last` also the optimiser and every random state, and
+    `partial` an epoch stopped part-way (its order, steps done and loss so far)."""
     ckpt = {"model": model.state_dict(), "job": job.to_dict(), "epoch": epoch, "loop": asdict(state),
             "hpcseg_version": __version__}
+    if partial is not None:
+        ckpt["partial"] = dict(partial)
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
         ckpt["rng"] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
@@ -204,7 +242,7 @@ def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: 
     return ckpt
 
 
-def _restore(path: Path, model, optimizer, generator, device) -> LoopState:
+def _restore(path: Path, model, optimizer, generator, device) -> tuple[LoopState, dict | None]:
     ckpt = load_checkpoint(path, map_location=device)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -212,7 +250,7 @@ def _restore(path: Path, model, optimizer, generator, device) -> LoopState:
     generator.set_state(ckpt["rng"]["generator"].cpu())
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    return LoopState(**ckpt["loop"])
+    return LoopState(**ckpt["loop"]), ckpt.get("partial")
 
 
 def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> Job:
@@ -256,13 +294,13 @@ def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | 
     atomic_write_text(path, json.dumps(progress) + "\n")
 
 
-def _maybe_compile(model, job: Job, log):
+def maybe_compile(model, job: Job, log):
     """`torch.compile` the model if the job asks; where compiling or its first backward fails, fall back."""
     if not job.train.compile:
         return model
     device = next(model.parameters()).device
     try:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=job.train.compile_mode)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the probe's dropout
             compiled(torch.zeros(1, 1, 32, 32, device=device)).sum().backward()
         model.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -65,11 +66,22 @@ class JobRunner(submitit.helpers.Checkpointable):
         (run_dir / OUTCOME).unlink(missing_ok=True)  # running again: an earlier outcome no longer holds
         print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",
               flush=True)
+        if not resume:  # an earlier attempt that died before its first checkpoint: start that run over
+            for stale in ("metrics.jsonl", "progress.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         try:
+            from ..preempt import DeferredSignal, Preempted
             from ..train import train
 
             job = job_from_dict(self.job, source=str(run_dir / "run.json"))
-            summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume, progress=False)
+            with DeferredSignal(submitit.JobEnvironment._usr_sig()) as warning:
+                try:
+                    summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume,
+                                    progress=False, warning=warning)
+                except Preempted:  # `last` holds the state: now let submitit checkpoint and requeue
+                    warning.forward()
+                    raise
             result: dict[str, Any] = {"train": summary}
             if self.test_dir:
                 from ..evaluate import test_run
