@@ -83,9 +83,9 @@ class TrainConfig:
     channels_last: bool = _spec(False, help="NHWC memory format for the model and its inputs")
     threads: int = _spec(0, lo=0, hi=1024, help="CPU threads; 0: one per core available to the job")
     images_every: int = _spec(1, lo=0, hi=1_000_000, help="TensorBoard images every N validation rounds; 0: never")
-    checkpoint_every_s: float = _spec(60.0, lo=0.0, hi=86_400.0,
-                                      help="save checkpoints/last at most this often (and always on validation "
-                                           "epochs and the last one); 0: every epoch")
+    checkpoint_every_s: float = _spec(0.0, lo=0.0, hi=86_400.0,
+                                      help="0: save checkpoints/last every epoch; else at most this often, and on "
+                                           "validation epochs, the last epoch and the scheduler's warning signal")
 
 
 @dataclass(frozen=True)

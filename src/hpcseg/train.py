@@ -143,7 +143,8 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops and redoes
         _append_jsonl(run_dir / "metrics.jsonl", record)
         _write_progress(run_dir, job, state, record["seconds"], finished=False)
-        # a GPU epoch can take less than writing the ~100 MB of weights and Adam state: save `last` by the clock
+        # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state, so a
+        # job may save by the clock instead (the warning signal still saves, mid-epoch, above)
         if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
             save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
             last_saved = time.monotonic()
