@@ -67,16 +67,26 @@ def submit(job_file, data, executor, queue, gpus, cpus, mem_gb, walltime, profil
         from .runs import load_run
         from .status import TERMINAL, collect_status, format_table
 
-        interval = min(_poll_interval(), 2.0)
+        interval, shown = min(_poll_interval(), 2.0), ""
         while True:
             runs = [load_run(r.path) or r for r in result.runs]
             statuses, _ = collect_status(runs)
             if all(s.state in TERMINAL for s in statuses):
                 break
+            line = "waiting: " + ", ".join(_progress(s) for s in statuses)
+            if line != shown:  # a line whenever a run moves on, so the wait is not silent
+                click.echo(line)
+                shown = line
             time.sleep(interval)
         click.echo(format_table(statuses))
         if any(s.state != "COMPLETED" for s in statuses):
             sys.exit(1)
+
+
+def _progress(s) -> str:
+    epoch = f" epoch {s.epoch}/{s.epochs}" if s.epoch else ""
+    best = f" best Dice {s.best_dice:.3f}" if s.best_dice is not None else ""
+    return f"{s.run_id} {s.state}{epoch}{best}"
 
 
 # ---------------------------------------------------------------- status
