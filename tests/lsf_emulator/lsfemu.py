@@ -699,6 +699,18 @@ def _select(ref, now):
     return (rec, els) if els else (None, [])
 
 
+def _select_or_report(ref, now):
+    """`_select`, printing LSF's message for an illegal or unknown job ID (then the record is None)."""
+    try:
+        rec, els = _select(ref, now)
+    except ValueError:
+        print(f"{ref}: Illegal job ID.", file=sys.stderr)
+        return None, []
+    if rec is None:
+        print(f"Job <{ref}>: No matching job found", file=sys.stderr)
+    return rec, els
+
+
 def cmd_bkill(argv):
     sig = None
     refs = []
@@ -722,14 +734,8 @@ def cmd_bkill(argv):
             refs = [str(j) for j in all_job_ids()
                     if any(el["stat"] in ACTIVE for el in (load_job(j) or {"elements": {}})["elements"].values())]
         for ref in refs:
-            try:
-                rec, els = _select(ref, now)
-            except ValueError:
-                print(f"{ref}: Illegal job ID.", file=sys.stderr)
-                rc = 255
-                continue
+            rec, els = _select_or_report(ref, now)
             if rec is None:
-                print(f"Job <{ref}>: No matching job found", file=sys.stderr)
                 rc = 255
                 continue
             active = [(i, el) for i, el in els if el["stat"] in ACTIVE]
@@ -773,14 +779,8 @@ def cmd_brequeue(argv):
     now = time.time()
     with locked():
         for ref in refs:
-            try:
-                rec, els = _select(ref, now)
-            except ValueError:
-                print(f"{ref}: Illegal job ID.", file=sys.stderr)
-                rc = 255
-                continue
+            rec, els = _select_or_report(ref, now)
             if rec is None:
-                print(f"Job <{ref}>: No matching job found", file=sys.stderr)
                 rc = 255
                 continue
             todo = [(i, el) for i, el in els if el["stat"] in states]
