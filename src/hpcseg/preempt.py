@@ -8,8 +8,10 @@ submitit's handler with `forward()`. Outside the steps (validation, saving) the 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from types import FrameType
+from typing import Iterator
 
 
 class Preempted(Exception):
@@ -34,6 +36,15 @@ class DeferredSignal:
         self.received = (signum, frame)
         if not self.deferring:
             self.forward()
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """While inside, the signal is only recorded: the training loop asks `requested()` after each step."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
 
     def requested(self) -> bool:
         """True once the signal came; the training loop asks after every step."""

@@ -6,6 +6,7 @@ cropped and augmented there in one go. The loop keeps the losses on the device a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -109,12 +110,9 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     for epoch in range(state.epoch + 1, job.train.epochs + 1):
         started = time.perf_counter()
         partial = partial or new_epoch(n, device, generator)
-        if warning is not None:
-            warning.deferring = True
-        stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator,
-                                  partial, stop=warning.requested if warning is not None else None)
-        if warning is not None:
-            warning.deferring = False
+        with warning.deferred() if warning else contextlib.nullcontext():
+            stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator,
+                                      partial, stop=warning.requested if warning else None)
         if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
             save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial), run_dir / LAST)
             writer.close()
