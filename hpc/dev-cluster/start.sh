@@ -10,8 +10,8 @@
 # Partitions: gpuv100 (default) and debug; one fake GPU (gres gpu:1 backed by a character device).
 # Meant for disposable dev/CI machines (Debian 12, root, no systemd). See docs/slurm-dev-cluster.md.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
 
-STATE_DIR=${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}
 WAIT_S=${HPCSEG_DEV_CLUSTER_WAIT_S:-60}
 NODE_CPUS=${HPCSEG_DEV_CLUSTER_CPUS:-2}
 CLUSTER_NAME=hpcseg-dev
@@ -20,7 +20,6 @@ DB_PORT=3307
 SLURM_ETC=/etc/slurm
 HOST=$(hostname -s)
 
-RUN_DIR=$STATE_DIR/run
 LOG_DIR=$STATE_DIR/log
 # munged listens on its default socket so that every Slurm command (and sacctmgr) finds it
 MUNGE_SOCKET=/run/munge/munge.socket.2
@@ -28,7 +27,6 @@ MYSQL_SOCKET=$RUN_DIR/mysqld.sock
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 
 t_start=$(date +%s.%N)
-log() { echo "[dev-cluster] $*" >&2; }
 
 die() {
     # die MESSAGE [LOGFILE...]: print the message and the tail of each relevant log, exit 1.
@@ -46,17 +44,18 @@ die() {
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and writes /etc/slurm)"
 
-# pid_of NAME: print the pid recorded for daemon NAME if that process is alive and really is NAME.
-pid_of() {
-    local name=$1 pidfile=$RUN_DIR/$1.pid pid comm
-    [[ -r $pidfile ]] || return 1
-    pid=$(tr -dc '0-9' <"$pidfile")
-    [[ -n $pid ]] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name" ]] || return 1
-    echo "$pid"
-}
 alive() { pid_of "$1" >/dev/null; }
+
+# start_slurm_daemon NAME: start a Slurm daemon (it daemonises itself and writes its pid file) unless it runs,
+# then wait for its pid file.
+start_slurm_daemon() {
+    local name=$1
+    if ! alive "$name"; then
+        log "starting $name"
+        setsid "$name" </dev/null >>"$LOG_DIR/$name.log" 2>&1 || die "$name failed to start" "$LOG_DIR/$name.log"
+    fi
+    wait_for 30 "$name (pid file)" "$LOG_DIR/$name.log" alive "$name"
+}
 
 # ---------------------------------------------------------------------------------------------
 # Already running?
@@ -261,13 +260,7 @@ ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
 GRANT ALL PRIVILEGES ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
 EOF
 
-# slurmdbd (daemonises itself and writes its pid file)
-if ! alive slurmdbd; then
-    log "starting slurmdbd"
-    setsid slurmdbd </dev/null >>"$LOG_DIR/slurmdbd.log" 2>&1 \
-        || die "slurmdbd failed to start" "$LOG_DIR/slurmdbd.log"
-fi
-wait_for 30 "slurmdbd (pid file)" "$LOG_DIR/slurmdbd.log" alive slurmdbd
+start_slurm_daemon slurmdbd
 wait_for 30 "slurmdbd to answer" "$LOG_DIR/slurmdbd.log" timeout 5 sacctmgr -n show cluster
 
 # (d) cluster and account in the accounting DB (before slurmctld, so it registers at once)
@@ -288,24 +281,13 @@ for u in root ${SUDO_USER:-}; do
     fi
 done
 
-# slurmctld
-if ! alive slurmctld; then
-    log "starting slurmctld"
-    setsid slurmctld </dev/null >>"$LOG_DIR/slurmctld.log" 2>&1 \
-        || die "slurmctld failed to start" "$LOG_DIR/slurmctld.log"
-fi
-wait_for 30 "slurmctld (pid file)" "$LOG_DIR/slurmctld.log" alive slurmctld
+start_slurm_daemon slurmctld
 wait_for 30 "slurmctld to answer" "$LOG_DIR/slurmctld.log" timeout 5 scontrol ping
 
 # slurmd
 slurmd_started_at=0
-if ! alive slurmd; then
-    log "starting slurmd"
-    slurmd_started_at=$(date +%s)
-    setsid slurmd </dev/null >>"$LOG_DIR/slurmd.log" 2>&1 \
-        || die "slurmd failed to start" "$LOG_DIR/slurmd.log"
-fi
-wait_for 30 "slurmd (pid file)" "$LOG_DIR/slurmd.log" alive slurmd
+alive slurmd || slurmd_started_at=$(date +%s)
+start_slurm_daemon slurmd
 
 # ---------------------------------------------------------------------------------------------
 # (e) Wait until the node has registered and is usable, and sacct answers

@@ -5,22 +5,8 @@
 # Data (accounting DB, slurmctld state, logs) stays in the state dir for the next start.
 set -uo pipefail
 
-STATE_DIR=${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}
-RUN_DIR=$STATE_DIR/run
+source "$(dirname "$0")/common.sh"
 STOP_WAIT_S=${HPCSEG_DEV_CLUSTER_STOP_WAIT_S:-20}
-
-log() { echo "[dev-cluster] $*" >&2; }
-
-# pid_of NAME: the pid in NAME's pid file, if that process is alive and really is NAME
-pid_of() {
-    local name=$1 pidfile=$RUN_DIR/$1.pid pid comm
-    [[ -r $pidfile ]] || return 1
-    pid=$(tr -dc '0-9' <"$pidfile")
-    [[ -n $pid ]] || return 1
-    comm=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
-    [[ $comm == "$name" ]] || return 1
-    echo "$pid"
-}
 
 stopped=0
 # reverse start order: compute nodes first, the database and munge last
