@@ -73,7 +73,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     mid-epoch and raises `Preempted`; resuming continues that epoch exactly where it stopped.
     """
     run_dir = Path(run_dir)
-    job = _check_run_dir(job, run_dir, resume)
+    last = _check_run_dir(job, run_dir, resume)  # the checkpoint to resume from, read once
     train_split = load_split(Path(train_dir), job.data.num_classes)  # checked before anything is written
     val_split = load_split(Path(val_dir), job.data.num_classes)
 
@@ -88,7 +88,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     loss_fn = build_loss(job.loss)
     state, partial = LoopState(), None
     if resume:
-        state, partial = _restore(run_dir / LAST, model, optimizer, generator, device)
+        state, partial = _restore(last, model, optimizer, generator, device)
         _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "job.toml", job.to_toml())
@@ -241,29 +241,33 @@ def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: 
     return ckpt
 
 
-def _restore(path: Path, model, optimizer, generator, device) -> tuple[LoopState, dict | None]:
-    ckpt = load_checkpoint(path, map_location=device)
+def _restore(ckpt: dict, model, optimizer, generator, device) -> tuple[LoopState, dict | None]:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
     generator.set_state(ckpt["rng"]["generator"].cpu())
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    return LoopState(**ckpt["loop"]), ckpt.get("partial")
+    partial = ckpt.get("partial")
+    if partial is not None:
+        partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in partial.items()}
+    return LoopState(**ckpt["loop"]), partial
 
 
-def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> Job:
-    """Refuse to train over an existing run, or to resume one with a different job (only epochs may grow)."""
+def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
+    """Refuse to train over an existing run, or to resume one with a different job (only epochs may grow).
+    Returns the `last` checkpoint when resuming."""
     if not resume:  # a folder prepared by `hpcseg submit` (job.toml, run.json) is fine; one that trained is not
         if (run_dir / LAST).exists() or (run_dir / "metrics.jsonl").exists():
             raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
-        return job
+        return None
     if not (run_dir / LAST).exists():
         raise RunDirError(f"{run_dir / LAST}: nothing to resume from")
-    ckpt_job = job_from_dict(load_checkpoint(run_dir / LAST)["job"], source=str(run_dir / LAST))
+    ckpt = load_checkpoint(run_dir / LAST)
+    ckpt_job = job_from_dict(ckpt["job"], source=str(run_dir / LAST))
     if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
         raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
-    return job
+    return ckpt
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
