@@ -11,9 +11,11 @@
 # Steps, each under `timeout` and skipped when the time left ($HPCSEG_BENCH_LIMIT_S, default 510 s) is short;
 # a failed step does not stop the next one:
 #   1. environment: GPU name, torch, installs
-#   2. train_throughput: exercise loop (batch 2) vs hpcseg b2 (bf16), b2-fp32, b8, b16, b32, b64 alternating
-#   3. same epochs: exercise loop vs hpcseg b2 and hpcseg b16 (sqrt lr rule), 20 epochs each, validation Dice
-#   4. time to Dice: exercise 1.5 min vs hpcseg b16 0.5 min of training
+#   2. step_profile: each phase's time and operator count of hpcseg's step at batch 2, 16, 64, top kernels
+#   3. train_throughput: exercise loop (batch 2) vs hpcseg b2 (bf16), b2 with CUDA graphs (compile
+#      reduce-overhead), b64, b128, b128 compiled (default mode), b256, alternating
+#   4. same epochs: exercise loop vs hpcseg b2 and hpcseg b16 (sqrt lr rule), 20 epochs each, validation Dice
+#   5. time to Dice: exercise 1.5 min vs hpcseg b16 0.5 min of training (skipped when time is short)
 # HPCSEG_BENCH_TINY=1 shrinks everything to a plumbing check that also runs on a CPU.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
@@ -81,21 +83,25 @@ open(os.path.join(os.environ["OUT"], "env.json"), "w").write(json.dumps(info, in
 EOF
 
 if [[ "$TINY" == 1 ]]; then
+  SP=(--batches 2 --steps 1)
   TP=(--samples 4 --rounds 1 --warmup-samples 2 --variants ex,b2,b4)
   SAME=(--epochs 1 --ex-val-interval 1 --hpcseg b2:train.batch_size=2 --hpcseg b4:train.batch_size=4)
   TTD=(--minutes 0.1 --hpcseg-minutes 0.05 --ex-val-interval 1 --hpcseg b4:train.batch_size=4)
 else
-  TP=(--samples 768 --rounds 3 --warmup-samples 64 --variants ex,b2,b2-fp32,b8,b16,b32,b64)
+  SP=(--batches 2,16,64 --steps 20 --kernels 15)
+  TP=(--samples 768 --rounds 3 --warmup-samples 256 --variants ex,b2,b2-ro,b64,b128,b128-co,b256)
   SAME=(--epochs 20 --minutes 4 --hpcseg-minutes 4 --ex-val-interval 5
         --hpcseg b2:train.batch_size=2 --hpcseg b16:train.batch_size=16)
   TTD=(--minutes 1.5 --hpcseg-minutes 0.5 --ex-val-interval 5 --hpcseg b16:train.batch_size=16)
 fi
 
-run_step train_throughput 200 "$PY" benchmarks/train_throughput.py --data "$DATA" "${TP[@]}" \
+run_step step_profile 60 "$PY" benchmarks/step_profile.py --data "$DATA" "${SP[@]}" \
+  --json "$OUT/step_profile.json" --results "$OUT/RESULTS.md"
+run_step train_throughput 240 "$PY" benchmarks/train_throughput.py --data "$DATA" "${TP[@]}" \
   --json "$OUT/train_throughput.json" --results "$OUT/RESULTS.md"
-run_step same_epochs 170 "$PY" benchmarks/time_to_dice.py --data "$DATA" "${SAME[@]}" \
+run_step same_epochs 150 "$PY" benchmarks/time_to_dice.py --data "$DATA" "${SAME[@]}" \
   --out "$OUT/same_epochs" --results "$OUT/RESULTS.md"
-run_step time_to_dice 170 "$PY" benchmarks/time_to_dice.py --data "$DATA" "${TTD[@]}" \
+run_step time_to_dice 120 "$PY" benchmarks/time_to_dice.py --data "$DATA" "${TTD[@]}" \
   --out "$OUT/time_to_dice" --results "$OUT/RESULTS.md"
 
 log "steps (name, rc, seconds):"
