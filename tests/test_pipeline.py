@@ -181,6 +181,26 @@ def test_test_refuses_a_checkpoint_holding_a_pickled_object(trained, tiny_data, 
     assert not (run / "test").exists()
 
 
+def test_test_out_never_replaces_a_folder_that_is_not_a_test_output(trained, tiny_data, tmp_path):
+    """--out is replaced as a whole: pointing it at the run folder, or any folder holding other files, is refused
+    before anything is deleted; an earlier test output (or an empty folder) is replaced."""
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for out in (trained, mine):
+        code, output = hpcseg("test", trained, "--data", tiny_data / "test_data", "--out", out)
+        assert code == 2 and output.strip().splitlines() == [output.strip()], output
+        assert output.startswith(f"hpcseg: error: {out}: holds more than a test output") and "Traceback" not in output
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    assert (mine / "notes.txt").read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["mine"]
+    again = tmp_path / "again"
+    for _ in range(2):  # the second run replaces the first one's output
+        code, output = hpcseg("test", trained, "--data", tiny_data / "test_data", "--out", again)
+        assert code == 0, output
+    assert sorted(p.name for p in again.iterdir()) == ["per_slice.csv", "png", "predictions", "summary.json"]
+
+
 def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "r", "--set", "train.epoch=3")
     assert code == 2 and "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in output

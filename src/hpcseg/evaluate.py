@@ -15,6 +15,7 @@ import torch
 from . import TISSUES
 from .checkpoint import load_checkpoint
 from .data import load_split
+from .errors import UserError
 from .infer import predict_labels, shape_groups, stack
 from .jobfile import job_from_dict
 from .metrics import FolderDice, named, nanmean, per_slice_dice
@@ -23,15 +24,22 @@ from .train import BEST, pick_device, set_threads
 
 #: Overlay colours of CSF, grey matter, white matter.
 COLOURS = np.array([[0.0, 0.0, 0.0], [0.2, 0.5, 1.0], [1.0, 0.3, 0.2], [1.0, 0.9, 0.2]])
+#: What a test output folder holds; `--out` is replaced as a whole, so only such a folder (or an empty one) may be.
+OUTPUTS = {"predictions", "png", "per_slice.csv", "summary.json"}
+
+
+class OutputDirError(UserError):
+    """An output folder that `hpcseg test` must not replace."""
 
 
 def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print) -> dict:
     """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
+    out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
+    _check_out_dir(out_dir)
     ckpt = load_checkpoint(run_dir / BEST)  # weights_only: refuses anything but tensors and plain metadata
     job = job_from_dict(ckpt["job"], source=str(run_dir / BEST))
     split = load_split(data_dir, job.data.num_classes)
-    out_dir = Path(out_dir) if out_dir else run_dir / "test" / data_dir.resolve().name
 
     device = pick_device()
     set_threads(job.train.threads)
@@ -56,6 +64,19 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     log(format_table(summary))
     log(f"wrote {out_dir}")
     return summary
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output folder whose replacement would delete anything but an earlier test output."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise OutputDirError(f"{out_dir}: exists and is not a folder")
+    others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS)
+    if others:
+        raise OutputDirError(f"{out_dir}: holds more than a test output ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}), which the output would replace; "
+                              f"choose another --out")
 
 
 def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> None:
