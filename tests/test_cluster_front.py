@@ -185,3 +185,35 @@ def test_lsf_forgotten_job_keeps_its_state(cli, tiny_data, lsf_emulator):
     (cli.scratch / "exercise-improved" / run_id / "submitit" / f"{job_id}_0_result.pkl").unlink()
     assert cli.status(run_id)[0]["state"] == "UNKNOWN"
     assert TINY  # the tiny model is used by cli.submit
+
+
+# ---------------------------------------------------------------- damaged run files
+
+
+def test_status_lists_runs_whose_files_are_damaged(cli):
+    """Jobs write run.json, progress.json, outcome.json and attempts.jsonl on a shared folder: a damaged one shows
+    its run as damaged and never stops the listing of the others."""
+    progress = {"epoch": 4, "epochs": 10, "best_dice": 0.5, "best_epoch": 4, "updated": time.time()}
+    _fake_run(cli.scratch, "good", "local", "999999", outcome="COMPLETED", progress=progress)
+    (_fake_run(cli.scratch, "record-torn", "local", "1", outcome="COMPLETED") / "run.json").write_text('{"run_id": "rec')
+    (_fake_run(cli.scratch, "record-types", "local", "1") / "run.json").write_text(
+        json.dumps({"run_id": "record-types", "executor": "local", "job_id": 12, "submitit_dir": 7, "submit_time": "x"}))
+    (_fake_run(cli.scratch, "progress-empty", "local", "1") / "progress.json").write_text("")
+    _fake_run(cli.scratch, "progress-types", "local", "1",
+              progress={"epoch": "two", "epochs": 10, "best_dice": "0.5", "best_epoch": 2, "updated": "now"})
+    (_fake_run(cli.scratch, "outcome-types", "local", "1") / "outcome.json").write_text('{"state": ["x"], "error": 3}')
+    (_fake_run(cli.scratch, "attempts-odd", "local", "1") / "attempts.jsonl").write_text('3\n"start"\n{"ev')
+    code, out = cli("status")
+    assert code == 0 and "Traceback" not in out, out
+    damaged = {"record-torn": "run.json: not a JSON object", "record-types": "run.json: job_id = 12 has the wrong type",
+               "progress-empty": "progress.json: not a JSON object",
+               "progress-types": "progress.json: best_dice = \"0.5\" has the wrong type",
+               "outcome-types": "outcome.json: state = [\"x\"] has the wrong type"}
+    for run_id, problem in damaged.items():
+        assert f"{run_id}: damaged: {problem}" in out, out
+    rows = {r["run_id"]: r for r in cli.status()}
+    assert set(rows) == {"good", "attempts-odd", *damaged}
+    assert rows["good"]["state"] == "COMPLETED" and rows["good"]["best_dice"] == 0.5 and rows["good"]["damage"] == []
+    assert rows["record-torn"]["state"] == "COMPLETED" and rows["record-torn"]["damage"]
+    assert rows["progress-types"]["epoch"] is None and rows["progress-types"]["best_epoch"] == 2
+    assert rows["attempts-odd"]["state"] == "FAILED" and rows["attempts-odd"]["damage"] == []

@@ -138,12 +138,22 @@ def command_line() -> list[str]:
 # ---------------------------------------------------------------- runs
 
 
+#: The fields of the run files that status, collect, cancel and logs use, and their types. Jobs write these files
+#: on a shared folder: a field of another type is dropped and noted as damage, never trusted.
+RECORD_FIELDS = {"run_id": str, "experiment": str, "executor": str, "job_id": str, "submitit_dir": str,
+                 "submit_time": (int, float), "epochs": int, "sweep": dict}
+PROGRESS_FIELDS = {"epoch": int, "epochs": int, "best_dice": (int, float), "best_epoch": int,
+                   "updated": (int, float), "seconds_per_epoch": (int, float)}
+OUTCOME_FIELDS = {"state": str, "error": str}
+
+
 @dataclass
 class Run:
-    """A run folder and its record."""
+    """A run folder and its record; `damage` lists the run's files that are unreadable or hold wrong types."""
 
     path: Path
     record: dict[str, Any] = field(default_factory=dict)
+    damage: list[str] = field(default_factory=list)
 
     @property
     def run_id(self) -> str:
@@ -165,24 +175,44 @@ class Run:
     def submitit_dir(self) -> Path:
         return Path(self.record.get("submitit_dir") or self.path / "submitit")
 
-    def read_json(self, name: str) -> dict | None:
+    def read_json(self, name: str, fields: dict[str, Any] | None = None) -> dict | None:
+        """The JSON object in the run's file `name`, None if there is none. A file that exists but holds no JSON
+        object (empty, half-written, corrupt), and each of `fields` of another type (dropped), are noted in
+        `damage`."""
         try:
             data = json.loads((self.path / name).read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             return None
-        return data if isinstance(data, dict) else None
+        except OSError as err:
+            return self._damaged(f"{name}: unreadable ({err.strerror or err})")
+        except ValueError:  # not JSON, or not UTF-8
+            data = None
+        if not isinstance(data, dict):
+            return self._damaged(f"{name}: not a JSON object (empty, half-written or corrupt)")
+        for key, types in (fields or {}).items():
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+                self._damaged(f"{name}: {key} = {json.dumps(value)[:40]} has the wrong type")
+                del data[key]
+        return data
+
+    def _damaged(self, problem: str) -> None:
+        if problem not in self.damage:  # a run's files are read again on each round of --watch or --follow
+            self.damage.append(problem)
 
     def attempts(self) -> list[dict]:
         try:
-            lines = (self.path / ATTEMPTS).read_text().splitlines()
+            lines = (self.path / ATTEMPTS).read_text(errors="replace").splitlines()
         except OSError:
             return []
         out = []
         for line in lines:
             try:
-                out.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(record, dict):
+                out.append(record)
         return out
 
     def log_path(self, stderr: bool = False) -> Path | None:
@@ -214,13 +244,13 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def load_run(path: Path) -> Run | None:
-    try:
-        record = json.loads((path / RUN_RECORD).read_text())
-    except (OSError, ValueError):
+    """The run in `path`; None where there is no run record (not a run, or `submit` is still creating it). A
+    record that cannot be read gives a run with an empty record and the damage noted, so that it is listed."""
+    if not os.path.lexists(path / RUN_RECORD):
         return None
-    if not isinstance(record, dict):
-        return None
-    return Run(path=path, record=record)
+    run = Run(path=path)
+    run.record = run.read_json(RUN_RECORD, RECORD_FIELDS) or {}
+    return run
 
 
 def iter_runs(scratch: Path) -> Iterable[Run]:

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from .runs import CANCELLED, OUTCOME, PROGRESS, Run
+from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, Run
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -164,6 +164,7 @@ class RunStatus:
     error: str | None
     sweep: dict
     path: str
+    damage: list[str]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,8 +172,8 @@ class RunStatus:
 
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
     """The run's state from the scheduler's (normalised) state and its own files."""
-    outcome = run.read_json(OUTCOME)
-    progress = run.read_json(PROGRESS) or {}
+    outcome = run.read_json(OUTCOME, OUTCOME_FIELDS)
+    progress = run.read_json(PROGRESS, PROGRESS_FIELDS) or {}
     cancelled = (run.path / CANCELLED).exists()
     result = run.result_file()
     has_result = bool(result and result.exists())
@@ -221,7 +222,7 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
                      state=state, scheduler_state=sched, epoch=epoch, epochs=epochs,
                      best_dice=progress.get("best_dice"), best_epoch=progress.get("best_epoch"),
                      updated=progress.get("updated"), time_left_s=left, error=error,
-                     sweep=run.record.get("sweep") or {}, path=str(run.path))
+                     sweep=run.record.get("sweep") or {}, path=str(run.path), damage=list(run.damage))
 
 
 def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple[list[RunStatus], list[str]]:
@@ -307,4 +308,5 @@ def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
     for s in statuses:
         if s.error and s.state in ("FAILED", "TIMEOUT"):
             lines.append(f"{s.run_id}: {s.error.splitlines()[0][:200]}")
+        lines += [f"{s.run_id}: damaged: {problem}" for problem in s.damage]
     return "\n".join(lines)
