@@ -217,3 +217,14 @@ def test_status_lists_runs_whose_files_are_damaged(cli):
     assert rows["record-torn"]["state"] == "COMPLETED" and rows["record-torn"]["damage"]
     assert rows["progress-types"]["epoch"] is None and rows["progress-types"]["best_epoch"] == 2
     assert rows["attempts-odd"]["state"] == "FAILED" and rows["attempts-odd"]["damage"] == []
+
+
+def test_collect_refuses_a_destination_behind_a_file(cli):
+    _fake_run(cli.scratch, "done", "local", "1", outcome="COMPLETED")
+    a_file = cli.tmp / "file"
+    a_file.write_text("x")
+    for dest, message in [(a_file, f"{a_file}: exists and is not a folder"),
+                          (a_file / "sub", f"{a_file / 'sub'}: cannot be created, {a_file} is not a folder")]:
+        code, out = cli("collect", "--dest", dest)
+        assert code != 0 and out.strip() == f"hpcseg: error: --dest {message}", out
+    assert a_file.read_text() == "x"

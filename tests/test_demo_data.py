@@ -144,6 +144,8 @@ def test_refusals_leave_nothing(tmp_path, monkeypatch):
     a_file.write_text("x")
     with pytest.raises(DataError, match="exists and is not a folder"):
         build_demo_data(a_file, overwrite=True)
+    with pytest.raises(DataError, match="cannot be created, .*/file is not a folder"):
+        build_demo_data(a_file / "demo")
 
     calls = {"n": 0}
     real_save = demo_data.save_slice

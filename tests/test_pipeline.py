@@ -201,6 +201,23 @@ def test_test_out_never_replaces_a_folder_that_is_not_a_test_output(trained, tin
     assert sorted(p.name for p in again.iterdir()) == ["per_slice.csv", "png", "predictions", "summary.json"]
 
 
+def test_output_folder_with_a_file_in_its_way_is_refused_in_one_line(trained, tiny_data, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    sets = sum((["--set", s] for s in TINY), [])
+    for args, message in [
+        (["train", JOB, "--data", tiny_data, "--out", a_file, *sets], f"{a_file}: exists and is not a folder"),
+        (["train", JOB, "--data", tiny_data, "--out", a_file / "run", *sets],
+         f"{a_file / 'run'}: cannot be created, {a_file} is not a folder"),
+        (["test", trained, "--data", tiny_data / "test_data", "--out", a_file], f"{a_file}: exists and is not a folder"),
+        (["test", trained, "--data", tiny_data / "test_data", "--out", a_file / "sub" / "out"],
+         f"{a_file / 'sub' / 'out'}: cannot be created, {a_file} is not a folder"),
+    ]:
+        code, output = hpcseg(*args)
+        assert code == 2 and output.strip() == f"hpcseg: error: {message}", output
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and a_file.read_text() == "x"
+
+
 def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "r", "--set", "train.epoch=3")
     assert code == 2 and "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in output

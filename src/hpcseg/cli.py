@@ -43,7 +43,7 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 @click.option("--data", type=click.Path(path_type=Path), help="Folder holding the job's training and validation folders.")
 @click.option("--train-dir", type=click.Path(path_type=Path), help="Training folder (overrides --data).")
 @click.option("--val-dir", type=click.Path(path_type=Path), help="Validation folder (overrides --data).")
-@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder to write.")
+@click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job key, e.g. train.epochs=3.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> None:
@@ -63,7 +63,7 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> Non
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder of slice pairs to test on.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default RUN_DIR/test/<data folder name>).")
 def test(run_dir, data, out_dir) -> None:
     """Test RUN_DIR's best checkpoint on the slices in --data."""
@@ -73,7 +73,7 @@ def test(run_dir, data, out_dir) -> None:
 
 
 @main.command("demo-data")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo data folder.")
 def demo_data(out, overwrite) -> None:
     """Write demo slices from the MNI152 template shipped with nilearn into OUT (one brain, three splits)."""

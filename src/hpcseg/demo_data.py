@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from hpcseg.data import DataError, save_slice
+from hpcseg.outdir import blocked
 
 SPLITS = ("training_data", "validation_data", "test_data")
 MANIFEST = "manifest.csv"
@@ -133,8 +134,9 @@ def plan_layout(
 
 
 def _refuse_or_prepare(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError([f"{out}: exists and is not a folder"])
+    problem = blocked(out)
+    if problem:
+        raise DataError([problem])
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DataError([f"{out}: folder exists and is not empty; choose another or pass overwrite=True (--overwrite)"])
 

@@ -19,6 +19,7 @@ from .errors import UserError
 from .infer import predict_labels, shape_groups, stack
 from .jobfile import job_from_dict
 from .metrics import FolderDice, named, nanmean, per_slice_dice
+from .outdir import blocked
 from .model import build_model
 from .train import BEST, pick_device, set_threads
 
@@ -67,11 +68,12 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder whose replacement would delete anything but an earlier test output."""
+    """Refuse an output folder that cannot be made, or whose replacement would delete more than a test output."""
+    problem = blocked(out_dir)
+    if problem:
+        raise OutputDirError(problem)
     if not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise OutputDirError(f"{out_dir}: exists and is not a folder")
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS)
     if others:
         raise OutputDirError(f"{out_dir}: holds more than a test output ({', '.join(others[:3])}"

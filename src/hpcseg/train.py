@@ -26,6 +26,7 @@ from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
 from .model import MIN_SIZE, build_loss, build_model, build_optimizer
+from .outdir import blocked
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
 
@@ -257,6 +258,9 @@ def _restore(ckpt: dict, model, optimizer, generator, device) -> tuple[LoopState
 def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
     """Refuse to train over an existing run, or to resume one with a different job (only epochs may grow).
     Returns the `last` checkpoint when resuming."""
+    problem = blocked(run_dir)
+    if problem:
+        raise RunDirError(problem)
     if not resume:  # a folder prepared by `hpcseg submit` (job.toml, run.json) is fine; one that trained is not
         if (run_dir / LAST).exists() or (run_dir / "metrics.jsonl").exists():
             raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")

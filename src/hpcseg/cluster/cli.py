@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from ..outdir import blocked
 from .runs import CANCELLED, OUTCOME, ClusterError, find_one_run, find_runs, scratches_to_search
 
 _SCRATCH_HELP = "scratch folder holding <experiment>/<run_id>/ (default: $HPCSEG_SCRATCH, else ./hpcseg-scratch " \
@@ -139,6 +140,9 @@ def collect(selectors, dest, top, scratch) -> None:
 
     if top is not None and top < 1:
         raise ClusterError(f"--top {top}: must be at least 1")
+    problem = blocked(dest)
+    if problem:
+        raise ClusterError(f"--dest {problem}")
     runs = find_runs(selectors, scratches_to_search(scratch))
     if not runs:
         raise ClusterError("no runs to collect")
