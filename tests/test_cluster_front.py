@@ -228,3 +228,33 @@ def test_collect_refuses_a_destination_behind_a_file(cli):
         code, out = cli("collect", "--dest", dest)
         assert code != 0 and out.strip() == f"hpcseg: error: --dest {message}", out
     assert a_file.read_text() == "x"
+
+
+def test_collect_goes_on_past_a_damaged_run(cli):
+    """A run whose files cannot be copied or drawn is named in one line, leaves nothing in the destination, and
+    the other runs are still collected."""
+
+    def finished(run_id: str) -> Path:
+        run_dir = _fake_run(cli.scratch, run_id, "local", "1", outcome="COMPLETED")
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "best.pt").write_bytes(b"weights")
+        (run_dir / "job.toml").write_text('name = "exp"\n')
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 0.5, "val_mean_dice": 0.4,
+                                                           "val_dice": {"csf": 0.4}}) + "\n")
+        return run_dir
+
+    finished("a-good")
+    best_dir = finished("b-best-is-a-folder") / "checkpoints" / "best.pt"
+    best_dir.unlink()
+    best_dir.mkdir()
+    (finished("c-metrics-types") / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_loss": 0.5, "val_mean_dice": 0.4, "val_dice": [0.4]}) + "\n"
+        + json.dumps({"epoch": "2", "train_loss": "x"}) + "\n" + '{"epoch": 3, "tr')
+    (finished("d-metrics-binary") / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    dest = cli.tmp / "collected"
+    code, out = cli("collect", "--dest", dest)
+    assert code != 0 and "Traceback" not in out, out
+    assert [line for line in out.splitlines() if line.startswith("hpcseg: error:")] == [f"hpcseg: error: {best_dir}: Is a directory"]
+    assert sorted(p.name for p in dest.iterdir()) == ["a-good", "c-metrics-types", "d-metrics-binary"]
+    for run_id in ("a-good", "c-metrics-types", "d-metrics-binary"):
+        assert f"{run_id}: 5 files copied, SHA256SUMS verified" in out, out

@@ -150,17 +150,24 @@ def collect(selectors, dest, top, scratch) -> None:
         statuses, _ = collect_status(runs)
         dice = {s.path: s.best_dice for s in statuses}
         runs = pick_top([(r, dice.get(str(r.path))) for r in runs], top)
-    done, skipped = 0, []
+    done, skipped, failed = 0, [], 0
     for run in runs:
         if not (run.path / "checkpoints" / "best.pt").exists():
             skipped.append(run.run_id)
             continue
-        info = collect_run(run, dest)
+        try:
+            info = collect_run(run, dest)
+        except ClusterError as err:  # a damaged run: said in one line, and the others are still collected
+            err.show()
+            failed += 1
+            continue
         done += 1
         kept = f", {len(info['kept'])} unchanged" if info["kept"] else ""
         click.echo(f"{run.run_id}: {len(info['copied'])} files copied{kept}, SHA256SUMS verified -> {info['dest']}")
     for run_id in skipped:
         click.echo(f"{run_id}: no best checkpoint yet, skipped", err=True)
+    if failed:
+        sys.exit(ClusterError.exit_code)
     if not done:
         raise ClusterError("no run has a best checkpoint yet")
 

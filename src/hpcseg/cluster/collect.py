@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write_text
@@ -84,26 +86,54 @@ def curves_png(metrics: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _read_metrics(path: Path) -> list[dict]:
+    """The epoch records of metrics.jsonl that can be drawn; a line being appended, or damaged, is left out."""
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a line being appended
-        if isinstance(record, dict) and "epoch" in record:
-            out.append(record)
+            continue
+        if not isinstance(record, dict) or not _number(record.get("epoch")) or not _number(record.get("train_loss")):
+            continue
+        if not _number(record.get("val_mean_dice")) or not isinstance(record.get("val_dice"), dict) \
+                or not all(map(_number, record["val_dice"].values())):
+            record = {k: v for k, v in record.items() if k not in ("val_mean_dice", "val_dice")}
+        out.append(record)
     return out
 
 
 def collect_run(run: Run, dest_root: Path) -> dict:
-    """Copy one run's results into `dest_root/<run_id>/`; returns {"copied": [...], "kept": [...], "dest"}."""
+    """Copy one run's results into `dest_root/<run_id>/`; returns {"copied": [...], "kept": [...], "dest"}.
+
+    A file that cannot be read or written raises ClusterError naming it; a destination folder made by this call
+    is then removed again."""
     dest = dest_root / run.run_id
+    made = not os.path.lexists(dest)
+    try:
+        return _collect_into(run, dest)
+    except BaseException as err:
+        if made:
+            shutil.rmtree(dest, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise ClusterError(f"{err.filename or dest}: {err.strerror or err}") from None
+        raise
+
+
+def _collect_into(run: Run, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         manifest = json.loads((dest / MANIFEST).read_text())
     except (OSError, ValueError):
         manifest = {}
+    if not isinstance(manifest, dict):
+        manifest = {}
+    manifest = {name: entry for name, entry in manifest.items()  # written by collect; anything else is ignored
+                if isinstance(entry, dict) and ".." not in Path(name).parts and not Path(name).is_absolute()}
     sources = {"best.pt": run.path / "checkpoints" / "best.pt", "job.toml": run.path / "job.toml",
                "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json"}
     test_root = run.path / "test"
