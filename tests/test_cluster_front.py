@@ -258,3 +258,12 @@ def test_collect_goes_on_past_a_damaged_run(cli):
     assert sorted(p.name for p in dest.iterdir()) == ["a-good", "c-metrics-types", "d-metrics-binary"]
     for run_id in ("a-good", "c-metrics-types", "d-metrics-binary"):
         assert f"{run_id}: 5 files copied, SHA256SUMS verified" in out, out
+
+
+def test_a_damaged_list_of_remembered_scratch_folders_is_only_a_convenience(cli, monkeypatch):
+    monkeypatch.delenv("HPCSEG_SCRATCH")
+    remembered = cli.tmp / "state" / "hpcseg" / "scratch_dirs"
+    remembered.parent.mkdir(parents=True)
+    remembered.write_bytes(b"\xff\xfe\x00 not text\n")
+    code, out = cli("status")
+    assert code == 0 and out.startswith("no runs under"), out

@@ -57,7 +57,7 @@ def remember_scratch(scratch: Path) -> None:
     """Note a scratch folder that `submit` used, so a later `status` without --scratch finds its runs."""
     path = state_dir() / "scratch_dirs"
     try:
-        known = path.read_text().split("\n") if path.exists() else []
+        known = path.read_text(errors="replace").split("\n") if path.exists() else []
         entry = str(Path(scratch).resolve())
         if entry not in known:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,9 +69,10 @@ def remember_scratch(scratch: Path) -> None:
 def remembered_scratches() -> list[Path]:
     path = state_dir() / "scratch_dirs"
     try:
-        return [Path(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return []
+    return [Path(line) for line in lines if line.strip() and "\0" not in line]
 
 
 def resolve_scratch(option: str | Path | None, profile_scratch: str | None = None) -> Path:
