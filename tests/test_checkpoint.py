@@ -1,16 +1,18 @@
 """Checkpoints: atomic writes survive a kill, and only tensors and plain metadata are ever loaded."""
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
 
-from hpcseg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hpcseg.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 
 
 class Payload:
@@ -37,14 +39,39 @@ def test_pickled_object_is_refused(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"not a checkpoint", "not a readable checkpoint"),
+    (b"hello", "not a readable checkpoint"),  # the weights-only unpickler fails with a KeyError on it
+    (pickle.dumps({"model": {}, "job": {}, "x": Payload()}, protocol=4), "not a readable checkpoint"),
     (None, "no such checkpoint"),
 ])
 def test_unreadable_checkpoints(tmp_path, content, message):
     path = tmp_path / "best.pt"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warnings about the file would be more lines than the one refusal
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path)
+
+
+@pytest.mark.parametrize("state", [[1, 2], {"model": 3, "job": {}}, {"model": {}, "job": [1, 2]}, {"model": {}}])
+def test_checkpoint_without_weights_and_job_is_refused(tmp_path, state):
+    torch.save(state, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="not an hpcseg checkpoint"):
+        load_checkpoint(tmp_path / "best.pt")
+
+
+def test_resuming_needs_the_optimiser_and_random_states(tmp_path):
+    torch.save({"model": {"w": torch.zeros(1)}, "job": {}, "epoch": 1}, tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    with pytest.raises(CheckpointError, match="not the optimiser and random states that resuming needs"):
+        load_checkpoint(tmp_path / "last.pt", resume=True)
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    for weights in ({"w": torch.zeros(3)}, {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)}):
+        with pytest.raises(CheckpointError, match=r"best.pt: its weights do not fit the model of its job \((Missing|size)"):
+            load_weights(model, {"model": weights}, tmp_path / "best.pt")
 
 
 def test_foreign_checkpoint_is_refused(tmp_path):

@@ -218,6 +218,29 @@ def test_output_folder_with_a_file_in_its_way_is_refused_in_one_line(trained, ti
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and a_file.read_text() == "x"
 
 
+def test_checkpoints_that_do_not_fit_are_refused_in_one_line(trained, tiny_data, tmp_path):
+    """Weights of another model in best.pt (test), or a best.pt copied over last.pt (resume)."""
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    ckpt = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["job"]["model"]["features"] = [8, 8, 16, 16, 32, 8]
+    torch.save(ckpt, other / "checkpoints" / "best.pt")
+    code, output = hpcseg("test", other, "--data", tiny_data / "test_data")
+    assert code == 2 and output.strip().splitlines() == [output.strip()], output
+    assert f"{other / 'checkpoints' / 'best.pt'}: its weights do not fit the model of its job (size mismatch" in output
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    for name in ("job.toml", "metrics.jsonl", "progress.json"):
+        (resumed / name).write_bytes((trained / name).read_bytes())
+    (resumed / "checkpoints" / "last.pt").write_bytes((trained / "checkpoints" / "best.pt").read_bytes())
+    before = {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()}
+    code, output = hpcseg("train", "--data", tiny_data, "--out", resumed, "--resume", "--set", "train.epochs=4")
+    assert code == 2 and output.strip().splitlines() == [output.strip()], output
+    assert "last.pt: holds the weights but not the optimiser and random states that resuming needs" in output
+    assert {p: p.read_bytes() for p in resumed.rglob("*") if p.is_file()} == before
+    assert not (other / "test").exists()
+
+
 def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "r", "--set", "train.epoch=3")
     assert code == 2 and "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in output

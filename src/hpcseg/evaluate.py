@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import TISSUES
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .data import load_split
 from .errors import UserError
 from .infer import predict_labels, shape_groups, stack
@@ -45,7 +45,7 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     device = pick_device()
     set_threads(job.train.threads)
     model = build_model(job).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt, run_dir / BEST)
     folder_dice = FolderDice(job.data.num_classes, device=device)
     predictions: dict[int, np.ndarray] = {}
     slice_dice: dict[int, list[float]] = {}
@@ -58,7 +58,7 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
             slice_dice[i], predictions[i] = row, p[0].numpy().astype(np.uint8)
 
     dice = named(folder_dice.dice())
-    summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": ckpt["epoch"], "slices": len(split.ids),
+    summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": ckpt.get("epoch"), "slices": len(split.ids),
                "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
                "mean_dice_per_slice": nanmean([nanmean(row) for row in slice_dice.values()])}
     _write_outputs(out_dir, split, predictions, slice_dice, summary)

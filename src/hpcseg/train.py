@@ -19,7 +19,7 @@ import torch
 from . import __version__
 from .atomic import atomic_write_text
 from .augment import AugmentParams, augment_batch, crop_batch
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import load_split
 from .errors import UserError
 from .infer import autocast, predict_labels, shape_groups, stack
@@ -89,7 +89,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     loss_fn = build_loss(job.loss)
     state, partial = LoopState(), None
     if resume:
-        state, partial = _restore(last, model, optimizer, generator, device)
+        state, partial = _restore(last, model, optimizer, generator, device, run_dir / LAST)
         _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "job.toml", job.to_toml())
@@ -242,17 +242,21 @@ def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: 
     return ckpt
 
 
-def _restore(ckpt: dict, model, optimizer, generator, device) -> tuple[LoopState, dict | None]:
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-    generator.set_state(ckpt["rng"]["generator"].cpu())
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-    partial = ckpt.get("partial")
-    if partial is not None:
-        partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in partial.items()}
-    return LoopState(**ckpt["loop"]), partial
+def _restore(ckpt: dict, model, optimizer, generator, device, path: Path) -> tuple[LoopState, dict | None]:
+    load_weights(model, ckpt, path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        generator.set_state(ckpt["rng"]["generator"].cpu())
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+        partial = ckpt.get("partial")
+        if partial is not None:
+            partial = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in partial.items()}
+        return LoopState(**ckpt["loop"]), partial
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:  # a damaged or foreign `last`
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"{path}: cannot resume from it ({type(err).__name__}: {detail})") from None
 
 
 def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
@@ -267,7 +271,7 @@ def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
         return None
     if not (run_dir / LAST).exists():
         raise RunDirError(f"{run_dir / LAST}: nothing to resume from")
-    ckpt = load_checkpoint(run_dir / LAST)
+    ckpt = load_checkpoint(run_dir / LAST, resume=True)
     ckpt_job = job_from_dict(ckpt["job"], source=str(run_dir / LAST))
     if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
         raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
