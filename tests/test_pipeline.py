@@ -121,6 +121,19 @@ def test_resume_of_an_interrupted_epoch_drops_its_metrics_line(tiny_data, tmp_pa
     assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
 
 
+def test_resume_after_a_kill_while_appending_a_metrics_line_or_a_damaged_progress_file(tiny_data, tmp_path):
+    """A job killed in the middle of appending to metrics.jsonl leaves half a line; progress.json only smooths the
+    time estimate. Neither stops the resume."""
+    run = tmp_path / "run"
+    train(tiny_data, run, "train.epochs=2")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 3, "train_lo')
+    (run / "progress.json").write_text('{"epoch": 2, "ep')
+    train(tiny_data, run, "train.epochs=3", resume=True)
+    assert [json.loads(x)["epoch"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((run / "progress.json").read_text())["epoch"] == 3
+
+
 def test_early_stopping(tiny_data, tmp_path):
     run = tmp_path / "run"
     output = train(tiny_data, run, "train.epochs=40", "train.early_stop=2", "optim.name=sgd", "optim.lr=1e-8",

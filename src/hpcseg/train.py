@@ -279,11 +279,22 @@ def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop lines of epochs after the checkpoint: an attempt killed mid-epoch wrote them, the resumed one redoes them."""
+    """Drop lines of epochs after the checkpoint: an attempt killed mid-epoch wrote them, the resumed one redoes them.
+    A line that is no epoch record goes too: an attempt killed while appending leaves half a line."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    kept = [line for line in path.read_text(errors="replace").splitlines()
+            if (epoch := _epoch_of(line)) is not None and epoch <= last_epoch]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _epoch_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -295,8 +306,13 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | None, finished: bool) -> None:
     path = run_dir / "progress.json"
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    per_epoch = previous.get("seconds_per_epoch")
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: it only smooths the estimate, and is rewritten here
+        previous = {}
+    per_epoch = previous.get("seconds_per_epoch") if isinstance(previous, dict) else None
+    if not isinstance(per_epoch, (int, float)):
+        per_epoch = None
     if seconds is not None:  # smoothed, so one validation epoch does not swing the estimate
         per_epoch = seconds if per_epoch is None else 0.8 * per_epoch + 0.2 * seconds
     progress = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice if state.best_epoch else None,
