@@ -63,6 +63,8 @@ def test_dry_run_slurm_script(cli, tiny_data):
     (["--sweep", "optim.lr=1e-3,-1"], "optim.lr: -1.0 is below the minimum"),
     (["--name", "a/b"], "--name 'a/b': an experiment name must be a plain folder name"),
     (["--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
+    (["--profile", "slurm", "--mem", "nan"], "--gpus/--cpus/--mem: must be positive"),
+    (["--profile", "dtu", "--mem", "inf"], "--gpus/--cpus/--mem: must be positive"),
 ])
 def test_refusals_before_submitting(cli, tiny_data, args, message):
     executor = [] if "--profile" in args or "--executor" in args else ["--executor", "local"]
@@ -84,6 +86,12 @@ def test_refuses_missing_data_and_bad_profile(cli, tiny_data, tmp_path):
     bad.write_text('[queues.q]\nmax_time = "forever"\n')
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", bad)
     assert code != 0 and "queues.q.max_time" in out, out
+    for text, message in [('[defaults]\ngpus = "two"\n', "defaults.gpus: expected an integer, got 'two'"),
+                          ('[defaults]\nmem_gb = "lots"\n', "defaults.mem_gb: expected a number, got 'lots'"),
+                          ('queue = 3\n', "queue: expected a queue name, got 3")]:
+        bad.write_text(text)
+        code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", bad, "--dry-run")
+        assert code != 0 and out.strip() == f"hpcseg: error: {bad}: {message}", out
     assert not cli.scratch.exists()
 
 

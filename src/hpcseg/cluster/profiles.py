@@ -137,6 +137,10 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
         raise ClusterError(f"{path}: unknown key 'defaults.{unknown[0]}'")
     if "time" in defaults:
         _time_minutes(path, "defaults.time", defaults["time"])
+    for key, types, what in (("gpus", (int,), "an integer"), ("cpus", (int,), "an integer"),
+                             ("mem_gb", (int, float), "a number")):
+        if key in defaults:
+            _expect(path, f"defaults.{key}", defaults[key], types, what)
     queues = {}
     for qname, q in _expect(path, "queues", tree.get("queues", {}), (dict,), "[queues.NAME] tables").items():
         _expect(path, f"queues.{qname}", q, (dict,), "a table")
@@ -152,6 +156,8 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
             extra=dict(_expect(path, f"queues.{qname}.extra", q.get("extra", {}), (dict,), "a table")),
         )
     queue = tree.get("queue")
+    if queue is not None:
+        _expect(path, "queue", queue, (str,), "a queue name")
     if queue is not None and queues and queue not in queues:
         raise ClusterError(f"{path}: queue: {queue!r} is not one of its [queues]")
     delay = tree.get("signal_delay_s")

@@ -9,6 +9,7 @@ it created.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shlex
 import shutil
@@ -148,7 +149,7 @@ def plan_submission(opts: SubmitOptions) -> Plan:
         minutes = parse_walltime(time_text, "--time" if opts.time else "time")
     except JobError as err:
         raise ClusterError(str(err)) from None
-    if gpus < 0 or cpus < 1 or mem_gb <= 0:
+    if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:  # NaN fails the last test too
         raise ClusterError("--gpus/--cpus/--mem: must be positive")
     queue = opts.queue or profile.queue
     if executor == "local" and opts.queue and not profile.queues:
