@@ -275,3 +275,17 @@ def test_a_damaged_list_of_remembered_scratch_folders_is_only_a_convenience(cli,
     remembered.write_bytes(b"\xff\xfe\x00 not text\n")
     code, out = cli("status")
     assert code == 0 and out.startswith("no runs under"), out
+
+
+def test_logs_and_cancel_name_what_is_wrong_with_a_run(cli):
+    log_is_folder = _fake_run(cli.scratch, "log-is-folder", "local", "1")
+    (log_is_folder / "submitit" / "1_0_log.out").mkdir(parents=True)
+    code, out = cli("logs", "log-is-folder")
+    assert code != 0 and out.strip() == f"hpcseg: error: {log_is_folder / 'submitit' / '1_0_log.out'}: Is a directory", out
+    (_fake_run(cli.scratch, "torn", "local", "1") / "run.json").write_text('{"run_id": "to')
+    code, out = cli("logs", "torn")
+    assert code != 0 and out.strip() == ("hpcseg: error: torn: no job id recorded (damaged: run.json: not a JSON object "
+                                         "(empty, half-written or corrupt))"), out
+    code, out = cli("cancel", "torn")
+    assert out.strip() == ("torn: no job id recorded, nothing to cancel (damaged: run.json: not a JSON object "
+                           "(empty, half-written or corrupt))"), out

@@ -189,6 +189,8 @@ def cancel(selectors, scratch) -> None:
     for r, s in zip(runs, statuses):
         if s.state in TERMINAL:
             click.echo(f"{r.run_id}: already {s.state}")
+        elif not r.job_id:
+            click.echo(f"{r.run_id}: no job id recorded, nothing to cancel ({_why_no_job_id(r)})", err=True)
     by_exec: dict[str, list] = {}
     for r in live:
         by_exec.setdefault(r.executor, []).append(r)
@@ -215,6 +217,10 @@ def cancel(selectors, scratch) -> None:
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
 
 
+def _why_no_job_id(run) -> str:
+    return f"damaged: {run.damage[0]}" if run.damage else "the submission did not complete"
+
+
 def _scheduler_cancel(cmd: list[str]) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
@@ -239,15 +245,18 @@ def logs(run_selector, stderr, follow, scratch) -> None:
     run = find_one_run(run_selector, scratches_to_search(scratch))
     path = run.log_path(stderr)
     if path is None:
-        raise ClusterError(f"{run.run_id}: no job id recorded (the submission did not complete)")
+        raise ClusterError(f"{run.run_id}: no job id recorded ({_why_no_job_id(run)})")
     position = 0
     quiet_rounds = 0
     while True:
         if path.exists():
-            with open(path, "rb") as fh:
-                fh.seek(position)
-                chunk = fh.read()
-                position += len(chunk)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(position)
+                    chunk = fh.read()
+            except OSError as err:
+                raise ClusterError(f"{path}: {err.strerror or err}") from None
+            position += len(chunk)
             if chunk:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
