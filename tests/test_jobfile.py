@@ -61,6 +61,18 @@ def test_missing_file(tmp_path):
         load_job(tmp_path / "nope.toml")
 
 
+def test_a_folder_is_not_a_job_file_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    with pytest.raises(JobError, match=f"^{tmp_path}: is a folder, not a job file$"):
+        load_job(tmp_path)
+    for command in (["train", tmp_path, "--out", tmp_path / "run"], ["submit", tmp_path, "--dry-run"]):
+        result = CliRunner().invoke(main, [str(a) for a in command])
+        assert result.exit_code != 0 and result.output == f"hpcseg: error: {tmp_path}: is a folder, not a job file\n"
+
+
 def test_overrides_apply_and_are_checked(tmp_path):
     path = write(tmp_path, "[train]\nepochs = 10\n")
     job = load_job(path, ["train.epochs=3", "optim.lr=3e-4", "model.act=ReLU", "model.features=[4,4,8,8,16,4]"])

@@ -39,7 +39,7 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 
 
 @main.command()
-@click.argument("job_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("job_file", required=False, type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="Folder holding the job's training and validation folders.")
 @click.option("--train-dir", type=click.Path(path_type=Path), help="Training folder (overrides --data).")
 @click.option("--val-dir", type=click.Path(path_type=Path), help="Validation folder (overrides --data).")

@@ -280,6 +280,8 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
         text = path.read_text()
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
+    except IsADirectoryError:
+        raise JobError(f"{path}: is a folder, not a job file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise JobError(f"{path}: cannot read: {err}") from None
     try:
