@@ -117,6 +117,8 @@ def test_every_bad_file_reported_once(tmp_path):
     (tmp_path / "badgz_T1w.nii.gz").write_bytes(gzip.compress(raw)[:-40])  # truncated gzip stream
     save_slice(tmp_path, "pickled", good_image, good_label)
     np.save(tmp_path / "pickled_T1w.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    save_slice(tmp_path, "noise", good_image, good_label)
+    (tmp_path / "noise_T1w_tissue_segmentation.npy").write_bytes(bytes(range(256)) * 2)  # random bytes, no header
     # not 2D
     save_slice(tmp_path, "vol", good_image, good_label)
     np.save(tmp_path / "vol_T1w.npy", np.zeros((2, 10, 12), np.float32))
@@ -163,7 +165,8 @@ def test_every_bad_file_reported_once(tmp_path):
         "trunc_T1w.npy": "cannot read image",
         "garbage_T1w_tissue_segmentation.nii.gz": "cannot read label",
         "badgz_T1w.nii.gz": "cannot read image",
-        "pickled_T1w.npy": "cannot read image",
+        "pickled_T1w.npy": "cannot read image (ValueError: Object arrays cannot be loaded when allow_pickle=False)",
+        "noise_T1w_tissue_segmentation.npy": "cannot read label (ValueError: not a .npy file (no NumPy header))",
         "vol_T1w.npy": "image is not 2D (shape (2, 10, 12))",
         "flat_T1w_tissue_segmentation.npy": "label is not 2D (shape (120,))",
         "vol3_T1w.nii.gz": "image is not 2D (shape (10, 12, 2))",

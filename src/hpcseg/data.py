@@ -31,6 +31,8 @@ IMAGE_SUFFIX = "_T1w"
 LABEL_SUFFIX = "_T1w_tissue_segmentation"
 #: File extensions that hold slices, longest first so ``.nii.gz`` wins over ``.gz``.
 EXTENSIONS = (".nii.gz", ".nii", ".npy")
+#: How every .npy file starts.
+NPY_MAGIC = b"\x93NUMPY"
 
 _NAME = re.compile(r"^(?P<id>.+?)(?P<kind>_T1w_tissue_segmentation|_T1w)(?P<ext>\.nii\.gz|\.nii|\.npy)$", re.IGNORECASE)
 
@@ -144,6 +146,9 @@ def find_pairs(folder: Path | str) -> list[SlicePair]:
 def _read_array(path: Path) -> np.ndarray:
     """The array stored in a .npy or NIfTI file, with the extra singleton axes of a NIfTI file dropped."""
     if path.name.lower().endswith(".npy"):
+        with open(path, "rb") as handle:  # else np.load takes the file for a pickle and suggests loading it unsafely
+            if handle.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                raise ValueError("not a .npy file (no NumPy header)")
         return np.load(path, allow_pickle=False)
     import nibabel as nib
 
