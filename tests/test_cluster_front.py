@@ -281,7 +281,7 @@ def test_logs_and_cancel_name_what_is_wrong_with_a_run(cli):
     log_is_folder = _fake_run(cli.scratch, "log-is-folder", "local", "1")
     (log_is_folder / "submitit" / "1_0_log.out").mkdir(parents=True)
     code, out = cli("logs", "log-is-folder")
-    assert code != 0 and out.strip() == f"hpcseg: error: {log_is_folder / 'submitit' / '1_0_log.out'}: Is a directory", out
+    assert code == 2 and out.strip() == f"hpcseg: error: {log_is_folder / 'submitit' / '1_0_log.out'}: Is a directory", out
     (_fake_run(cli.scratch, "torn", "local", "1") / "run.json").write_text('{"run_id": "to')
     code, out = cli("logs", "torn")
     assert code != 0 and out.strip() == ("hpcseg: error: torn: no job id recorded (damaged: run.json: not a JSON object "
@@ -289,3 +289,11 @@ def test_logs_and_cancel_name_what_is_wrong_with_a_run(cli):
     code, out = cli("cancel", "torn")
     assert out.strip() == ("torn: no job id recorded, nothing to cancel (damaged: run.json: not a JSON object "
                            "(empty, half-written or corrupt))"), out
+
+
+def test_cancel_refuses_a_run_of_an_executor_it_does_not_know(cli):
+    run_dir = _fake_run(cli.scratch, "from-pbs", "pbs", "4711")
+    code, out = cli("cancel", "from-pbs")
+    assert code == 2 and out.strip() == ("hpcseg: error: from-pbs: not cancelled: its run.json names executor 'pbs', "
+                                         "which hpcseg does not know (job id 4711)"), out
+    assert not (run_dir / "cancelled.json").exists()

@@ -192,6 +192,7 @@ def cancel(selectors, scratch) -> None:
         elif not r.job_id:
             click.echo(f"{r.run_id}: no job id recorded, nothing to cancel ({_why_no_job_id(r)})", err=True)
     by_exec: dict[str, list] = {}
+    failed = False
     for r in live:
         by_exec.setdefault(r.executor, []).append(r)
     for executor, group in by_exec.items():
@@ -212,9 +213,17 @@ def cancel(selectors, scratch) -> None:
                         os.kill(int(r.job_id), signal.SIGINT)
                     except ProcessLookupError:
                         pass
+        else:  # a run.json from another tool or version: nothing here knows how to cancel it
+            for r in group:
+                click.echo(f"hpcseg: error: {r.run_id}: not cancelled: its run.json names executor {executor!r}, "
+                           f"which hpcseg does not know (job id {r.job_id})", err=True)
+            failed = True
+            continue
         for r in group:
             mark_cancelled(r.path / CANCELLED)
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
+    if failed:
+        sys.exit(2)
 
 
 def _why_no_job_id(run) -> str:

@@ -39,7 +39,9 @@ DEFAULT_SCRATCH = "hpcseg-scratch"
 
 
 class ClusterError(click.ClickException):
-    """A user error of the cluster commands: printed as one line, non-zero exit, no traceback."""
+    """A user error of the cluster commands: printed as one line, exit 2 (as every hpcseg user error), no traceback."""
+
+    exit_code = 2
 
     def show(self, file=None) -> None:  # one line, in the project's style
         click.echo(f"hpcseg: error: {self.format_message()}", err=True, file=file)
