@@ -83,6 +83,8 @@ def test_overrides_apply_and_are_checked(tmp_path):
         load_job(path, ["train.epochz=3"])
     with pytest.raises(JobError, match="expected KEY=VALUE"):
         parse_override("train.epochs")
+    with pytest.raises(JobError, match=r"--set train=\{epochs=3\}: 'train' is a section: set its keys one at a time"):
+        load_job(path, ["train={epochs=3}"])  # would reset every other [train] key to its default
 
 
 def test_resolved_job_round_trips_through_toml(tmp_path):

@@ -49,13 +49,14 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> None:
     """Train JOB_FILE into the run folder --out (JOB_FILE defaults to the run's job.toml with --resume)."""
     from .jobfile import load_job
-    from .train import train as run_training
 
     if job_file is None:
         if not resume:
             raise click.UsageError("JOB_FILE is required unless --resume continues a run")
         job_file = run_dir / "job.toml"
-    job = load_job(job_file, overrides)
+    job = load_job(job_file, overrides)  # before importing torch: a bad job file is refused at once
+    from .train import train as run_training
+
     train_folder, val_folder = data_dirs(job, data, train_dir, val_dir)
     run_training(job, train_folder, val_folder, run_dir, resume=resume)
 

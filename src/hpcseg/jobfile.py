@@ -270,6 +270,8 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
         if not isinstance(child, dict):
             raise JobError(f"{source}: unknown key '{key}' ('{'.'.join(sections[: i + 1])}' is not a section)")
         node = child
+    if isinstance(node.get(leaf), dict):  # replacing a whole section would reset its other keys to their defaults
+        raise JobError(f"{source}: '{key}' is a section: set its keys one at a time, e.g. {key}.KEY=VALUE")
     node[leaf] = value
 
 
