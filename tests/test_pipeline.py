@@ -287,6 +287,32 @@ def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(t
     assert [e for name, e in saved if name == "last.pt"] == [1, 2, 3]
 
 
+def test_a_loss_that_turns_nan_stops_training_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import hpcseg.train as T
+
+    real_build_loss, calls = T.build_loss, []
+
+    def loss_going_nan(cfg):
+        real = real_build_loss(cfg)
+
+        def loss(logits, labels):
+            calls.append(1)
+            value = real(logits, labels)
+            return value * float("nan") if len(calls) > 4 else value  # diverges in epoch 3 (2 steps per epoch)
+        return loss
+
+    monkeypatch.setattr(T, "build_loss", loss_going_nan)
+    run = tmp_path / "run"
+    code, out = hpcseg("train", JOB, "--data", tiny_data, "--out", run, *sum((["--set", s] for s in TINY), []),
+                       "--set", "train.epochs=5", "--set", "train.batch_size=2")
+    assert code == 2 and out.strip().splitlines()[-1] == (
+        f"hpcseg: error: {run}: training diverged in epoch 3 (training loss nan); checkpoints/last.pt still holds "
+        'epoch 2: lower optim.lr or set train.precision = "fp32"'), out
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and all(torch.isfinite(w).all() for w in last["model"].values())
+
+
 def test_warning_signal_mid_epoch_saves_and_resume_is_exact(tiny_data, tmp_path, monkeypatch):
     """A warning (USR2) in the middle of epoch 2 stops after that step, saves `last` mid-epoch, and resuming
     ends with exactly the weights of an uninterrupted run."""

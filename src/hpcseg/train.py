@@ -37,6 +37,10 @@ class RunDirError(UserError):
     """A run folder that cannot be started or resumed as asked."""
 
 
+class DivergedError(UserError):
+    """The training loss stopped being finite: going on would spend the job's hours on NaN weights."""
+
+
 @dataclass
 class LoopState:
     """What early stopping and best-checkpoint selection remember between epochs (saved in `last`)."""
@@ -121,6 +125,10 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
             raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
         loss_sum, partial = partial["loss_sum"], None
         train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
+        if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics line
+            writer.close()
+            raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
+                                f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set train.precision = \"fp32\"")
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                   "samples_per_s": n / train_seconds}
