@@ -297,3 +297,11 @@ def test_cancel_refuses_a_run_of_an_executor_it_does_not_know(cli):
     assert code == 2 and out.strip() == ("hpcseg: error: from-pbs: not cancelled: its run.json names executor 'pbs', "
                                          "which hpcseg does not know (job id 4711)"), out
     assert not (run_dir / "cancelled.json").exists()
+
+
+def test_status_watch_ends_when_every_run_has_ended_or_is_damaged(cli, monkeypatch):
+    monkeypatch.setenv("HPCSEG_POLL_S", "0.01")
+    _fake_run(cli.scratch, "done", "local", "1", outcome="COMPLETED")
+    (_fake_run(cli.scratch, "torn", "local", "2") / "run.json").write_text('{"run_id": "to')
+    code, out = cli("status", "--watch")
+    assert code == 0 and "done" in out and "torn: damaged: run.json" in out, out

@@ -97,7 +97,7 @@ def _progress(s) -> str:
 @click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table")
-@click.option("--watch", is_flag=True, help="refresh until every run has ended (Ctrl-C to stop)")
+@click.option("--watch", is_flag=True, help="refresh until every run has ended or is damaged (Ctrl-C to stop)")
 def status(selectors, scratch, as_json, watch) -> None:
     """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
     from .status import TERMINAL, collect_status, format_table
@@ -114,7 +114,7 @@ def status(selectors, scratch, as_json, watch) -> None:
             for warning in warnings:
                 click.echo(f"hpcseg: warning: {warning}", err=True)
             click.echo(format_table(statuses) if statuses else f"no runs under {', '.join(map(str, scratches))}")
-        if not watch or all(s.state in TERMINAL for s in statuses):
+        if not watch or all(s.state in TERMINAL or s.damage for s in statuses):  # a damaged run will not change
             return
         try:
             time.sleep(_poll_interval())
