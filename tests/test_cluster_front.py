@@ -88,7 +88,13 @@ def test_refuses_missing_data_and_bad_profile(cli, tiny_data, tmp_path):
     assert code != 0 and "queues.q.max_time" in out, out
     for text, message in [('[defaults]\ngpus = "two"\n', "defaults.gpus: expected an integer, got 'two'"),
                           ('[defaults]\nmem_gb = "lots"\n', "defaults.mem_gb: expected a number, got 'lots'"),
-                          ('queue = 3\n', "queue: expected a queue name, got 3")]:
+                          ('queue = 3\n', "queue: expected a queue name, got 3"),
+                          ('max_requeues = -1\n', "max_requeues: expected an integer of at least 0, got -1"),
+                          ('signal_delay_s = -5\n', "signal_delay_s: expected an integer of at least 0, got -5"),
+                          ('[defaults]\ncpus = 0\n', "defaults.cpus: expected an integer of at least 1, got 0"),
+                          ('[defaults]\nmem_gb = nan\n', "defaults.mem_gb: expected a number of at least 0.001, got nan"),
+                          ('[queues.q]\nmax_gpus = -1\n', "queues.q.max_gpus: expected an integer of at least 0, got -1"),
+                          ('name = 3\n', "name: expected a string, got 3")]:
         bad.write_text(text)
         code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", bad, "--dry-run")
         assert code != 0 and out.strip() == f"hpcseg: error: {bad}: {message}", out

@@ -115,9 +115,12 @@ def load_profile(name: str | None) -> Profile:
     return profile_from_dict(tree, path)
 
 
-def _expect(path: Path, key: str, value: Any, types: tuple, what: str) -> Any:
+def _expect(path: Path, key: str, value: Any, types: tuple, what: str, lo: float | None = None) -> Any:
+    """`value` if it is one of `types` (and, for numbers, finite and at least `lo`), else one line naming the key."""
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         raise ClusterError(f"{path}: {key}: expected {what}, got {value!r}")
+    if lo is not None and not lo <= value < float("inf"):
+        raise ClusterError(f"{path}: {key}: expected {what} of at least {lo}, got {value!r}")
     return value
 
 
@@ -137,10 +140,10 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
         raise ClusterError(f"{path}: unknown key 'defaults.{unknown[0]}'")
     if "time" in defaults:
         _time_minutes(path, "defaults.time", defaults["time"])
-    for key, types, what in (("gpus", (int,), "an integer"), ("cpus", (int,), "an integer"),
-                             ("mem_gb", (int, float), "a number")):
+    for key, types, what, lo in (("gpus", (int,), "an integer", 0), ("cpus", (int,), "an integer", 1),
+                                 ("mem_gb", (int, float), "a number", 0.001)):
         if key in defaults:
-            _expect(path, f"defaults.{key}", defaults[key], types, what)
+            _expect(path, f"defaults.{key}", defaults[key], types, what, lo)
     queues = {}
     for qname, q in _expect(path, "queues", tree.get("queues", {}), (dict,), "[queues.NAME] tables").items():
         _expect(path, f"queues.{qname}", q, (dict,), "a table")
@@ -150,7 +153,7 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
         queues[qname] = Queue(
             name=qname,
             max_time_min=_time_minutes(path, f"queues.{qname}.max_time", q["max_time"]) if "max_time" in q else None,
-            max_gpus=_expect(path, f"queues.{qname}.max_gpus", q["max_gpus"], (int,), "an integer")
+            max_gpus=_expect(path, f"queues.{qname}.max_gpus", q["max_gpus"], (int,), "an integer", 0)
             if "max_gpus" in q else None,
             gpu_type=_expect(path, f"queues.{qname}.gpu_type", q.get("gpu_type", ""), (str,), "a string"),
             extra=dict(_expect(path, f"queues.{qname}.extra", q.get("extra", {}), (dict,), "a table")),
@@ -162,13 +165,13 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
         raise ClusterError(f"{path}: queue: {queue!r} is not one of its [queues]")
     delay = tree.get("signal_delay_s")
     if delay is not None:
-        _expect(path, "signal_delay_s", delay, (int,), "an integer")
+        _expect(path, "signal_delay_s", delay, (int,), "an integer", 0)
     return Profile(
-        name=str(tree.get("name") or path.stem), path=path,
-        description=str(tree.get("description", "")), executor=executor,
+        name=_expect(path, "name", tree.get("name") or path.stem, (str,), "a string"), path=path,
+        description=_expect(path, "description", tree.get("description", ""), (str,), "a string"), executor=executor,
         scratch=_expect(path, "scratch", tree["scratch"], (str,), "a string") if "scratch" in tree else None,
         queue=queue, queues=queues, setup=tuple(setup), signal_delay_s=delay,
-        max_requeues=_expect(path, "max_requeues", tree.get("max_requeues", 30), (int,), "an integer"),
+        max_requeues=_expect(path, "max_requeues", tree.get("max_requeues", 30), (int,), "an integer", 0),
         gpus=defaults.get("gpus"), cpus=defaults.get("cpus"), mem_gb=defaults.get("mem_gb"),
         time=defaults.get("time"),
     )
