@@ -12,8 +12,8 @@
 # a failed step does not stop the next one:
 #   1. environment: GPU name, torch, installs
 #   2. step_profile: each phase's time and operator count of hpcseg's step at batch 2, 16, 64, top kernels
-#   3. train_throughput: exercise loop (batch 2) vs hpcseg b2 (bf16), b2 with CUDA graphs (compile
-#      reduce-overhead), b64, b128, b128 compiled (default mode), b256, alternating
+#   3. train_throughput: exercise loop (batch 2) vs hpcseg b2 (bf16), b2 and b64 with the CPU's dropout mask
+#      (-maskdrop), b2 with CUDA graphs (compile reduce-overhead), b64, b128, b128 compiled, b256, alternating
 #   4. same epochs: exercise loop vs hpcseg b2 and hpcseg b16 (sqrt lr rule), 20 epochs each, validation Dice
 #   5. time to Dice: exercise 1.5 min vs hpcseg b16 0.5 min of training (skipped when time is short)
 # HPCSEG_BENCH_TINY=1 shrinks everything to a plumbing check that also runs on a CPU.
@@ -89,7 +89,7 @@ if [[ "$TINY" == 1 ]]; then
   TTD=(--minutes 0.1 --hpcseg-minutes 0.05 --ex-val-interval 1 --hpcseg b4:train.batch_size=4)
 else
   SP=(--batches 2,16,64 --steps 20 --kernels 15)
-  TP=(--samples 768 --rounds 3 --warmup-samples 256 --variants ex,b2,b2-ro,b64,b128,b128-co,b256)
+  TP=(--samples 512 --rounds 3 --warmup-samples 256 --variants ex,b2,b2-maskdrop,b2-ro,b64,b64-maskdrop,b128,b128-co,b256)
   SAME=(--epochs 20 --minutes 4 --hpcseg-minutes 4 --ex-val-interval 5
         --hpcseg b2:train.batch_size=2 --hpcseg b16:train.batch_size=16)
   TTD=(--minutes 1.5 --hpcseg-minutes 0.5 --ex-val-interval 5 --hpcseg b16:train.batch_size=16)

@@ -7,7 +7,9 @@ Variants (``--variants``, comma separated):
 * ``b<N>``: ``hpcseg.train.train_one_epoch`` on resident tensors at batch N (the improved job, FastDropout,
   the job's precision: bf16 autocast on CUDA, fp32 on CPU);
 * suffix ``-fp32``: hpcseg with autocast off; suffix ``-torchdrop``: hpcseg's loop with MONAI's plain BasicUNet
-  (``nn.Dropout``), i.e. the ablation of FastDropout.
+  (``nn.Dropout``), i.e. the ablation of FastDropout on CPU; suffix ``-maskdrop``: FastDropout's ``rand < keep``
+  mask on every device (hpcseg uses torch's fused dropout off the CPU: this measures that choice on a GPU);
+* suffixes ``-cl`` (channels-last), ``-co`` (``torch.compile``), ``-ro`` (compile with CUDA graphs).
 
 Every round runs every variant for the same number of training samples (``--samples``), in alternating order
 (reversed every other round) so that a change in the machine's load hits all of them alike. An exercise round
@@ -89,18 +91,24 @@ SUFFIX_OVERRIDES = {"cl": {"train.channels_last": True}, "co": {"train.compile":
                     "ro": {"train.compile": True, "train.compile_mode": "reduce-overhead"}}
 
 
-def parse_variant(spec: str) -> tuple[str, int, bool, bool, dict]:
-    """'b8-fp32-torchdrop-cl' -> ('b8-fp32-torchdrop-cl', 8, fp32, torchdrop, job overrides); 'ex' -> batch 2."""
+DROPOUTS = {"torchdrop": "torch", "maskdrop": "mask"}
+
+
+def parse_variant(spec: str) -> tuple[str, int, bool, str | None, dict]:
+    """'b8-fp32-torchdrop-cl' -> ('b8-fp32-torchdrop-cl', 8, fp32, dropout, job overrides); 'ex' -> batch 2.
+
+    dropout: None (hpcseg's FastDropout), "torch" (MONAI's nn.Dropout) or "mask" (FastDropout's mask everywhere)."""
     parts = spec.strip().split("-")
     if parts[0] == "ex":
         if len(parts) > 1:
             raise SystemExit(f"variant {spec!r}: the exercise loop takes no options")
-        return spec, 2, False, False, {}
+        return spec, 2, False, None, {}
     if not parts[0].startswith("b") or not parts[0][1:].isdigit() or \
-            set(parts[1:]) - {"fp32", "torchdrop", *SUFFIX_OVERRIDES}:
-        raise SystemExit(f"variant {spec!r}: expected ex or b<N>[-fp32][-torchdrop][-cl][-co|-ro]")
+            set(parts[1:]) - {"fp32", *DROPOUTS, *SUFFIX_OVERRIDES} or len(set(parts[1:]) & set(DROPOUTS)) > 1:
+        raise SystemExit(f"variant {spec!r}: expected ex or b<N>[-fp32][-torchdrop|-maskdrop][-cl][-co|-ro]")
     overrides = {k: v for p in parts[1:] for k, v in SUFFIX_OVERRIDES.get(p, {}).items()}
-    return spec, int(parts[0][1:]), "fp32" in parts[1:], "torchdrop" in parts[1:], overrides
+    dropout = next((DROPOUTS[p] for p in parts[1:] if p in DROPOUTS), None)
+    return spec, int(parts[0][1:]), "fp32" in parts[1:], dropout, overrides
 
 
 def exercise_variant(args, device) -> Variant:
@@ -126,13 +134,14 @@ def exercise_variant(args, device) -> Variant:
     return v
 
 
-def hpcseg_variant(spec, batch, fp32, torchdrop, extra, args, device, tensors) -> Variant:
+def hpcseg_variant(spec, batch, fp32, dropout, extra, args, device, tensors) -> Variant:
     overrides = {"train.batch_size": batch, "train.crop": [args.crop, args.crop], **extra}
     if fp32:
         overrides["train.precision"] = "fp32"
     job = load_job(JOB).replace(**overrides)
     torch.manual_seed(args.seed)
-    model = (ex.build_model(job.model.dropout) if torchdrop else build_model(job)).to(device)
+    model = (ex.build_model(job.model.dropout) if dropout == "torch" else
+             build_model(job, mask_everywhere=dropout == "mask")).to(device)
     if job.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(job.optim, model, batch, device)

@@ -29,6 +29,31 @@ def test_fast_dropout_matches_nn_dropout_in_distribution():
     assert torch.equal(FastDropout(0.4).eval()(x), x)
 
 
+def test_fast_dropout_uses_the_mask_on_cpu_and_torch_s_fused_dropout_elsewhere():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def ops(module, x):
+        with Ops() as seen:
+            module.train()(x)
+        return seen.names
+
+    assert ops(FastDropout(0.3), torch.ones(8)) == ["rand_like.default", "lt.Scalar", "_to_copy.default", "mul.Tensor", "mul.Tensor"]
+    # a device other than the CPU ("meta" here, a GPU in a job) gets exactly what nn.Dropout does there (on CUDA
+    # one fused native_dropout kernel)
+    meta = torch.ones(8, device="meta")
+    assert ops(FastDropout(0.3), meta) == ops(nn.Dropout(0.3), meta) and "rand_like.default" not in ops(nn.Dropout(0.3), meta)
+    assert ops(FastDropout(0.3, mask_everywhere=True), torch.ones(8, device="meta"))[0] == "rand_like.default"
+
+
 def test_learning_rate_rule():
     cfg = OptimConfig(lr=1e-3, base_batch_size=2, lr_scaling="sqrt")
     assert scaled_lr(cfg, 8) == pytest.approx(2e-3)

@@ -16,35 +16,41 @@ MIN_SIZE = 32
 
 
 class FastDropout(nn.Module):
-    """Inverted dropout with its mask drawn as `rand < keep` instead of `bernoulli_`.
+    """Inverted dropout with its mask drawn as `rand < keep` on CPU, and PyTorch's own dropout elsewhere.
 
-    Same distribution as `nn.Dropout`; on CPU `bernoulli_` was 19 % of a training step of the improved model and
-    drawing the mask this way costs a third of that (recipe.md; benchmarks/train_throughput.py measures it).
+    Same distribution as `nn.Dropout`. On CPU `bernoulli_` was 19 % of a training step of the improved model and
+    drawing the mask this way costs a third of that (recipe.md; benchmarks/train_throughput.py measures it). On a
+    GPU `nn.Dropout` is one fused kernel (`native_dropout`) against five for the mask (random numbers, compare,
+    cast, two products), each a launch and a pass over the activations, so there it is used as it is
+    (`mask_everywhere=True` keeps the mask on every device, for benchmarks).
     """
 
-    def __init__(self, p: float) -> None:
+    def __init__(self, p: float, mask_everywhere: bool = False) -> None:
         super().__init__()
         self.p = float(p)
+        self.mask_everywhere = mask_everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
+        if x.device.type != "cpu" and not self.mask_everywhere:
+            return nn.functional.dropout(x, self.p, training=True)
         keep = 1.0 - self.p
         return x * (torch.rand_like(x) < keep).to(x.dtype) * (1.0 / keep)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}" + (", mask_everywhere=True" if self.mask_everywhere else "")
 
 
-def _swap_dropout(module: nn.Module) -> None:
+def _swap_dropout(module: nn.Module, mask_everywhere: bool) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Dropout):
-            setattr(module, name, FastDropout(child.p))
+            setattr(module, name, FastDropout(child.p, mask_everywhere))
         else:
-            _swap_dropout(child)
+            _swap_dropout(child, mask_everywhere)
 
 
-def build_model(job: Job) -> nn.Module:
+def build_model(job: Job, mask_everywhere: bool = False) -> nn.Module:
     """MONAI's BasicUNet as the job describes it, with the fast dropout mask."""
     net = BasicUNet(
         spatial_dims=2,
@@ -55,7 +61,7 @@ def build_model(job: Job) -> nn.Module:
         norm=job.model.norm,
         dropout=job.model.dropout,
     )
-    _swap_dropout(net)
+    _swap_dropout(net, mask_everywhere)
     return net
 
 
