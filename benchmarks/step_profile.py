@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     split = load_split(args.data / "training_data", base.data.num_classes)
     tensors = tuple(t.to(device) for t in split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     result = {"benchmark": "step_profile", "date": C.now(), "command": C.command_line(), "machine": info,
-              "device": str(device), "precision": base.train.precision, "crop": args.crop, "steps": args.steps,
+              "device": str(device), "precision": base.train.precision if device.type == "cuda" else "fp32", "crop": args.crop, "steps": args.steps,
               "overrides": args.set, "batches": []}
     for batch in batches:
         job = base.replace(**{"train.batch_size": batch})
@@ -177,7 +177,7 @@ def main(argv=None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_append:
-        lines = [f"- Device {device}, precision {base.train.precision}, crop {args.crop}, median of {args.steps} "
+        lines = [f"- Device {device}, precision {result['precision']}, crop {args.crop}, median of {args.steps} "
                  f"steps, device synchronised around each phase; load average at end {info['loadavg_end']}", "",
                  "| batch | " + " | ".join(f"{p} ms (ops)" for p in PHASES) + " | step ms | ops |",
                  "|---" * (len(PHASES) + 3) + "|"]
