@@ -260,6 +260,18 @@ def test_unknown_job_key_from_the_command_line(tiny_data, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("args, line", [
+    (["trian"], "hpcseg: error: hpcseg: No such command 'trian'. Did you mean 'train'? (see 'hpcseg --help')"),
+    (["--bogus"], "hpcseg: error: hpcseg: No such option '--bogus'. (see 'hpcseg --help')"),
+    (["train", "job.toml"], "hpcseg: error: hpcseg train: Missing option '--out'. (see 'hpcseg train --help')"),
+    (["submit", "job.toml", "--gpus", "two"],
+     "hpcseg: error: hpcseg submit: Invalid value for '--gpus': 'two' is not a valid integer. (see 'hpcseg submit --help')"),
+])
+def test_a_command_line_click_cannot_parse_gets_one_line(args, line):
+    result = CliRunner().invoke(main, args, prog_name="hpcseg")
+    assert result.exit_code == 2 and result.output == line + "\n", result.output
+
+
 def test_compile_failure_falls_back_with_one_line(tiny_data, tmp_path, monkeypatch):
     def failing_compile(model, **kwargs):
         def run(x):

@@ -13,7 +13,10 @@ from .errors import UserError
 
 
 class HpcsegGroup(click.Group):
-    """Prints a user error as `hpcseg: error: ...` (one line per problem) and exits 2, without a traceback."""
+    """Prints a user error as `hpcseg: error: ...` (one line per problem) and exits 2, without a traceback.
+
+    A command line that click cannot parse (an unknown command, a missing option, `--gpus two`) gets one such
+    line too, with where to find help, instead of click's usage block."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,6 +26,25 @@ class HpcsegGroup(click.Group):
             for problem in problems:
                 click.echo(f"hpcseg: error: {problem}", err=True)
             sys.exit(2)
+        except click.UsageError as err:
+            _usage_error(err, ctx)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _NO_ARGS_IS_HELP:  # bare `hpcseg`: click prints the help
+            raise
+        except click.UsageError as err:  # an option of `hpcseg` itself
+            _usage_error(err, ctx)
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _usage_error(err: click.UsageError, ctx: click.Context):
+    command = err.ctx.command_path if err.ctx else ctx.command_path
+    click.echo(f"hpcseg: error: {command}: {err.format_message()} (see '{command} --help')", err=True)
+    sys.exit(2)
 
 
 @click.group(cls=HpcsegGroup, context_settings={"help_option_names": ["-h", "--help"]})
