@@ -65,6 +65,11 @@ def test_submit_status_collect_cancel_fail_sweep(backend, cli, tiny_data):
     assert (dest / good_id / "curves.png").read_bytes()[:4] == b"\x89PNG"
     code, out = cli("collect", good_id, "--dest", dest)
     assert code == 0 and "0 files copied" in out, out
+    # the collected model tests where it landed, with the Dice the job's own test found
+    code, out = cli("test", dest / good_id, "--data", tiny_data / "test_data", "--out", cli.tmp / "retest")
+    assert code == 0, out
+    assert (json.loads((cli.tmp / "retest" / "summary.json").read_text())["dice_per_class"]
+            == json.loads((run_dir / "test" / "test_data" / "summary.json").read_text())["dice_per_class"])
 
     # logs
     code, out = cli("logs", good_id)

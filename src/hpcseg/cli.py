@@ -89,7 +89,7 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> Non
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default RUN_DIR/test/<data folder name>).")
 def test(run_dir, data, out_dir) -> None:
-    """Test RUN_DIR's best checkpoint on the slices in --data."""
+    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`) on the slices in --data."""
     from .evaluate import test_run
 
     test_run(run_dir, data, out_dir)

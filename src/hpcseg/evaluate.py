@@ -33,19 +33,26 @@ class OutputDirError(UserError):
     """An output folder that `hpcseg test` must not replace."""
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """A run folder's `checkpoints/best.pt`, or the `best.pt` of a folder that `hpcseg collect` wrote."""
+    collected = run_dir / "best.pt"
+    return collected if not (run_dir / BEST).exists() and collected.is_file() else run_dir / BEST
+
+
 def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print) -> dict:
     """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
     _check_out_dir(out_dir)
-    ckpt = load_checkpoint(run_dir / BEST)  # weights_only: refuses anything but tensors and plain metadata
-    job = job_from_dict(ckpt["job"], source=str(run_dir / BEST))
+    best = best_checkpoint(run_dir)
+    ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata
+    job = job_from_dict(ckpt["job"], source=str(best))
     split = load_split(data_dir, job.data.num_classes)
 
     device = pick_device()
     set_threads(job.train.threads)
     model = build_model(job).to(device)
-    load_weights(model, ckpt, run_dir / BEST)
+    load_weights(model, ckpt, best)
     folder_dice = FolderDice(job.data.num_classes, device=device)
     predictions: dict[int, np.ndarray] = {}
     slice_dice: dict[int, list[float]] = {}
