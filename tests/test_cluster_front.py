@@ -65,6 +65,7 @@ def test_dry_run_slurm_script(cli, tiny_data):
     (["--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
     (["--profile", "slurm", "--mem", "nan"], "--gpus/--cpus/--mem: must be positive"),
     (["--profile", "dtu", "--mem", "inf"], "--gpus/--cpus/--mem: must be positive"),
+    (["--scratch", "/dev/null/runs", "--dry-run"], "scratch /dev/null/runs: cannot be created, /dev/null is not a folder"),
 ])
 def test_refusals_before_submitting(cli, tiny_data, args, message):
     executor = [] if "--profile" in args or "--executor" in args else ["--executor", "local"]

@@ -24,6 +24,7 @@ from .. import __version__
 from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
 from .profiles import Profile, fmt_minutes, load_profile
 from ..atomic import atomic_write_text
+from ..outdir import blocked
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
                    resolve_scratch, write_record)
 
@@ -178,8 +179,11 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     default_delay = 300 if executor == "lsf" else 120 if executor == "slurm" else 60
     delay = profile.signal_delay_s if profile.signal_delay_s is not None else default_delay
     delay = max(1, min(delay, minutes * 60 - 5))  # the warning must come before the walltime ends
+    scratch = resolve_scratch(opts.scratch, profile.scratch)
+    if blocked(scratch):  # a --dry-run that accepts it would promise a submission that cannot happen
+        raise ClusterError(f"scratch {blocked(scratch)}")
     return Plan(executor=executor, profile=profile, experiment=_check_name(opts.name or job.name),
-                scratch=resolve_scratch(opts.scratch, profile.scratch), queue=queue, gpus=gpus, cpus=cpus,
+                scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
                 signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
                 test_dir=folders["test_dir"], elements=elements)
