@@ -22,6 +22,13 @@ def default_data() -> Path:
     return carried if carried.exists() else (REPO.parent / "shared" / "data" / "brain2d")
 
 
+def device(name: str) -> torch.device:
+    """``auto``: CUDA where present, else the CPU; any other name as it is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -122,6 +129,14 @@ def command_line() -> str:
 
 def now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def emit(result: dict, info: dict, json_path: Path | None) -> None:
+    """Note the load at the end in ``info``, print ``result`` as JSON, and write it to ``json_path`` if given."""
+    info["loadavg_end"] = _loadavg()
+    print(json.dumps(result, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def append_results(title: str, info: dict, command: str, lines: list[str], payload: dict,

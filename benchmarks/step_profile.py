@@ -154,8 +154,7 @@ def top_kernels(phases, n: int) -> list[dict]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.data = Path(args.data or C.default_data())
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = C.device(args.device)
     set_threads(0)
     info = C.machine()
     batches = [int(b) for b in (args.batches or ("2,16,64" if device.type == "cuda" else "2,8")).split(",")]
@@ -172,10 +171,7 @@ def main(argv=None) -> dict:
         result["batches"].append(row)
         print(f"batch {batch}: {row['step_ms_synchronised']} ms/step synchronised, {row['ops_total']} ops; "
               + ", ".join(f"{k} {v} ms" for k, v in row["ms"].items()), file=sys.stderr, flush=True)
-    info["loadavg_end"] = C._loadavg()
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    C.emit(result, info, args.json)
     if not args.no_append:
         lines = [f"- Device {device}, precision {result['precision']}, crop {args.crop}, median of {args.steps} "
                  f"steps, device synchronised around each phase; load average at end {info['loadavg_end']}", "",

@@ -285,8 +285,7 @@ def plot(result: dict, path: Path) -> bool:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.data = Path(args.data or C.default_data())
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = C.device(args.device)
     if device.type == "cpu" and args.device not in ("auto", "cpu"):
         raise SystemExit(f"--device {args.device}: not available")
     impl = args.hpcseg_impl

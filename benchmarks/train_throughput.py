@@ -210,8 +210,7 @@ def isolated_memory(args, device, spec: str, batch: int) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.data = Path(args.data or C.default_data())
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = C.device(args.device)
     set_threads(0)
     info = C.machine()
     specs = args.variants or ("ex,b2,b2-fp32,b8,b16,b32,b64" if device.type == "cuda" else "ex,b2,b2-torchdrop,b4,b8")
@@ -262,10 +261,7 @@ def main(argv=None) -> dict:
     if args.memory_isolated:
         for name, entry in names.items():
             entry["isolated_memory"] = isolated_memory(args, device, name, entry["batch"])
-    info["loadavg_end"] = C._loadavg()
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    C.emit(result, info, args.json)
     if not args.no_append:
         lines = [f"- Device {device}; {samples} samples per variant per round, {args.rounds} rounds, alternating "
                  f"(order reversed every other round); load average at end {info['loadavg_end']}", "",
