@@ -23,9 +23,12 @@ def default_data() -> Path:
 
 
 def device(name: str) -> torch.device:
-    """``auto``: CUDA where present, else the CPU; any other name as it is."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto``: hpcseg's choice (CUDA with cuDNN's autotuner where present, else the CPU); any other name as it is.
+    The autotuner is a process setting: in one process it serves the exercise loop as much as hpcseg."""
+    from hpcseg.train import pick_device
+
+    if name == "auto" or name == "cuda" and torch.cuda.is_available():
+        return pick_device()
     return torch.device(name)
 
 
