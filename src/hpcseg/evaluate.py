@@ -5,8 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,10 @@ import torch
 from . import TISSUES
 from .checkpoint import load_checkpoint, load_weights
 from .data import load_split
-from .errors import UserError
-from .infer import predict_labels, shape_groups, stack
-from .jobfile import job_from_dict
+from .infer import predict_slices, stack
+from .jobfile import Job, job_from_dict
 from .metrics import FolderDice, named, nanmean, per_slice_dice
-from .outdir import blocked
+from .outdir import check_replaceable, replacing
 from .model import build_model
 from .train import BEST, pick_device, set_threads
 
@@ -29,43 +27,55 @@ COLOURS = np.array([[0.0, 0.0, 0.0], [0.2, 0.5, 1.0], [1.0, 0.3, 0.2], [1.0, 0.9
 OUTPUTS = {"predictions", "png", "per_slice.csv", "summary.json"}
 
 
-class OutputDirError(UserError):
-    """An output folder that `hpcseg test` must not replace."""
-
-
 def best_checkpoint(run_dir: Path) -> Path:
     """A run folder's `checkpoints/best.pt`, or the `best.pt` of a folder that `hpcseg collect` wrote."""
     collected = run_dir / "best.pt"
     return collected if not (run_dir / BEST).exists() and collected.is_file() else run_dir / BEST
 
 
-def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print) -> dict:
-    """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
-    run_dir, data_dir = Path(run_dir), Path(data_dir)
-    out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
-    _check_out_dir(out_dir)
-    best = best_checkpoint(run_dir)
+@dataclass
+class BestModel:
+    """A run's best model with its weights loaded, on the device, with its job and where its checkpoint came from."""
+
+    model: torch.nn.Module
+    job: Job
+    path: Path
+    epoch: int | None
+    device: torch.device
+
+
+def load_best_model(run_dir: Path) -> BestModel:
+    """The model of `run_dir`'s best checkpoint (a run folder, or a folder from `hpcseg collect`), on the device."""
+    best = best_checkpoint(Path(run_dir))
     ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata
     job = job_from_dict(ckpt["job"], source=str(best))
-    split = load_split(data_dir, job.data.num_classes)
-
     device = pick_device()
     set_threads(job.train.threads)
     model = build_model(job).to(device)
     load_weights(model, ckpt, best)
+    return BestModel(model, job, best, ckpt.get("epoch"), device)
+
+
+def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print) -> dict:
+    """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
+    check_replaceable(out_dir, "test", OUTPUTS.__contains__)
+    best = load_best_model(run_dir)
+    job, device = best.job, best.device
+    split = load_split(data_dir, job.data.num_classes)
+
     folder_dice = FolderDice(job.data.num_classes, device=device)
     predictions: dict[int, np.ndarray] = {}
     slice_dice: dict[int, list[float]] = {}
-    for group in shape_groups(split.images):
-        images = stack(split.images, group, torch.float32, device)
+    for group, pred in predict_slices(best.model, split.images, job, device):
         labels = stack(split.labels, group, torch.uint8, device)
-        pred = predict_labels(model, images, job.infer, job.train.precision)
         folder_dice.update(pred, labels)
         for i, row, p in zip(group, per_slice_dice(pred, labels, job.data.num_classes).tolist(), pred.cpu()):
             slice_dice[i], predictions[i] = row, p[0].numpy().astype(np.uint8)
 
     dice = named(folder_dice.dice())
-    summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": ckpt.get("epoch"), "slices": len(split.ids),
+    summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "slices": len(split.ids),
                "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
                "mean_dice_per_slice": nanmean([nanmean(row) for row in slice_dice.values()])}
     _write_outputs(out_dir, split, predictions, slice_dice, summary)
@@ -74,25 +84,9 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     return summary
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse an output folder that cannot be made, or whose replacement would delete more than a test output."""
-    problem = blocked(out_dir)
-    if problem:
-        raise OutputDirError(problem)
-    if not out_dir.exists():
-        return
-    others = sorted(p.name for p in out_dir.iterdir() if p.name not in OUTPUTS)
-    if others:
-        raise OutputDirError(f"{out_dir}: holds more than a test output ({', '.join(others[:3])}"
-                              f"{', ...' if len(others) > 3 else ''}), which the output would replace; "
-                              f"choose another --out")
-
-
 def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> None:
     """Everything goes to a temporary folder first and replaces `out_dir` in one rename: never half-written."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with replacing(out_dir) as tmp:
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
         rows = io.StringIO()
@@ -104,14 +98,6 @@ def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> No
             table.writerow([slice_id, *(f"{d:.6f}" for d in slice_dice[i]), f"{nanmean(slice_dice[i]):.6f}"])
         (tmp / "per_slice.csv").write_text(rows.getvalue())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_overlay(path: Path, image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> None:

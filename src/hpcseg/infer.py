@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from .jobfile import InferConfig
+from .jobfile import InferConfig, Job
 from .model import MIN_SIZE
 
 
@@ -65,3 +65,11 @@ def predict_labels(model: nn.Module, images: torch.Tensor, cfg: InferConfig, pre
         return torch.cat([lg.argmax(dim=1, keepdim=True) for lg in predict_logits(model, images, cfg, precision)])
     finally:
         model.train(was_training)
+
+
+def predict_slices(model: nn.Module, images: list[np.ndarray], job: Job,
+                   device: torch.device) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Class maps of slices of any sizes, as the job's [infer] settings ask: yields, per group of same-shaped slices,
+    their indices into `images` and their (n, 1, H, W) int64 class maps on `device`."""
+    for group in shape_groups(images):
+        yield group, predict_labels(model, stack(images, group, torch.float32, device), job.infer, job.train.precision)
