@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcseg.data import DataError, SlicePair, Split, find_pairs, load_split, save_slice
+from hpcseg.data import DataError, SlicePair, Split, find_pairs, load_images, load_split, save_slice
 
 
 def _slice(h: int, w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +209,29 @@ def test_duplicate_id_in_two_formats(tmp_path):
     problems = _problems(tmp_path)
     assert len(problems) == 2
     assert all("a second" in p for p in problems)
+
+
+def test_load_images_checks_images_and_skips_labels(tmp_path):
+    """New scans: images alone, read and checked as load_split does; label files, even a second one, are skipped."""
+    for k, fmt in enumerate(["npy", "nifti", "npy"]):
+        save_slice(tmp_path, f"s{k}", *_slice(6 + k, 5, seed=k), fmt=fmt)
+    save_slice(tmp_path, "s1", *_slice(7, 5, seed=1))  # s1's image twice (npy and NIfTI), and its label twice
+    (tmp_path / "s2_T1w_tissue_segmentation.npy").write_bytes(b"junk")
+    (tmp_path / "odd.npy").write_bytes(b"junk")
+    with pytest.raises(DataError) as info:
+        load_images(tmp_path)
+    assert info.value.problems == [
+        f"{tmp_path / 'odd.npy'}: name follows neither <id>_T1w.<ext> nor <id>_T1w_tissue_segmentation.<ext> "
+        "(ext .npy, .nii or .nii.gz)",
+        f"{tmp_path / 's1_T1w.npy'}: a second image for id 's1' (also s1_T1w.nii.gz)"]
+    (tmp_path / "odd.npy").unlink()
+    (tmp_path / "s1_T1w.npy").unlink()
+    scans = load_images(tmp_path)
+    assert scans.ids == ["s0", "s1", "s2"]
+    assert [p.name for p in scans.paths] == ["s0_T1w.npy", "s1_T1w.nii.gz", "s2_T1w.npy"]
+    assert [(img.dtype, img.shape) for img in scans.images] == [(np.float32, (6, 5)), (np.float32, (7, 5)),
+                                                               (np.float32, (8, 5))]
+    assert np.array_equal(scans.images[2], _slice(8, 5, seed=2)[0])
 
 
 def test_dataerror_pickles_and_accepts_a_string():

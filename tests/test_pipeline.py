@@ -372,3 +372,141 @@ def test_warning_signal_mid_epoch_saves_and_resume_is_exact(tiny_data, tmp_path,
     twice = [json.loads(x) for x in (tmp_path / "twice" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in twice] == [1, 2]
     assert [r["train_loss"] for r in once] == pytest.approx([r["train_loss"] for r in twice], rel=1e-6)
+
+
+def predict(run, data, out):
+    code, output = hpcseg("predict", run, "--data", data, "--out", out)
+    assert code == 0, output
+    return output
+
+
+def _mixed_sizes(tiny_data, folder):
+    """The two test slices plus one smaller than the U-Net needs (padded) and one larger than the inference window
+    (sliding window), with labels so that `hpcseg test` takes the folder too."""
+    folder.mkdir()
+    for path in (tiny_data / "test_data").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    rng = np.random.default_rng(7)
+    for slice_id, shape in [("small", (13, 21)), ("large", (40, 48))]:
+        np.save(folder / f"{slice_id}_T1w.npy", rng.normal(0.5, 0.3, shape).astype(np.float32))
+        np.save(folder / f"{slice_id}_T1w_tissue_segmentation.npy", rng.integers(0, 4, shape).astype(np.uint8))
+
+
+def test_predict_writes_what_test_predicts_for_a_run_and_a_collected_folder(trained, tiny_data, tmp_path):
+    data = tmp_path / "mixed"
+    _mixed_sizes(tiny_data, data)
+    code, output = hpcseg("test", trained, "--data", data, "--out", tmp_path / "tested")
+    assert code == 0, output
+    collected = tmp_path / "collected"  # what `hpcseg collect` leaves: best.pt at the top
+    collected.mkdir()
+    (collected / "best.pt").write_bytes((trained / "checkpoints" / "best.pt").read_bytes())
+    best_epoch = load_checkpoint(trained / "checkpoints" / "best.pt")["epoch"]
+    ids = ["large", "s000", "s001", "small"]
+    for run in (trained, collected):
+        out = tmp_path / f"predicted-{run.name}"
+        output = predict(run, data, out)
+        assert f"wrote {out}" in output
+        assert sorted(p.name for p in out.iterdir()) == sorted(["predict.json", *(f"{i}_prediction.npy" for i in ids)])
+        for slice_id in ids:
+            mine = np.load(out / f"{slice_id}_prediction.npy")
+            tested = np.load(tmp_path / "tested" / "predictions" / f"{slice_id}_prediction.npy")
+            assert mine.dtype == np.uint8 and mine.shape == np.load(data / f"{slice_id}_T1w.npy").shape
+            assert np.array_equal(mine, tested), slice_id
+        summary = json.loads((out / "predict.json").read_text())
+        assert (summary["run"], summary["data"], summary["slices"], summary["checkpoint_epoch"]) == (
+            str(run), str(data), 4, best_epoch)
+        assert summary["voxels_per_class"]["small"] == np.bincount(
+            np.load(out / "small_prediction.npy").ravel(), minlength=4).tolist()
+
+
+def test_predict_ignores_label_files_even_broken_or_orphaned_ones(trained, tiny_data, tmp_path):
+    data = tmp_path / "scans"
+    data.mkdir()
+    for slice_id in ("s000", "s001"):
+        name = f"{slice_id}_T1w.npy"
+        (data / name).write_bytes((tiny_data / "test_data" / name).read_bytes())
+    (data / "s000_T1w_tissue_segmentation.npy").write_bytes(b"not an array")  # `hpcseg test` would refuse these
+    np.save(data / "orphan_T1w_tissue_segmentation.npy", np.full((32, 32), 9, np.uint8))
+    predict(trained, data, tmp_path / "out")
+    predict(trained, tiny_data / "test_data", tmp_path / "with-labels")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predict.json", "s000_prediction.npy",
+                                                                    "s001_prediction.npy"]
+    for slice_id in ("s000", "s001"):
+        assert np.array_equal(np.load(tmp_path / "out" / f"{slice_id}_prediction.npy"),
+                              np.load(tmp_path / "with-labels" / f"{slice_id}_prediction.npy"))
+
+
+def test_predict_nifti_in_nifti_out_with_the_scan_affine_and_shape(trained, tiny_data, tmp_path):
+    import nibabel as nib
+
+    data = tmp_path / "nifti"
+    data.mkdir()
+    affine = np.array([[0.0, 0.0, -1.5, 90.0], [0.0, 1.2, 0.0, -126.0], [1.0, 0.0, 0.0, -72.0], [0.0, 0.0, 0.0, 1.0]])
+    for slice_id, ext, shape in [("s000", ".nii.gz", (32, 32, 1)), ("s001", ".nii", (32, 32))]:
+        image = np.load(tiny_data / "test_data" / f"{slice_id}_T1w.npy").reshape(shape)
+        scan = nib.Nifti1Image(image, affine)
+        scan.header.set_qform(affine, code=1)
+        scan.header.set_sform(affine, code=4)
+        nib.save(scan, data / f"{slice_id}_T1w{ext}")
+    predict(trained, data, tmp_path / "out")
+    predict(trained, tiny_data / "test_data", tmp_path / "npy")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["predict.json", "s000_prediction.nii.gz",
+                                                                    "s001_prediction.nii.gz"]
+    for slice_id, shape in [("s000", (32, 32, 1)), ("s001", (32, 32))]:
+        out = nib.load(tmp_path / "out" / f"{slice_id}_prediction.nii.gz")
+        assert out.shape == shape and out.get_data_dtype() == np.uint8
+        assert np.array_equal(out.affine, nib.load(next(data.glob(f"{slice_id}_T1w.*"))).affine)
+        assert np.allclose(out.affine, affine)
+        assert out.header.get_qform(coded=True)[1] == 1 and out.header.get_sform(coded=True)[1] == 4
+        labels = np.asanyarray(out.dataobj)
+        assert labels.dtype == np.uint8
+        assert np.array_equal(labels.reshape(32, 32), np.load(tmp_path / "npy" / f"{slice_id}_prediction.npy"))
+
+
+def test_predict_refuses_bad_images_one_line_each_and_writes_nothing(trained, tiny_data, tmp_path):
+    data = tmp_path / "scans"
+    data.mkdir()
+    np.save(data / "good_T1w.npy", np.ones((32, 32), np.float32))
+    nan = np.ones((32, 32), np.float32)
+    nan[3, 5] = np.nan
+    np.save(data / "nan_T1w.npy", nan)
+    np.save(data / "cube_T1w.npy", np.ones((4, 32, 32), np.float32))
+    (data / "junk_T1w.npy").write_bytes(b"junk")
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    for folder, expected in [
+        (data, [f"{data / 'cube_T1w.npy'}: image is not 2D (shape (4, 32, 32))",
+                f"{data / 'junk_T1w.npy'}: cannot read image (ValueError: not a .npy file (no NumPy header))",
+                f"{data / 'nan_T1w.npy'}: image has 1 non-finite value(s) (NaN or inf as float32; first at row 3, col 5)"]),
+        (tmp_path / "empty", [f"{tmp_path / 'empty'}: no images (<id>_T1w.npy, .nii.gz or .nii)"]),
+        (tmp_path / "none", [f"{tmp_path / 'none'}: folder does not exist"]),
+    ]:
+        code, output = hpcseg("predict", trained, "--data", folder, "--out", out)
+        assert code == 2 and output.splitlines() == [f"hpcseg: error: {line}" for line in expected], output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "scans"]  # no output, no temporary folder
+
+
+def test_predict_out_never_replaces_a_folder_that_is_not_a_predict_output(trained, tiny_data, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    data = tiny_data / "test_data"
+    before = sorted(p.name for p in data.iterdir())
+    for out in (mine, data, trained):  # the data folder and the run folder hold more than predictions too
+        code, output = hpcseg("predict", trained, "--data", data, "--out", out)
+        assert code == 2 and output.strip().splitlines() == [output.strip()], output
+        assert output.startswith(f"hpcseg: error: {out}: holds more than a predict output") and "Traceback" not in output
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in data.iterdir()) == before
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, output = hpcseg("predict", trained, "--data", data, "--out", a_file / "out")
+    assert code == 2 and output.strip() == f"hpcseg: error: {a_file / 'out'}: cannot be created, {a_file} is not a folder"
+    # an earlier predict output is replaced as a whole: predictions of slices no longer in --data go
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "s001_T1w.npy").write_bytes((data / "s001_T1w.npy").read_bytes())
+    again = tmp_path / "again"
+    predict(trained, data, again)
+    predict(trained, one, again)
+    assert sorted(p.name for p in again.iterdir()) == ["predict.json", "s001_prediction.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "file", "mine", "one"]

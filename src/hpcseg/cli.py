@@ -95,6 +95,19 @@ def test(run_dir, data, out_dir) -> None:
     test_run(run_dir, data, out_dir)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Folder of images <id>_T1w.npy / .nii.gz / .nii to segment (label files in it are ignored).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Output folder: <id>_prediction.npy or .nii.gz per image, and predict.json.")
+def predict(run_dir, data, out_dir) -> None:
+    """Segment new scans (slices without labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt)."""
+    from .predict import predict_run
+
+    predict_run(run_dir, data, out_dir)
+
+
 @main.command("demo-data")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo data folder.")

@@ -13,6 +13,7 @@ ignored.
 Images and labels are paired by ``<id>``, never by position in a sorted listing: an image without its label is
 reported, not silently matched with the next slice's label. :func:`load_split` reads and checks every file and
 raises one :class:`DataError` that lists every problem found, one line per problem, each naming its file.
+:func:`load_images` does the same for the images of a folder alone (new scans, labels ignored).
 """
 
 from __future__ import annotations
@@ -93,35 +94,46 @@ class Split:
 # ----------------------------------------------------------------------------------------------------- finding
 
 
-def _scan(folder: Path) -> tuple[list[SlicePair], list[str]]:
-    """Pairs by id, plus one problem line per folder/naming/pairing problem."""
+def _index(folder: Path, kinds: tuple[str, ...]) -> tuple[dict[str, dict[str, Path]], list[str]]:
+    """The files of each kind in `kinds` (IMAGE_SUFFIX, LABEL_SUFFIX) by id, plus one problem line per folder or
+    naming problem; files of the other kind are skipped unchecked."""
     if not folder.exists():
-        return [], [f"{folder}: folder does not exist"]
+        return {}, [f"{folder}: folder does not exist"]
     if not folder.is_dir():
-        return [], [f"{folder}: is not a folder"]
+        return {}, [f"{folder}: is not a folder"]
     problems: list[str] = []
-    images: dict[str, Path] = {}
-    labels: dict[str, Path] = {}
+    tables: dict[str, dict[str, Path]] = {kind: {} for kind in kinds}
     for path in sorted(folder.iterdir()):
         name = path.name
         if name.startswith(".") or not name.lower().endswith(EXTENSIONS):
             continue
+        match = _NAME.match(name)
+        if match is not None and match["kind"] in (IMAGE_SUFFIX, LABEL_SUFFIX) and match["kind"] not in kinds:
+            continue
         if not path.is_file():
             problems.append(f"{path}: is not a regular file")
             continue
-        match = _NAME.match(name)
-        if match is None or match["kind"] not in (IMAGE_SUFFIX, LABEL_SUFFIX):
+        if match is None or match["kind"] not in kinds:
             problems.append(
                 f"{path}: name follows neither <id>{IMAGE_SUFFIX}.<ext> nor <id>{LABEL_SUFFIX}.<ext> "
                 f"(ext .npy, .nii or .nii.gz)"
             )
             continue
-        slice_id = match["id"]
-        table, what = (labels, "label") if match["kind"] == LABEL_SUFFIX else (images, "image")
+        slice_id, table = match["id"], tables[match["kind"]]
         if slice_id in table:
+            what = "label" if match["kind"] == LABEL_SUFFIX else "image"
             problems.append(f"{path}: a second {what} for id '{slice_id}' (also {table[slice_id].name})")
             continue
         table[slice_id] = path
+    return tables, problems
+
+
+def _scan(folder: Path) -> tuple[list[SlicePair], list[str]]:
+    """Pairs by id, plus one problem line per folder/naming/pairing problem."""
+    tables, problems = _index(folder, (IMAGE_SUFFIX, LABEL_SUFFIX))
+    if not tables:
+        return [], problems
+    images, labels = tables[IMAGE_SUFFIX], tables[LABEL_SUFFIX]
     for slice_id in sorted(images.keys() - labels.keys()):
         problems.append(f"{images[slice_id]}: image without label (expected {slice_id}{LABEL_SUFFIX}.npy or .nii.gz)")
     for slice_id in sorted(labels.keys() - images.keys()):
@@ -184,7 +196,11 @@ def _read_checked(path: Path, what: str) -> tuple[np.ndarray | None, list[str]]:
     return np.asarray(array), []
 
 
-def _check_image(path: Path, array: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _read_image(path: Path) -> tuple[np.ndarray | None, list[str]]:
+    """An image as float32 (None where it cannot be read as a 2D numeric array) and its problems, one line each."""
+    array, problems = _read_checked(path, "image")
+    if array is None:
+        return None, problems
     with np.errstate(over="ignore", invalid="ignore"):
         image = np.ascontiguousarray(array, dtype=np.float32)
     finite = np.isfinite(image)
@@ -224,18 +240,15 @@ def load_split(folder: Path | str, num_classes: int) -> Split:
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     for pair in pairs:
-        raw_image, image_problems = _read_checked(pair.image, "image")
+        image, image_problems = _read_image(pair.image)
         raw_label, label_problems = _read_checked(pair.label, "label")
-        if raw_image is not None:
-            image, more = _check_image(pair.image, raw_image)
-            image_problems += more
         if raw_label is not None:
             label, more = _check_label(pair.label, raw_label, num_classes)
             label_problems += more
-        if raw_image is not None and raw_label is not None and raw_image.shape != raw_label.shape:
+        if image is not None and raw_label is not None and image.shape != raw_label.shape:
             label_problems.append(
                 f"{pair.label}: shape {raw_label.shape[0]}x{raw_label.shape[1]} differs from its image "
-                f"{pair.image.name} ({raw_image.shape[0]}x{raw_image.shape[1]})"
+                f"{pair.image.name} ({image.shape[0]}x{image.shape[1]})"
             )
         if image_problems or label_problems:
             problems += image_problems + label_problems
@@ -246,6 +259,42 @@ def load_split(folder: Path | str, num_classes: int) -> Split:
     if problems:
         raise DataError(problems)
     return Split(folder=folder, ids=ids, images=images, labels=labels)
+
+
+@dataclass
+class Images:
+    """The images of one folder without labels (new scans), sorted by id: float32 (H, W), sizes may differ."""
+
+    folder: Path
+    ids: list[str]
+    paths: list[Path]
+    images: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_images(folder: Path | str) -> Images:
+    """Read and check every image (``<id>_T1w.*``) of a folder, ignoring its label files, with the checks that
+    :func:`load_split` makes of images; raise one DataError listing all problems, one line each."""
+    folder = Path(folder)
+    tables, problems = _index(folder, (IMAGE_SUFFIX,))
+    found = sorted(tables.get(IMAGE_SUFFIX, {}).items())
+    if tables and not found and not problems:
+        problems.append(f"{folder}: no images (<id>{IMAGE_SUFFIX}.npy, .nii.gz or .nii)")
+    ids: list[str] = []
+    paths: list[Path] = []
+    images: list[np.ndarray] = []
+    for slice_id, path in found:
+        image, more = _read_image(path)
+        problems += more
+        if not more:
+            ids.append(slice_id)
+            paths.append(path)
+            images.append(image)
+    if problems:
+        raise DataError(problems)
+    return Images(folder=folder, ids=ids, paths=paths, images=images)
 
 
 # ----------------------------------------------------------------------------------------------------- writing
