@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -501,6 +502,13 @@ def test_predict_out_never_replaces_a_folder_that_is_not_a_predict_output(traine
     a_file.write_text("x")
     code, output = hpcseg("predict", trained, "--data", data, "--out", a_file / "out")
     assert code == 2 and output.strip() == f"hpcseg: error: {a_file / 'out'}: cannot be created, {a_file} is not a folder"
+    # prediction files without the predict.json of a predict output (test's predictions/ folder, say) are not replaced
+    code, output = hpcseg("test", trained, "--data", data, "--out", tmp_path / "tested")
+    assert code == 0, output
+    code, output = hpcseg("predict", trained, "--data", data, "--out", tmp_path / "tested" / "predictions")
+    assert code == 2 and output.strip() == (f"hpcseg: error: {tmp_path / 'tested' / 'predictions'}: looks like part of "
+                                            "a predict output but has no predict.json; choose another --out"), output
+    shutil.rmtree(tmp_path / "tested")
     # an earlier predict output is replaced as a whole: predictions of slices no longer in --data go
     one = tmp_path / "one"
     one.mkdir()

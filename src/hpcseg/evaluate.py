@@ -60,7 +60,7 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
-    check_replaceable(out_dir, "test", OUTPUTS.__contains__)
+    check_replaceable(out_dir, "test", OUTPUTS.__contains__, "summary.json")
     best = load_best_model(run_dir)
     job, device = best.job, best.device
     split = load_split(data_dir, job.data.num_classes)

@@ -37,15 +37,19 @@ def blocked(folder: Path | str) -> str | None:
     return None
 
 
-def check_replaceable(out_dir: Path, what: str, is_output: Callable[[str], bool]) -> None:
-    """Refuse (OutputDirError) an output folder that cannot be made, or that holds an entry `is_output` does not
-    accept, which replacing the folder would delete."""
+def check_replaceable(out_dir: Path, what: str, is_output: Callable[[str], bool], marker: str) -> None:
+    """Refuse (OutputDirError) an output folder that cannot be made, or a non-empty one that is not an earlier
+    output: it lacks `marker` (the file every output has) or holds an entry `is_output` does not accept, which
+    replacing the folder would delete."""
     problem = blocked(out_dir)
     if problem:
         raise OutputDirError(problem)
     if not out_dir.exists():
         return
-    others = sorted(p.name for p in out_dir.iterdir() if not is_output(p.name))
+    entries = [p.name for p in out_dir.iterdir()]
+    others = sorted(name for name in entries if not is_output(name))
+    if entries and not others and marker not in entries:
+        raise OutputDirError(f"{out_dir}: looks like part of a {what} output but has no {marker}; choose another --out")
     if others:
         raise OutputDirError(f"{out_dir}: holds more than a {what} output ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}), which the output would replace; "
