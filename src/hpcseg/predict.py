@@ -29,7 +29,7 @@ def is_output(name: str) -> bool:
 def predict_run(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict:
     """Predict every image of `data_dir` (labels there are ignored) with `run_dir`'s best checkpoint into `out_dir`."""
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir).absolute()
-    check_replaceable(out_dir, "predict", is_output, "predict.json")
+    check_replaceable(out_dir, "predict", is_output, SUMMARY)
     scans = load_images(data_dir)
     nifti = {i: _nifti_source(path) for i, path in enumerate(scans.paths) if not path.name.lower().endswith(".npy")}
     best = load_best_model(run_dir)
