@@ -85,7 +85,7 @@ EOF
 if [[ "$TINY" == 1 ]]; then
   SP=(--batches 2 --steps 1)
   TP=(--samples 4 --rounds 1 --warmup-samples 2 --variants ex,b2,b4)
-  SAME=(--epochs 1 --ex-val-interval 1 --hpcseg b2:train.batch_size=2 --hpcseg b4:train.batch_size=4)
+  SAME=(--epochs 1 --minutes 0.05 --hpcseg-minutes 0.05 --ex-val-interval 1 --hpcseg b2:train.batch_size=2 --hpcseg b4:train.batch_size=4)
   TTD=(--minutes 0.1 --hpcseg-minutes 0.05 --ex-val-interval 1 --hpcseg b4:train.batch_size=4)
 else
   SP=(--batches 2,16,64 --steps 20 --kernels 15)
