@@ -51,6 +51,16 @@ def test_dry_run_slurm_script(cli, tiny_data):
         assert line in out, (line, out)
 
 
+def test_local_sweep_says_max_parallel_is_not_applied(cli, tiny_data):
+    # the local executor starts one process per element (no job array): --max-parallel cannot hold any back
+    code, out = _dry(cli, "--executor", "local", "--sweep", "train.seed=0,1,2", "--max-parallel", "1", data=tiny_data)
+    assert code == 0, out
+    assert "hpcseg: warning: --max-parallel 1: the local executor has no job arrays; all 3 runs start at once" in out
+    assert out.count("# would submit run") == 3
+    code, out = _dry(cli, "--executor", "local", "--sweep", "train.seed=0,1,2", "--max-parallel", "3", data=tiny_data)
+    assert code == 0 and "warning" not in out, out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--profile", "dtu", "--queue", "gpuh100"], "--queue gpuh100: unknown queue for profile 'dtu'"),
     (["--profile", "dtu", "--queue", "gpuv100", "--time", "25:00"], "--time 25:00: above the 24:00 limit of queue gpuv100"),

@@ -308,6 +308,10 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     run_ids = [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
     exp_dir = plan.scratch / plan.experiment
     array = n > 1 and plan.executor != "local"  # the local executor has no arrays: one process per element
+    if plan.executor == "local" and opts.max_parallel is not None and opts.max_parallel < n:
+        # no array, so nothing holds elements back: say so rather than let N trainings share the cores unasked
+        print(f"hpcseg: warning: --max-parallel {opts.max_parallel}: the local executor has no job arrays; "
+              f"all {n} runs start at once", file=sys.stderr)
     shared = exp_dir / ".arrays" / sweep_id if array else None
 
     if opts.dry_run:
