@@ -112,7 +112,7 @@ def test_deterministic_and_overwrite(demo, tmp_path):
     with pytest.raises(DataError) as info:
         build_demo_data(again)
     assert info.value.problems == [
-        f"{again}: folder exists and is not empty; choose another or pass overwrite=True (--overwrite)"
+        f"{again}: folder exists and is not empty; choose another or pass --overwrite"
     ]
     assert build_demo_data(again, overwrite=True) == counts
     assert (again / "keep.txt").read_text() == "mine"  # only the demo's own products are replaced

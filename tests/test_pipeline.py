@@ -142,6 +142,20 @@ def test_early_stopping(tiny_data, tmp_path):
     progress = json.loads((run / "progress.json").read_text())
     assert progress["stopped_early"] and progress["epoch"] == progress["best_epoch"] + 2 < 40
     assert "early stop" in output
+    # resuming it (a requeue after the last save, say) trains nothing more, and says so
+    lines = (run / "metrics.jsonl").read_text()
+    output = train(tiny_data, run, "train.epochs=40", "train.early_stop=2", "optim.name=sgd", "optim.lr=1e-8",
+                   "optim.momentum=0.0", "augment.enabled=false", "model.dropout=0.0", resume=True)
+    assert f"nothing to do: stopped early at epoch {progress['epoch']}" in output, output
+    assert (run / "metrics.jsonl").read_text() == lines
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(trained, tiny_data, tmp_path):
+    run = shutil.copytree(trained, tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text()
+    output = train(tiny_data, run, resume=True)
+    assert "nothing to do: 3 of 3 epochs done (raise train.epochs to go on)" in output and "done: 3 epochs" in output
+    assert (run / "metrics.jsonl").read_text() == lines
 
 
 def test_odd_and_small_slices_of_mixed_sizes(tmp_path):

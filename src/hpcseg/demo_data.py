@@ -138,7 +138,7 @@ def _refuse_or_prepare(out: Path, overwrite: bool) -> None:
     if problem:
         raise DataError([problem])
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError([f"{out}: folder exists and is not empty; choose another or pass overwrite=True (--overwrite)"])
+        raise DataError([f"{out}: folder exists and is not empty; choose another or pass --overwrite"])
 
 
 def build_demo_data(

@@ -112,11 +112,14 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
 
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
     bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress)
-    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, "
-        f"epochs {state.epoch + 1}..{job.train.epochs}, batch {batch}")
+    last_epoch = state.epoch if state.stopped_early else job.train.epochs  # a resumed early stop stays stopped
+    to_go = (f"epochs {state.epoch + 1}..{last_epoch}" if state.epoch < last_epoch else
+             f"nothing to do: stopped early at epoch {state.epoch}" if state.stopped_early else
+             f"nothing to do: {state.epoch} of {job.train.epochs} epochs done (raise train.epochs to go on)")
+    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}")
 
     last_saved = time.monotonic()
-    for epoch in range(state.epoch + 1, job.train.epochs + 1):
+    for epoch in range(state.epoch + 1, last_epoch + 1):
         started = time.perf_counter()
         partial = partial or new_epoch(n, device, generator)
         with warning.deferred() if warning else contextlib.nullcontext():
@@ -171,7 +174,7 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     _write_progress(run_dir, job, state, None, finished=True)
     summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
-    log(f"done: {state.epoch} epochs, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
+    log(f"done: {state.epoch} epoch{'s' if state.epoch != 1 else ''}, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
     return summary
 
 
