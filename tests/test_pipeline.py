@@ -300,6 +300,31 @@ def test_compile_failure_falls_back_with_one_line(tiny_data, tmp_path, monkeypat
     assert (tmp_path / "run" / "checkpoints" / "last.pt").exists()
 
 
+def test_compile_is_static_and_probed_at_the_training_shape(tiny_data, tmp_path, monkeypatch):
+    seen = {}
+
+    class Recording(torch.nn.Module):  # stands in for the compiled module: records the shapes it is called with
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            seen.setdefault("shapes", []).append(tuple(x.shape))
+            return self.model(x)
+
+    def recording_compile(model, **kwargs):
+        seen["kwargs"] = kwargs
+        return Recording(model)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    output = train(tiny_data, tmp_path / "run", "train.epochs=1", "train.compile=true", "train.batch_size=3",
+                   "train.compile_mode=max-autotune")
+    assert "torch.compile failed" not in output
+    assert seen["kwargs"] == {"mode": "max-autotune", "dynamic": False}
+    # the probe, then the 4 training slices as a batch of 3 and a last batch of 1, all at the 32 x 32 crop
+    assert seen["shapes"] == [(3, 1, 32, 32), (3, 1, 32, 32), (1, 1, 32, 32)]
+
+
 def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(tiny_data, tmp_path, monkeypatch):
     import hpcseg.train as T
 

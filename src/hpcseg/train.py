@@ -342,9 +342,12 @@ def maybe_compile(model, job: Job, log):
         return model
     device = next(model.parameters()).device
     try:
-        compiled = torch.compile(model, mode=job.train.compile_mode)
+        # static shapes: training sees one batch shape (and a smaller last batch), each compiled for itself; with
+        # dynamic shapes the second one would recompile the model for any shape, slower for the first one too
+        compiled = torch.compile(model, mode=job.train.compile_mode, dynamic=False)
+        probe = torch.zeros(job.train.batch_size, 1, *job.train.crop, device=device)  # the training shape, once
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # the probe's dropout
-            compiled(torch.zeros(1, 1, 32, 32, device=device)).sum().backward()
+            compiled(probe).sum().backward()
         model.zero_grad(set_to_none=True)
         return compiled
     except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
