@@ -223,7 +223,7 @@ def cancel(selectors, scratch) -> None:
             mark_cancelled(r.path / CANCELLED)
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
     if failed:
-        sys.exit(2)
+        sys.exit(ClusterError.exit_code)
 
 
 def _why_no_job_id(run) -> str:

@@ -180,8 +180,9 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     delay = profile.signal_delay_s if profile.signal_delay_s is not None else default_delay
     delay = max(1, min(delay, minutes * 60 - 5))  # the warning must come before the walltime ends
     scratch = resolve_scratch(opts.scratch, profile.scratch)
-    if blocked(scratch):  # a --dry-run that accepts it would promise a submission that cannot happen
-        raise ClusterError(f"scratch {blocked(scratch)}")
+    problem = blocked(scratch)
+    if problem:  # a --dry-run that accepts it would promise a submission that cannot happen
+        raise ClusterError(f"scratch {problem}")
     return Plan(executor=executor, profile=profile, experiment=_check_name(opts.name or job.name),
                 scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
