@@ -32,6 +32,17 @@ def device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start(args) -> tuple[torch.device, dict]:
+    """What every benchmark does first: ``args.data`` defaulted, the device picked from ``args.device``, one
+    thread per core, and the machine described (before the run, so its load average is the one at the start)."""
+    from hpcseg.train import set_threads
+
+    args.data = Path(args.data or default_data())
+    chosen = device(args.device)
+    set_threads(0)
+    return chosen, machine()
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -35,7 +35,7 @@ from hpcseg.data import load_split  # noqa: E402
 from hpcseg.infer import autocast  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
-from hpcseg.train import augment_params, set_threads  # noqa: E402
+from hpcseg.train import augment_params  # noqa: E402
 
 JOB = C.REPO / "jobs" / "exercise-improved.toml"
 PHASES = ("crop", "augment", "forward", "loss", "backward", "optimizer")
@@ -153,10 +153,7 @@ def top_kernels(phases, n: int) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.data = Path(args.data or C.default_data())
-    device = C.device(args.device)
-    set_threads(0)
-    info = C.machine()
+    device, info = C.start(args)
     batches = [int(b) for b in (args.batches or ("2,16,64" if device.type == "cuda" else "2,8")).split(",")]
     base = load_job(JOB, args.set).replace(**{"train.crop": [args.crop, args.crop]})
     split = load_split(args.data / "training_data", base.data.num_classes)

@@ -48,7 +48,7 @@ import exercise_loop as ex  # noqa: E402
 from hpcseg.data import load_split  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
-from hpcseg.train import augment_params, maybe_compile, new_epoch, set_threads, train_one_epoch  # noqa: E402
+from hpcseg.train import augment_params, maybe_compile, new_epoch, train_one_epoch  # noqa: E402
 
 JOB = C.REPO / "jobs" / "exercise-improved.toml"
 
@@ -209,10 +209,7 @@ def isolated_memory(args, device, spec: str, batch: int) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    args.data = Path(args.data or C.default_data())
-    device = C.device(args.device)
-    set_threads(0)
-    info = C.machine()
+    device, info = C.start(args)
     specs = args.variants or ("ex,b2,b2-fp32,b8,b16,b32,b64" if device.type == "cuda" else "ex,b2,b2-torchdrop,b4,b8")
     parsed = [parse_variant(s) for s in specs.split(",") if s.strip()]
     lcm = math.lcm(*[b for _, b, *_ in parsed])
