@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import click
 
 from ..atomic import atomic_write_text
+from ..errors import ClusterError  # noqa: F401 - re-exported: the cluster modules import it from here
 
 RUN_RECORD = "run.json"
 OUTCOME = "outcome.json"
@@ -36,15 +36,6 @@ ATTEMPTS = "attempts.jsonl"
 CANCELLED = "cancelled.json"
 PROGRESS = "progress.json"
 DEFAULT_SCRATCH = "hpcseg-scratch"
-
-
-class ClusterError(click.ClickException):
-    """A user error of the cluster commands: printed as one line, exit 2 (as every hpcseg user error), no traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:  # one line, in the project's style
-        click.echo(f"hpcseg: error: {self.format_message()}", err=True, file=file)
 
 
 # ---------------------------------------------------------------- scratch
