@@ -1,5 +1,6 @@
-"""pytest plugin for the cluster front end's tests: tiny data, an isolated scratch, the CLI in-process, and
-`backend`, parametrised over the local executor, the LSF emulator and the real single-node Slurm.
+"""pytest plugin for the cluster front end's tests: tiny data, an isolated scratch, the CLI in-process,
+`backend`, parametrised over the local executor, the LSF emulator and the real single-node Slurm, and (for every
+test) `submitted_jobs`, which ends each job the test submitted when the test ends, passed or failed.
 
 Load it from tests/conftest.py with ``pytest_plugins = [..., "fixtures_cluster"]`` (it uses the
 ``lsf_emulator`` and ``slurm_cluster`` fixtures of fixtures_lsf / fixtures_slurm).
@@ -8,7 +9,11 @@ Load it from tests/conftest.py with ``pytest_plugins = [..., "fixtures_cluster"]
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +56,78 @@ def tiny_data(tmp_path_factory) -> Path:
     write_slices(root / "bad_data" / "training_data", 2, 3, bad=True)
     write_slices(root / "bad_data" / "validation_data", 2, 4)
     return root
+
+
+#: the command that submits to the scheduler whose cancel command is the key
+_SUBMITTER = {"scancel": "sbatch", "bkill": "bsub"}
+
+
+class SubmittedJobs:
+    """Every job submitted through submitit (any executor) while installed, to be ended at the test's end."""
+
+    def __init__(self) -> None:
+        self.cancel_argvs: list[list[str]] = []
+        self.processes: list[subprocess.Popen] = []
+
+    def record(self, job) -> None:
+        process = getattr(job, "_process", None)
+        if process is not None:  # the local executor: the job is this controller process (and its children)
+            self.processes.append(process)
+            return
+        cancel = getattr(job, "_cancel_command", "")
+        if cancel not in _SUBMITTER:
+            return
+        cancel_path, submit_path = shutil.which(cancel), shutil.which(_SUBMITTER[cancel])
+        # only the scheduler the job went to: a test's fake sbatch must not make the real scancel end an id it made up
+        if cancel_path and submit_path and Path(cancel_path).parent == Path(submit_path).parent:
+            self.cancel_argvs.append([cancel_path, str(job.job_id)])
+
+    def end_all(self) -> None:
+        """scancel / bkill each scheduler job (a whole array by its first id); kill each local job's process group."""
+        from hpcseg.errors import CommandError, run_command
+
+        for argv in self.cancel_argvs:
+            try:
+                run_command(argv, 30, check=False)  # a job that has ended already is no error here
+            except CommandError:
+                pass
+        for process in self.processes:
+            if process.poll() is None:
+                # hpcseg's local jobs lead their own process group; submitit's plain ones share pytest's
+                if os.getpgid(process.pid) == process.pid:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
+                process.wait(timeout=30)
+        self.cancel_argvs.clear()
+        self.processes.clear()
+
+
+@pytest.fixture(autouse=True)
+def submitted_jobs(monkeypatch):
+    """Record every job the test submits and end them all when it ends, passed or failed (a failed test used to
+    leave a 100,000-epoch job running)."""
+    from submitit.core import core
+    from submitit.local.local import LocalJob
+
+    jobs = SubmittedJobs()
+    submit_command, local_init = core.PicklingExecutor._submit_command, LocalJob.__init__
+
+    def recording_submit(self, command):  # Slurm, LSF and any other scheduler (LSF's calls this through super())
+        job = submit_command(self, command)
+        jobs.record(job)
+        return job
+
+    def recording_local_init(self, *args, **kwargs):  # every local executor, hpcseg's detached one included
+        local_init(self, *args, **kwargs)
+        jobs.record(self)
+
+    monkeypatch.setattr(core.PicklingExecutor, "_submit_command", recording_submit)
+    monkeypatch.setattr(LocalJob, "__init__", recording_local_init)
+    try:
+        yield jobs
+    finally:
+        jobs.end_all()
 
 
 @dataclass
@@ -106,17 +183,7 @@ def cli(tmp_path, monkeypatch):
     monkeypatch.setenv("HPCSEG_POLL_S", "0.3")
     monkeypatch.setenv("HPCSEG_SCHEDULER_TIMEOUT_S", "10")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cli = Cli(scratch=scratch, tmp=tmp_path)
-    yield cli
-    # end whatever a failed test left running (only this test's submitted runs)
-    from hpcseg.cluster.runs import iter_runs
-
-    submitted = [r.run_id for r in iter_runs(scratch) if (r.path / "submitit").exists()]
-    if submitted:
-        live = [r["run_id"] for r in cli.status(*submitted)
-                if r["state"] in ("PENDING", "RUNNING", "REQUEUED")]
-        if live:
-            cli("cancel", *live)
+    return Cli(scratch=scratch, tmp=tmp_path)
 
 
 @pytest.fixture(params=["local", "lsf", "slurm"])

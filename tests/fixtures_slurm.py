@@ -1,20 +1,28 @@
 """Pytest plugin: the ``slurm_cluster`` fixture for tests that need a real Slurm cluster.
 
-Tests just request the fixture (no marker needed); when no usable cluster answers, they are skipped
-with a hint to start the single-node dev cluster (``bash hpc/dev-cluster/start.sh``).
+Tests just request the fixture (no marker needed). Before any test uses a Slurm, the session checks that it is
+one the tests can use: the partition exists with a usable node, and a trivial job submitted to it shows up in
+its accounting (``sacct -j``) within a few seconds (a foreign Slurm whose accounting does not know our jobs
+would fail every test that reads a job's state). When the check fails the tests are skipped with the reason,
+and a hint to start the single-node dev cluster (``bash hpc/dev-cluster/start.sh``); under CI (``CI`` set) they
+fail instead, since CI starts the dev cluster itself and must not pass by skipping.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import subprocess
+import os
+import time
 import typing as tp
 
 import pytest
 
+from hpcseg.errors import CommandError, run_command
+
 PARTITION = "gpuv100"
 _TIMEOUT_S = 10
+#: how long accounting may take to know a job just submitted (the dev cluster: well under a second)
+ACCOUNTING_WAIT_S = float(os.environ.get("HPCSEG_TEST_SACCT_WAIT_S", "10"))
 # node states in which a job can start (sinfo %T, lower case; a trailing "*" means not responding)
 _USABLE_STATES = {"idle", "mixed", "allocated", "completing"}
 
@@ -29,21 +37,32 @@ class SlurmCluster:
 
 def _run(cmd: tp.List[str]) -> str:
     """Run a Slurm command with a short timeout; return stdout, raise RuntimeError with a reason."""
-    if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"{cmd[0]} not found on PATH")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"`{' '.join(cmd)}` did not answer within {_TIMEOUT_S}s") from None
-    if proc.returncode != 0:
-        err = proc.stderr.strip().splitlines()[-1:] or proc.stdout.strip().splitlines()[:1]
-        raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {''.join(err)}")
-    return proc.stdout
+        return run_command(cmd, _TIMEOUT_S).stdout
+    except CommandError as err:
+        raise RuntimeError(str(err)) from None
 
 
-def probe_slurm_cluster(partition: str = PARTITION) -> SlurmCluster:
-    """Return the cluster if ``sinfo`` and ``sacct`` answer and a node of ``partition`` can run
-    jobs; raise RuntimeError with the reason otherwise."""
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _accounting_knows(job_id: str, wait_s: float) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID"])
+        if job_id in out.split():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+
+
+def probe_slurm_cluster(partition: str = PARTITION, accounting_wait_s: float | None = None) -> SlurmCluster:
+    """Return the cluster if a node of ``partition`` can run jobs and ``sacct`` knows a trivial job submitted to
+    it within ``accounting_wait_s`` (default ACCOUNTING_WAIT_S); raise RuntimeError with the reason otherwise."""
+    if accounting_wait_s is None:
+        accounting_wait_s = ACCOUNTING_WAIT_S
     # fails at once when no controller answers (sinfo would retry the connection for ~9 s)
     _run(["scontrol", "ping"])
     nodes = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N %T"]).split()
@@ -54,16 +73,36 @@ def probe_slurm_cluster(partition: str = PARTITION) -> SlurmCluster:
     if not usable:
         states = ", ".join(f"{name}: {state}" for name, state in pairs)
         raise RuntimeError(f"no usable node in partition {partition!r} ({states})")
-    # submitit reads job states with sacct: without accounting, jobs never count as done
-    _run(["sacct", "-n", "-X", "-S", "now-1minutes", "-o", "JobID"])
+    # the tests' jobs ask for one GPU: so does the probe, so that a Slurm without one is refused here
+    out = _run(["sbatch", "--parsable", "-p", partition, "-J", "hpcseg-test-probe", "-t", "1", "-c", "1",
+                "--gpus-per-node=1", "-o", "/dev/null", "--wrap", "true"])
+    job_id = out.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise RuntimeError(f"sbatch printed no job id: {out.strip()[:200]!r}")
+    try:
+        # submitit reads job states with sacct: a Slurm whose accounting does not know our jobs is not usable
+        if not _accounting_knows(job_id, accounting_wait_s):
+            raise RuntimeError(f"sacct does not know job {job_id} {accounting_wait_s:g} s after its submission: "
+                               "this Slurm's accounting is not the one its jobs are recorded in (a foreign Slurm?)")
+    finally:
+        try:
+            run_command(["scancel", job_id], _TIMEOUT_S, check=False)
+        except CommandError:
+            pass  # the job ends by itself within its minute
     return SlurmCluster(partition=partition, hostname=usable[0])
+
+
+def usable_slurm_cluster() -> SlurmCluster:
+    """The probed cluster; skips the calling test when there is none, or fails it under CI."""
+    try:
+        return probe_slurm_cluster()
+    except RuntimeError as e:
+        if in_ci():
+            pytest.fail(f"CI needs the Slurm dev cluster, and it is not usable: {e}", pytrace=False)
+        pytest.skip(f"no usable Slurm cluster: start one with `bash hpc/dev-cluster/start.sh` ({e})")
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> tp.Iterator[SlurmCluster]:
-    """A Slurm cluster that answers ``sinfo`` and ``sacct``; skips the test when there is none."""
-    try:
-        cluster = probe_slurm_cluster()
-    except RuntimeError as e:
-        pytest.skip(f"no Slurm cluster: start one with `bash hpc/dev-cluster/start.sh` ({e})")
-    yield cluster
+    """A Slurm cluster the tests can use (see the module's text), probed once per session."""
+    yield usable_slurm_cluster()

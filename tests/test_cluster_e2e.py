@@ -93,6 +93,17 @@ def test_submit_status_collect_cancel_fail_sweep(backend, cli, tiny_data):
     assert code == 0 and out.count("SHA256SUMS verified") == 1, out
 
 
+def test_every_job_a_test_submitted_is_ended_when_the_test_ends(backend, cli, tiny_data, submitted_jobs):
+    """What runs after every test, passed or failed (fixtures_cluster.submitted_jobs): a job that would train
+    for hours is ended, whatever the scheduler says of it."""
+    [(run_id, _)] = cli.submit("--name", "forever", data=tiny_data,
+                               sets=["train.epochs=100000", "train.val_interval=1000"])
+    cli.wait(run_id, ("RUNNING",), timeout_s=60)
+    submitted_jobs.end_all()
+    row = cli.wait(run_id, TERMINAL, timeout_s=60)
+    assert row["state"] != "COMPLETED" and (row["epoch"] or 0) < 100000, row
+
+
 def _send_warning(backend: str, run_dir: Path, job_id: str) -> None:
     """Send the job the warning signal (USR2) as its scheduler does before the time limit or on preemption."""
     if backend == "slurm":

@@ -1,6 +1,5 @@
-"""Real submitit jobs against a Slurm cluster (the single-node dev cluster: hpc/dev-cluster/start.sh).
-
-Skipped when no cluster answers (see tests/fixtures_slurm.py).
+"""Real submitit jobs against a Slurm cluster (the single-node dev cluster: hpc/dev-cluster/start.sh), skipped when
+no usable cluster answers, and the check that decides it (tests/fixtures_slurm.py) against fake Slurm commands.
 """
 
 from __future__ import annotations
@@ -10,16 +9,18 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import typing as tp
 
 import cloudpickle
 import pytest
 import submitit
 
+from fixtures_cluster import SubmittedJobs
+from fixtures_slurm import SlurmCluster, probe_slurm_cluster, usable_slurm_cluster
+
 # The tests directory is not importable inside the job, so ship this module's functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-pytestmark = pytest.mark.slurm  # for `-m slurm` / `-m "not slurm"`; the fixture does the skipping
 
 WAIT_S = 60
 
@@ -72,6 +73,7 @@ def _sacct_state(job_id: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
+@pytest.mark.slurm  # for `-m slurm` / `-m "not slurm"`; the fixture does the skipping
 def test_gpu_job_returns_result_and_sees_gpu(tmp_path, slurm_cluster):
     job = _executor(tmp_path, slurm_cluster).submit(_double_and_report, 21)
     _wait_done(job)
@@ -82,6 +84,7 @@ def test_gpu_job_returns_result_and_sees_gpu(tmp_path, slurm_cluster):
     assert result["hostname"].split(".")[0] == slurm_cluster.hostname
 
 
+@pytest.mark.slurm  # for `-m slurm` / `-m "not slurm"`; the fixture does the skipping
 def test_sacct_reports_completed(tmp_path, slurm_cluster):
     job = _executor(tmp_path, slurm_cluster).submit(_double_and_report, 1)
     _wait_done(job)
@@ -92,6 +95,7 @@ def test_sacct_reports_completed(tmp_path, slurm_cluster):
     assert job.state == "COMPLETED"
 
 
+@pytest.mark.slurm  # for `-m slurm` / `-m "not slurm"`; the fixture does the skipping
 def test_cancelled_job_ends_cancelled(tmp_path, slurm_cluster):
     job = _executor(tmp_path, slurm_cluster).submit(_sleep, 300)
     _wait_until(lambda: job.get_info(mode="force").get("State") == "RUNNING",
@@ -104,3 +108,74 @@ def test_cancelled_job_ends_cancelled(tmp_path, slurm_cluster):
     job._results_timeout_s = 0
     with pytest.raises(submitit.core.utils.UncompletedJobError):
         job.result()
+
+
+# ---------------------------------------------------------------- the check before a Slurm is used
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """Fake scontrol/sinfo/sbatch/sacct/scancel first on PATH; `set(name, stdout)` changes what one prints;
+    `calls` lists the commands run (one line each)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+
+    class Fake:
+        calls = log
+
+        @staticmethod
+        def set(name: str, stdout: str) -> None:
+            script = bin_dir / name
+            script.write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{log}'\nprintf '%s' '{stdout}'\n")
+            script.chmod(0o755)
+
+    for name, stdout in [("scontrol", "Slurmctld(primary) at vm is UP\n"), ("sinfo", "vm idle\n"),
+                         ("sbatch", "4242\n"), ("sacct", "4242\n"), ("scancel", "")]:
+        Fake.set(name, stdout)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return Fake
+
+
+def test_a_slurm_whose_accounting_knows_the_probe_job_is_used(fake_slurm):
+    assert probe_slurm_cluster("gpuv100", accounting_wait_s=0) == SlurmCluster(partition="gpuv100", hostname="vm")
+    assert "scancel 4242" in fake_slurm.calls.read_text().splitlines()
+
+
+def test_a_slurm_whose_accounting_does_not_know_our_jobs_is_not_used(fake_slurm):
+    fake_slurm.set("sacct", "")  # a foreign Slurm: sbatch takes the job, its accounting never hears of it
+    with pytest.raises(RuntimeError, match=r"^sacct does not know job 4242 0\.5 s after its submission"):
+        probe_slurm_cluster("gpuv100", accounting_wait_s=0.5)
+    calls = fake_slurm.calls.read_text().splitlines()
+    assert calls[-1] == "scancel 4242", calls  # the probe job is not left behind
+
+
+def test_a_slurm_without_the_partition_or_a_usable_node_is_not_used(fake_slurm):
+    fake_slurm.set("sinfo", "")
+    with pytest.raises(RuntimeError, match=r"^partition 'gpuv100' does not exist or has no node$"):
+        probe_slurm_cluster("gpuv100", accounting_wait_s=0)
+    fake_slurm.set("sinfo", "vm drained\n")
+    with pytest.raises(RuntimeError, match=r"^no usable node in partition 'gpuv100' \(vm: drained\)$"):
+        probe_slurm_cluster("gpuv100", accounting_wait_s=0)
+    assert not [c for c in fake_slurm.calls.read_text().splitlines() if c.startswith("sbatch")]
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_an_unusable_slurm_skips_the_tests_but_fails_them_under_ci(fake_slurm, monkeypatch, ci):
+    fake_slurm.set("sacct", "")
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr("fixtures_slurm.ACCOUNTING_WAIT_S", 0)
+    outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(outcome, match="sacct does not know job 4242"):
+        usable_slurm_cluster()
+
+
+def test_a_job_is_cancelled_only_through_the_scheduler_it_was_submitted_to(fake_slurm, tmp_path):
+    jobs = SubmittedJobs()
+    jobs.record(types.SimpleNamespace(_cancel_command="scancel", job_id="4242"))
+    jobs.end_all()
+    assert fake_slurm.calls.read_text().splitlines() == ["scancel 4242"]
+    # a fake sbatch beside no scancel: the real scancel must not cancel the id the fake made up
+    (tmp_path / "bin" / "scancel").unlink()
+    jobs.record(types.SimpleNamespace(_cancel_command="scancel", job_id="4243"))
+    assert jobs.cancel_argvs == []
