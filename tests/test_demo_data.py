@@ -178,18 +178,3 @@ def test_plan_layout_gaps():
     changes = [(a, b) for a, b in zip(flat, flat[1:]) if a[1] != b[1]]
     assert len(changes) == 5 and all(b[0] - a[0] > 3 for a, b in changes)
     assert flat[0][0] == 0 and flat[-1][0] == 99
-
-
-def test_window_geometry_on_a_synthetic_volume():
-    # voxel value encodes its MNI position: x*1000 + z, on the template's grid (origin -98, -134, -72 mm)
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    affine[:3, 3] = (-98, -134, -72)
-    x = np.arange(197)[:, None, None] - 98
-    z = np.arange(189)[None, None, :] - 72
-    volume = np.broadcast_to(x * 1000 + z + 500_000, (197, 3, 189)).astype(np.int64)
-    window = demo_data._window(volume, 1, affine)
-    assert window.shape == (176, 176)
-    assert window[0, 0] == -88 * 1000 + 95 + 500_000  # top row z = +95 mm, first column x = -88 mm (subject's left)
-    assert window[0, 175] == 87 * 1000 + 95 + 500_000  # last column x = +87 mm (subject's right)
-    assert window[167, 0] == -88 * 1000 - 72 + 500_000  # the volume's lowest plane, z = -72 mm
-    assert (window[168:] == 0).all()  # below the volume: zero padding

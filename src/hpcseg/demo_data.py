@@ -39,6 +39,7 @@ from typing import Literal
 
 import numpy as np
 
+from hpcseg import volumes
 from hpcseg.data import DataError, save_slice
 from hpcseg.outdir import blocked
 
@@ -51,11 +52,6 @@ TEMPLATE_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 NILEARN_MISSING = "demo data needs nilearn: pip install 'hpcseg[demo]'"
-
-#: The 176x176 window in MNI mm: rows z = 95 .. -80 (top down), columns x = -88 .. 87 (subject's left to right).
-TOP_Z_MM = 95
-LEFT_X_MM = -88
-SIZE = 176
 
 
 def template_dir() -> Path:
@@ -88,20 +84,6 @@ def _load_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     if not np.allclose(np.diag(affine)[:3], 1.0) or not np.allclose(affine[:3, :3], np.diag(np.diag(affine)[:3])):
         raise DataError([f"{folder / TEMPLATE_FILES['t1']}: expected 1 mm voxels aligned with MNI axes"])
     return arrays["t1"], arrays["gm"], arrays["wm"], affine
-
-
-def _window(volume: np.ndarray, j: int, affine: np.ndarray) -> np.ndarray:
-    """The 176x176 coronal window of voxel plane y-index ``j``: rows top down, columns left to right, zero-padded."""
-    plane = volume[:, j, :]  # (x, z), RAS: x towards the subject's right, z up
-    out = np.zeros((SIZE, SIZE), dtype=volume.dtype)
-    x0 = int(round(LEFT_X_MM - affine[0, 3]))  # voxel index of the first column
-    z0 = int(round(TOP_Z_MM - affine[2, 3]))  # voxel index of the first row
-    cols = np.arange(SIZE) + x0
-    rows = z0 - np.arange(SIZE)
-    ok_c = (cols >= 0) & (cols < plane.shape[0])
-    ok_r = (rows >= 0) & (rows < plane.shape[1])
-    out[np.ix_(ok_r, ok_c)] = plane[np.ix_(cols[ok_c], rows[ok_r])].T
-    return out
 
 
 def _block_sizes(n: int, blocks: int) -> list[int]:
@@ -177,28 +159,28 @@ def build_demo_data(
     _refuse_or_prepare(out, overwrite)
 
     t1, gm, wm, affine = _load_template()
-    brain = t1 > 0
-    scale = float(np.percentile(t1[brain].astype(np.float64), 99))
+    # The template lies in MNI space: volumes cuts it in brain2d's window, voxel for voxel, with its image rule.
+    cut = volumes.cut_scan(template_dir() / TEMPLATE_FILES["t1"], t1, affine)
+    gm, wm = (volumes.resample(v, affine, cut.grid.affine, cut.grid.shape, order=0) for v in (gm, wm))
     # Probability 1 as stored: 255 in the uint8 maps nilearn ships, else 1.0.
     full = np.float32(255 if gm.dtype.kind in "iu" else 1)
 
-    # Every coronal plane, cut to the window: labels, and which planes have enough of both GM and WM.
-    slices: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+    # Every coronal plane: labels, and which planes have enough of both GM and WM.
+    slices: dict[int, tuple[int, np.ndarray]] = {}
     usable: list[int] = []
-    min_pixels = min_tissue * SIZE * SIZE
-    for j in range(t1.shape[1]):
-        mask = _window(brain, j, affine)
+    min_pixels = min_tissue * volumes.SIZE * volumes.SIZE
+    for j in range(cut.grid.shape[0]):
+        mask = cut.image[j] > 0
         if not mask.any():
             continue
-        g = _window(gm, j, affine).astype(np.float32) / full
-        w = _window(wm, j, affine).astype(np.float32) / full
+        g = gm[j].astype(np.float32) / full
+        w = wm[j].astype(np.float32) / full
         csf = np.clip(1 - g - w, 0, None)
         label = np.where(mask, np.argmax(np.stack([csf, g, w]), axis=0) + 1, 0).astype(np.uint8)
         counts = np.bincount(label.ravel(), minlength=4)
         if counts[2] >= min_pixels and counts[3] >= min_pixels:
             usable.append(j)
-        y_mm = int(round(affine[1, 3] + j * affine[1, 1]))
-        slices[j] = (y_mm, mask, label)
+        slices[j] = (int(round(cut.grid.y_mm(j))), label)
     # Planes with both tissues form one run along y; use it from first to last.
     if usable:
         usable = list(range(usable[0], usable[-1] + 1))
@@ -213,12 +195,11 @@ def build_demo_data(
         for split in SPLITS:
             (tmp / split).mkdir()
             for j in layout[split]:
-                y_mm, mask, label = slices[j]
-                image = np.where(mask, _window(t1, j, affine).astype(np.float32) / np.float32(scale), 0)
+                y_mm, label = slices[j]
                 slice_id = f"{SOURCE}-cor{y_mm + 110:03d}"
-                save_slice(tmp / split, slice_id, image.astype(np.float32), label, fmt=fmt)
+                save_slice(tmp / split, slice_id, cut.image[j], label, fmt=fmt)
                 counts = np.bincount(label.ravel(), minlength=4)
-                rows.append([slice_id, split, SOURCE, y_mm, SIZE, SIZE, *counts.tolist()])
+                rows.append([slice_id, split, SOURCE, y_mm, *label.shape, *counts.tolist()])
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(["id", "split", "source", "y_mm", "H", "W", "background", "csf", "grey_matter", "white_matter"])
