@@ -18,7 +18,8 @@ elif [[ -n ${CI:-} ]]; then
     echo "the Slurm dev cluster did not start, and CI needs it" >&2
     exit 1
 else
-    echo "the Slurm dev cluster did not start: the tests that need it will be skipped"
+    echo "the Slurm dev cluster did not start: the Slurm tests use a Slurm only where a job submitted to it shows up" \
+        "in its accounting (sacct), and are skipped otherwise"
 fi
 trap '[[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh' EXIT
 

@@ -5,12 +5,14 @@ no usable cluster answers, and the check that decides it (tests/fixtures_slurm.p
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import types
 import typing as tp
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -179,3 +181,42 @@ def test_a_job_is_cancelled_only_through_the_scheduler_it_was_submitted_to(fake_
     (tmp_path / "bin" / "scancel").unlink()
     jobs.record(types.SimpleNamespace(_cancel_command="scancel", job_id="4243"))
     assert jobs.cancel_argvs == []
+
+
+# ---------------------------------------------------------------- the dev cluster's scripts beside another Slurm
+
+DEV_CLUSTER = Path(__file__).resolve().parents[1] / "hpc" / "dev-cluster"
+
+
+def _common(snippet: str, state_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source {DEV_CLUSTER / 'common.sh'}; {snippet}"], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, "HPCSEG_DEV_CLUSTER_DIR": str(state_dir)})
+
+
+def test_the_dev_cluster_takes_the_next_free_port_when_its_port_is_taken(tmp_path):
+    with socket.socket() as listener:  # another program's server on the port the dev cluster would want
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        picked = int(_common(f"free_port {taken}", tmp_path).stdout)
+        assert picked > taken
+        # names the program where ss can tell (root), so the log says who holds the port
+        user = _common(f"port_user {taken}", tmp_path).stdout.strip()
+        assert user.endswith(f" (pid {os.getpid()})") if os.geteuid() == 0 else user, user
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="start.sh runs as root")
+def test_start_refuses_to_run_beside_a_slurm_it_did_not_start_and_starts_nothing(tmp_path):
+    fake = tmp_path / "slurmctld"  # a process named slurmctld that no pid file of this state dir names
+    shutil.copy("/bin/sleep", fake)
+    state_dir = tmp_path / "state"
+    with subprocess.Popen([str(fake), "60"]) as other:
+        try:
+            proc = subprocess.run(["bash", str(DEV_CLUSTER / "start.sh")], capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "HPCSEG_DEV_CLUSTER_DIR": str(state_dir)})
+        finally:
+            other.kill()
+    assert proc.returncode == 1, proc.stderr
+    assert "another Slurm runs on this machine (slurmctld pid" in proc.stderr and str(other.pid) in proc.stderr
+    assert "skip the Slurm tests otherwise" in proc.stderr
+    assert not (state_dir / "run").exists()  # nothing started, no state written

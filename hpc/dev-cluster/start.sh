@@ -4,9 +4,12 @@
 #   bash hpc/dev-cluster/start.sh      # idempotent: installs, configures, starts, waits until usable
 #   bash hpc/dev-cluster/stop.sh       # stops exactly the daemons this script started (by pid file)
 #
-# Daemons: munged, a private mariadbd (127.0.0.1:3307, own datadir), slurmdbd, slurmctld, slurmd.
+# Daemons: munged (unless one already answers on its socket: that one is used, and left to whoever started
+# it), a private mariadbd (127.0.0.1, port 3307 or the next free one, own datadir), slurmdbd, slurmctld, slurmd.
 # Data, logs and pid files live in $HPCSEG_DEV_CLUSTER_DIR (default /tmp/hpcseg-dev-cluster).
-# Configs are written to /etc/slurm so that plain sbatch/squeue/sacct work without env vars.
+# Configs are written to /etc/slurm so that plain sbatch/squeue/sacct work without env vars: so it refuses to
+# start beside a Slurm daemon it did not start, or over a /etc/slurm/slurm.conf that hpcseg did not write.
+# If it fails, it stops the daemons it started.
 # Partitions: gpuv100 (default) and debug; one fake GPU (gres gpu:1 backed by a character device).
 # Meant for disposable dev/CI machines (Debian 12, root, no systemd). See docs/slurm-dev-cluster.md.
 set -euo pipefail
@@ -16,7 +19,7 @@ WAIT_S=${HPCSEG_DEV_CLUSTER_WAIT_S:-60}
 NODE_CPUS=${HPCSEG_DEV_CLUSTER_CPUS:-2}
 CLUSTER_NAME=hpcseg-dev
 ACCOUNT_NAME=hpcseg
-DB_PORT=3307
+DB_PORT_DEFAULT=3307
 SLURM_ETC=/etc/slurm
 HOST=$(hostname -s)
 
@@ -25,6 +28,7 @@ LOG_DIR=$STATE_DIR/log
 MUNGE_SOCKET=/run/munge/munge.socket.2
 MYSQL_SOCKET=$RUN_DIR/mysqld.sock
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+STARTED=()  # daemons this run started: stopped again if it fails
 
 t_start=$(date +%s.%N)
 
@@ -39,6 +43,10 @@ die() {
             tail -n 25 "$f" >&2
         fi
     done
+    if ((${#STARTED[@]})); then
+        log "stopping what this run started: ${STARTED[*]}"
+        bash "$(dirname "$0")/stop.sh" "${STARTED[@]}" >&2 || true
+    fi
     exit 1
 }
 
@@ -52,6 +60,7 @@ start_slurm_daemon() {
     local name=$1
     if ! alive "$name"; then
         log "starting $name"
+        STARTED+=("$name")
         setsid "$name" </dev/null >>"$LOG_DIR/$name.log" 2>&1 || die "$name failed to start" "$LOG_DIR/$name.log"
     fi
     wait_for 30 "$name (pid file)" "$LOG_DIR/$name.log" alive "$name"
@@ -65,6 +74,21 @@ for d in "${DAEMONS[@]}"; do alive "$d" || all_alive=0; done
 if [[ $all_alive == 1 ]] && timeout 10 sinfo -h >/dev/null 2>&1; then
     echo "hpcseg dev cluster already running ($CLUSTER_NAME on $HOST, state in $STATE_DIR)"
     exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Another Slurm on this machine? Its daemons would hold the ports, and /etc/slurm is one for all.
+# ---------------------------------------------------------------------------------------------
+for d in slurmctld slurmd slurmdbd; do
+    others=$(foreign_pids "$d" | tr '\n' ' ')
+    if [[ -n $others ]]; then
+        die "another Slurm runs on this machine ($d pid ${others% }, not started with state in $STATE_DIR): the dev \
+cluster cannot run beside it. Stop it, or leave it: the tests use a Slurm only if a job submitted to it shows up \
+in its accounting, and skip the Slurm tests otherwise"
+    fi
+done
+if [[ -f $SLURM_ETC/slurm.conf ]] && ! grep -q '^# Written by hpcseg hpc/dev-cluster/start.sh' "$SLURM_ETC/slurm.conf"; then
+    die "$SLURM_ETC/slurm.conf was not written by hpcseg (a Slurm of this machine?): not overwriting it"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +207,15 @@ AutoDetect=off
 NodeName=$HOST Name=gpu File=$GPU_DEV
 EOF
 
+# MariaDB's port: the one our running mariadbd has, else 3307 or the next free one (another may hold 3307)
+if pid=$(pid_of mariadbd); then
+    DB_PORT=$(tr '\0' '\n' <"/proc/$pid/cmdline" | sed -n 's/^--port=//p')
+else
+    DB_PORT=$(free_port "$DB_PORT_DEFAULT") || die "no free port for MariaDB in $DB_PORT_DEFAULT..$((DB_PORT_DEFAULT + 99))"
+    if [[ $DB_PORT != "$DB_PORT_DEFAULT" ]]; then
+        log "port $DB_PORT_DEFAULT is taken by $(port_user "$DB_PORT_DEFAULT"), not by this dev cluster: MariaDB uses $DB_PORT"
+    fi
+fi
 write_if_changed "$SLURM_ETC/slurmdbd.conf" 600 <<EOF
 # Written by hpcseg hpc/dev-cluster/start.sh (mode 600: it holds the DB password).
 AuthType=auth/munge
@@ -220,9 +253,13 @@ for d in "${DAEMONS[@]}"; do
     alive "$d" || rm -f "$RUN_DIR/$d.pid"
 done
 
-# munged: private socket, key in /etc/munge
-if ! alive munged; then
+# munged: default socket, key in /etc/munge; one that already answers there is used, not doubled
+munge_answers() { munge -S "$MUNGE_SOCKET" -n | unmunge -S "$MUNGE_SOCKET"; }
+if ! alive munged && munge_answers >/dev/null 2>&1; then
+    log "using the munged already answering on $MUNGE_SOCKET (not started here: stop.sh leaves it running)"
+elif ! alive munged; then
     log "starting munged"
+    STARTED+=(munged)
     # (munged itself replaces a stale socket, and refuses to start if another munged owns it)
     munged --key-file=/etc/munge/munge.key --socket="$MUNGE_SOCKET" \
         --pid-file="$RUN_DIR/munged.pid" --log-file="$LOG_DIR/munged.log" \
@@ -230,8 +267,7 @@ if ! alive munged; then
         </dev/null >>"$LOG_DIR/munged.log" 2>&1 \
         || die "munged failed to start" "$LOG_DIR/munged.log"
 fi
-wait_for 10 "munged" "$LOG_DIR/munged.log" \
-    bash -c "munge -S '$MUNGE_SOCKET' -n | unmunge -S '$MUNGE_SOCKET'"
+wait_for 10 "munged" "$LOG_DIR/munged.log" munge_answers
 
 # private MariaDB
 mysql_cmd() { mariadb --no-defaults --protocol=socket -S "$MYSQL_SOCKET" -uroot "$@"; }
@@ -244,6 +280,7 @@ if ! alive mariadbd; then
             || die "mariadb-install-db failed" "$LOG_DIR/mariadb-install.log"
     fi
     log "starting mariadbd on 127.0.0.1:$DB_PORT"
+    STARTED+=(mariadbd)
     rm -f "$MYSQL_SOCKET"
     setsid mariadbd --no-defaults --user=root --datadir="$STATE_DIR/mysql" \
         --port=$DB_PORT --bind-address=127.0.0.1 --socket="$MYSQL_SOCKET" \

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Stop the single-node dev Slurm cluster started by hpc/dev-cluster/start.sh.
-# Only the daemons recorded in the state dir's pid files are signalled (never by name); a pid file
-# whose process is gone, or is no longer that daemon, is just removed. Harmless when nothing runs.
+#
+#   bash hpc/dev-cluster/stop.sh [DAEMON...]    # default: all of them, after cancelling the cluster's jobs
+#
+# Only the daemons recorded in the state dir's pid files are signalled (never by name; a munged that start.sh
+# found running and used has none, and is left alone); a pid file whose process is gone, or is no longer that
+# daemon, is just removed. Jobs still on the cluster are cancelled first, so that none outlives it (their
+# processes belong to slurmd's job steps, which stopping slurmd leaves running). Harmless when nothing runs.
 # Data (accounting DB, slurmctld state, logs) stays in the state dir for the next start.
 set -uo pipefail
 
@@ -10,7 +15,23 @@ STOP_WAIT_S=${HPCSEG_DEV_CLUSTER_STOP_WAIT_S:-20}
 
 stopped=0
 # reverse start order: compute nodes first, the database and munge last
-for name in slurmd slurmctld slurmdbd mariadbd munged; do
+names=(slurmd slurmctld slurmdbd mariadbd munged)
+(($#)) && names=("$@")
+
+# every job on this cluster was submitted to it: cancel them while its controller still answers
+if [[ " ${names[*]} " == *" slurmd "* ]] && pid_of slurmctld >/dev/null; then
+    jobs=$(timeout 10 squeue -h -o %A 2>/dev/null | tr '\n' ' ')
+    if [[ -n ${jobs// } ]]; then
+        log "cancelling the jobs still on the cluster: $jobs"
+        timeout 10 scancel $jobs 2>/dev/null || true
+        deadline=$(( $(date +%s) + STOP_WAIT_S ))
+        while [[ -n $(timeout 10 squeue -h -o %A 2>/dev/null) ]] && (( $(date +%s) < deadline )); do
+            sleep 0.2
+        done
+    fi
+fi
+
+for name in "${names[@]}"; do
     pidfile=$RUN_DIR/$name.pid
     if pid=$(pid_of "$name"); then
         log "stopping $name (pid $pid)"
