@@ -27,7 +27,7 @@ RESUME_KEYS = ("optimizer", "rng", "loop")
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` atomically: a kill at any moment leaves the previous file loadable."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, "checkpoint") as tmp:  # a full disk: one line, and the previous file stays
         torch.save(state, tmp)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -77,10 +78,32 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> Non
             raise click.UsageError("JOB_FILE is required unless --resume continues a run")
         job_file = run_dir / "job.toml"
     job = load_job(job_file, overrides)  # before importing torch: a bad job file is refused at once
+    from .train import RECORD, recorded_data
     from .train import train as run_training
 
-    train_folder, val_folder = data_dirs(job, data, train_dir, val_dir)
-    run_training(job, train_folder, val_folder, run_dir, resume=resume)
+    given = [(option, Path(value).absolute()) for option, value in
+             (("--data", data), ("--train-dir", train_dir), ("--val-dir", val_dir)) if value]
+    if resume and not given:  # the folders the run was started with
+        folders = recorded_data(run_dir)
+        if folders is None:
+            raise UserError(f"{run_dir / RECORD}: not found, so the run's data folders are unknown: pass --data")
+    else:
+        folders = data_dirs(job, data, train_dir, val_dir)
+    try:
+        run_training(job, *folders, run_dir, resume=resume)
+    except KeyboardInterrupt:
+        click.echo(f"hpcseg: interrupted; {_resume_hint(run_dir, given)}", err=True)
+        sys.exit(130)
+
+
+def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
+    """How to continue an interrupted `hpcseg train`, as one command line."""
+    from .train import LAST, RECORD
+
+    if not (run_dir / LAST).exists() and not (run_dir / RECORD).exists():
+        return "training had not started, nothing to resume: run the same command again"
+    data = [] if (run_dir / RECORD).is_file() else [str(a) for pair in given for a in pair]  # else train.json has them
+    return "resume with: " + shlex.join(["hpcseg", "train", "--resume", "--out", str(run_dir), *data])
 
 
 @main.command()
@@ -106,6 +129,27 @@ def predict(run_dir, data, out_dir) -> None:
     from .predict import predict_run
 
     predict_run(run_dir, data, out_dir)
+
+
+@main.command()
+@click.argument("volumes", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Data folder to write: training_data/, validation_data/, test_data/, manifest.csv, prepare.json.")
+@click.option("--label-suffix", default="_tissue_segmentation", show_default=True,
+              help="Labels of <scan>_T1w.nii.gz are <scan>_T1w<SUFFIX>.nii.gz (FSL FAST: _seg).")
+@click.option("--map", "mapping", metavar="CODE=CLASS,...",
+              help="Label codes to classes 0-3 (default 0=0,1=1,2=2,3=3, FAST's); e.g. 1=2,2=3,3=1.")
+@click.option("--fractions", default="0.6,0.2,0.2", show_default=True, help="Subjects to TRAIN,VAL,TEST.")
+@click.option("--val", default="", metavar="SUBJECT,...", help="Validation subjects (with --test: the rest train).")
+@click.option("--test", "test_subjects", default="", metavar="SUBJECT,...", help="Test subjects.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions.")
+def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed) -> None:
+    """Cut the 3D scans in VOLUMES (<scan>_T1w.nii.gz + labels) into the slice data set `train` reads."""
+    from .prepare import parse_fractions, prepare as run_prepare
+
+    names = [[s for s in text.split(",") if s] for text in (val, test_subjects)]
+    run_prepare(volumes, out_dir, label_suffix=label_suffix, mapping=mapping, fractions=parse_fractions(fractions),
+                val=names[0], test=names[1], seed=seed)
 
 
 @main.command("demo-data")

@@ -261,6 +261,21 @@ def load_split(folder: Path | str, num_classes: int) -> Split:
     return Split(folder=folder, ids=ids, images=images, labels=labels)
 
 
+def load_splits(folders: Sequence[Path | str], num_classes: int) -> list[Split]:
+    """:func:`load_split` of each folder, every folder checked before any is refused: one DataError lists the
+    problems of all of them (a bad validation file is named along with the bad training files)."""
+    splits: list[Split] = []
+    problems: list[str] = []
+    for folder in folders:
+        try:
+            splits.append(load_split(folder, num_classes))
+        except DataError as err:
+            problems += err.problems
+    if problems:
+        raise DataError(problems)
+    return splits
+
+
 @dataclass
 class Images:
     """The images of one folder without labels (new scans), sorted by id: float32 (H, W), sizes may differ."""

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import TISSUES
+from .atomic import writing
 from .checkpoint import load_checkpoint, load_weights
 from .data import load_split
 from .infer import predict_slices, stack
@@ -86,7 +87,8 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
 
 def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> None:
     """Everything goes to a temporary folder first and replaces `out_dir` in one rename: never half-written."""
-    with replacing(out_dir) as tmp:
+    intact = "the previous output is intact" if out_dir.exists() else "nothing was written"
+    with writing(out_dir, f"writing the test output; {intact}"), replacing(out_dir) as tmp:
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
         rows = io.StringIO()

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .data import load_split
+from .data import load_splits
 from .errors import UserError
 from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
@@ -31,6 +32,10 @@ from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
 
 LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
+#: The data folders a run was started with, so that `--resume` needs no `--data`.
+RECORD = "train.json"
+#: What training writes into a run folder, atomically (a kill during a write leaves a temporary beside it).
+WRITTEN = (LAST, BEST, "job.toml", "progress.json", "metrics.jsonl", RECORD)
 
 
 class RunDirError(UserError):
@@ -83,9 +88,19 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     """
     run_dir = Path(run_dir)
     last = _check_run_dir(job, run_dir, resume)  # the checkpoint to resume from, read once
-    train_split = load_split(Path(train_dir), job.data.num_classes)  # checked before anything is written
-    val_split = load_split(Path(val_dir), job.data.num_classes)
+    # both splits checked before anything is written, every bad file of either named at once
+    train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
+    if resume and last is None:
+        log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
+    with writing(run_dir, "writing the run; once there is space, continue it with --resume"):
+        return _train(job, train_split, val_split, run_dir, last, progress, log, warning)
 
+
+def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning) -> dict:
+    resume = last is not None
+    remove_stale_temporaries(*(run_dir / name for name in WRITTEN))  # left by a kill during a save
+    if not resume:  # what an attempt that saved no `last` left: it starts over
+        _clear_attempt(run_dir)
     device = pick_device()
     set_threads(job.train.threads)
     torch.manual_seed(job.train.seed)
@@ -100,7 +115,9 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         state, partial = _restore(last, model, optimizer, generator, device, run_dir / LAST)
         _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "job.toml", job.to_toml())
+    atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
+    record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute())}
+    atomic_write_text(run_dir / RECORD, json.dumps(record, indent=2) + "\n", "data record")
     step_model = maybe_compile(model, job, log)
 
     images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
@@ -118,57 +135,62 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
              f"nothing to do: {state.epoch} of {job.train.epochs} epochs done (raise train.epochs to go on)")
     log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}")
 
-    last_saved = time.monotonic()
-    for epoch in range(state.epoch + 1, last_epoch + 1):
-        started = time.perf_counter()
-        partial = partial or new_epoch(n, device, generator)
-        with warning.deferred() if warning else contextlib.nullcontext():
-            stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params, generator,
-                                      partial, stop=warning.requested if warning else None)
-        if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
-            save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial), run_dir / LAST)
+    try:  # a Ctrl-C, a full disk or a divergence still ends the progress bar's line and flushes TensorBoard
+        last_saved = time.monotonic()
+        for epoch in range(state.epoch + 1, last_epoch + 1):
+            started = time.perf_counter()
+            partial = partial or new_epoch(n, device, generator)
+            with warning.deferred() if warning else contextlib.nullcontext():
+                stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
+                                          generator, partial, stop=warning.requested if warning else None)
+            if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
+                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial),
+                                run_dir / LAST)
+                log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
+                raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
+            loss_sum, partial = partial["loss_sum"], None
+            train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
+            if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics line
+                raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
+                                    f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
+                                    f"train.precision = \"fp32\"")
+            train_seconds = time.perf_counter() - started
+            record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                      "samples_per_s": n / train_seconds}
+
+            validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
+            if validating:
+                dice, example = validate(model, val_groups, job)
+                record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
+                improved = record["val_mean_dice"] > state.best_dice
+                state.stale_rounds = 0 if improved else state.stale_rounds + 1
+                if improved:
+                    state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
+                    save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+                state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
+                _log_validation(writer, record, example, epoch, job)
+
+            state.epoch = epoch
+            record["seconds"] = time.perf_counter() - started
+            # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops, redoes
+            _append_jsonl(run_dir / "metrics.jsonl", record)
+            _write_progress(run_dir, job, state, record["seconds"], finished=False)
+            # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state, so
+            # a job may save by the clock instead (the warning signal still saves, mid-epoch, above)
+            if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
+                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+                last_saved = time.monotonic()
+            writer.add_scalar("loss/train", train_loss, epoch)
+            writer.add_scalar("lr", record["lr"], epoch)
+            bar.update(record, state)
+            if state.stopped_early:
+                log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
+                break
+    except BaseException:
+        with contextlib.suppress(Exception):  # a full disk fails this too; the error above is the one to show
             writer.close()
-            log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
-            raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
-        loss_sum, partial = partial["loss_sum"], None
-        train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
-        if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics line
-            writer.close()
-            raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
-                                f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set train.precision = \"fp32\"")
-        train_seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                  "samples_per_s": n / train_seconds}
-
-        validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
-        if validating:
-            dice, example = validate(model, val_groups, job)
-            record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
-            improved = record["val_mean_dice"] > state.best_dice
-            state.stale_rounds = 0 if improved else state.stale_rounds + 1
-            if improved:
-                state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
-                save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
-            state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
-            _log_validation(writer, record, example, epoch, job)
-
-        state.epoch = epoch
-        record["seconds"] = time.perf_counter() - started
-        # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops and redoes
-        _append_jsonl(run_dir / "metrics.jsonl", record)
-        _write_progress(run_dir, job, state, record["seconds"], finished=False)
-        # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state, so a
-        # job may save by the clock instead (the warning signal still saves, mid-epoch, above)
-        if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
-            save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
-            last_saved = time.monotonic()
-        writer.add_scalar("loss/train", train_loss, epoch)
-        writer.add_scalar("lr", record["lr"], epoch)
-        bar.update(record, state)
-        if state.stopped_early:
-            log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
-            break
-
+        bar.close()
+        raise
     writer.close()
     bar.close()
     _write_progress(run_dir, job, state, None, finished=True)
@@ -285,12 +307,47 @@ def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
             raise RunDirError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --out")
         return None
     if not (run_dir / LAST).exists():
+        if _started(run_dir):  # a first attempt killed before its first checkpoint: `train` starts it over
+            return None
         raise RunDirError(f"{run_dir / LAST}: nothing to resume from")
     ckpt = load_checkpoint(run_dir / LAST, resume=True)
     ckpt_job = job_from_dict(ckpt["job"], source=str(run_dir / LAST))
     if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
         raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
     return ckpt
+
+
+def _started(run_dir: Path) -> bool:
+    """Whether training started in `run_dir` and has not finished (its `last` may not be saved yet)."""
+    if not any((run_dir / name).exists() for name in (RECORD, "metrics.jsonl", "progress.json")):
+        return False
+    try:  # a finished run whose `last` is gone (deleted to save space) is not trained again from scratch
+        return json.loads((run_dir / "progress.json").read_text()).get("finished") is not True
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+def _clear_attempt(run_dir: Path) -> None:
+    """Remove what an attempt that saved no `last` wrote (its metrics, progress, TensorBoard events, `best`), so that
+    a run started over does not mix with it."""
+    for name in ("metrics.jsonl", "progress.json", BEST):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+
+
+def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
+    """The training and validation folders `run_dir` was trained with (from its train.json), or None."""
+    path = Path(run_dir) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        folders = record["train_dir"], record["val_dir"]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RunDirError(f"{path}: damaged ({type(err).__name__}); pass --data") from None
+    if not all(isinstance(f, str) and f for f in folders):
+        raise RunDirError(f"{path}: damaged (folders are not strings); pass --data")
+    return Path(folders[0]), Path(folders[1])
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
@@ -313,7 +370,9 @@ def _epoch_of(line: str) -> int | None:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
+    # a full disk may leave half a line, which resume drops (see _truncate_metrics)
+    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"), \
+            open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -333,7 +392,7 @@ def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | 
     progress = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice if state.best_epoch else None,
                 "best_epoch": state.best_epoch or None, "seconds_per_epoch": per_epoch, "updated": time.time(),
                 "finished": finished, "stopped_early": state.stopped_early}
-    atomic_write_text(path, json.dumps(progress) + "\n")
+    atomic_write_text(path, json.dumps(progress) + "\n", "progress file")
 
 
 def maybe_compile(model, job: Job, log):
