@@ -119,9 +119,10 @@ def test_parameters_and_script(lsf_emulator, tmp_path):
     assert "module load cuda/12.1\nsource ~/venv/bin/activate\n" in text
     assert "export SUBMITIT_EXECUTOR=lsf" in text
     assert text.index("module load") < text.index("( trap - INT; exec python -m x ) &")
-    ex.update_parameters(mem_gb=10, signal_delay_s=0, timeout_min=90)
+    ex.update_parameters(mem_gb=10, signal_delay_s=0, timeout_min=90, additional_parameters=None)
     text = ex._make_submission_file_text("python -m x", "uid")
     assert '#BSUB -R "rusage[mem=2560MB]"' in text and "#BSUB -wt 1" in text and "#BSUB -W 1:30" in text
+    assert "#BSUB -M 2560MB" in text  # the per-process limit beside the reservation, in the same unit
 
     with pytest.raises(ValueError, match=r"^Unknown LSF executor parameter\(s\) partition; valid: ") as err:
         ex.update_parameters(partition="gpu")
@@ -130,6 +131,18 @@ def test_parameters_and_script(lsf_emulator, tmp_path):
         ex.update_parameters(cores=0)
     with pytest.raises(ValueError, match="nodes=2 is not supported"):
         ex.update_parameters(nodes=2)
+    # the warning must come before the walltime ends, in LSF's whole minutes
+    with pytest.raises(ValueError, match=r"signal_delay_s=300 gives the warning \(-wt 5, whole minutes\) no earlier "
+                                         r"than the walltime \(-W 0:05\) ends"):
+        ex.update_parameters(timeout_min=5, signal_delay_s=300)
+    # no value may carry a newline into the script, where it would end a #BSUB line and start a command
+    for bad in [{"job_name": "x\ntouch PWNED"}, {"setup": ["module load a\ntouch PWNED"]},
+                {"additional_parameters": {"R": "select[a]\ntouch PWNED"}},
+                {"additional_parameters": ["-R x\rtouch PWNED"]}]:
+        with pytest.raises(ValueError, match="must be one line without control characters"):
+            ex.update_parameters(**bad)
+    with pytest.raises(ValueError, match="folder must be one line"):
+        LsfExecutor(tmp_path / "a\ntouch PWNED")._make_submission_file_text("python -m x", "uid")
     ex.update_parameters(gpus=None, mem_gb=None, queue=None)  # None: back to the default
     text = ex._make_submission_file_text("python -m x", "uid")
     assert "-gpu" not in text and "rusage" not in text and "-q " not in text
@@ -150,6 +163,7 @@ def test_auto_executor_submit_result_and_script(lsf_emulator, tmp_path):
         "#BSUB -n 2",
         '#BSUB -R "span[hosts=1]"',
         '#BSUB -R "rusage[mem=2GB]"',
+        "#BSUB -M 2GB",
         "#BSUB -W 0:30",
         "#BSUB -wa USR2",
         "#BSUB -wt 2",
@@ -161,6 +175,18 @@ def test_auto_executor_submit_result_and_script(lsf_emulator, tmp_path):
     assert lsf_emulator.job(job.job_id)["queue"] == "gpua100"
     job.watcher.update()
     assert job.state == "COMPLETED"
+
+
+def test_shell_characters_in_the_folder_are_never_run(lsf_emulator, tmp_path, monkeypatch):
+    """The folder reaches #BSUB lines, the exit-code file and the python command: quoted in each, so a job in a
+    folder named with quotes, $(...), backquotes and ; runs, writes its logs and exit code there, and runs
+    nothing of the name."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "a b'c\"d$(touch PWNED)`touch PWNED`;e"
+    job = LsfExecutor(folder).submit(add, 2, 3)
+    assert job.result() == 5
+    assert "adding 2 and 3" in job.stdout() and job.exit_code_file.read_text().strip() == "0"
+    assert not list(tmp_path.rglob("PWNED"))  # the job ran in tmp_path
 
 
 def test_map_array_is_one_array_job_with_parallelism(lsf_emulator, tmp_path):
@@ -257,20 +283,20 @@ def test_watcher_uses_one_bjobs_call_for_all_jobs(lsf_emulator, tmp_path):
 def test_lsf_command_failures_are_clear(lsf_emulator, tmp_path, monkeypatch):
     ex = submitit.AutoExecutor(tmp_path, cluster="lsf")
     ex.update_parameters(lsf_queue="nosuchqueue")
-    with pytest.raises(utils.FailedSubmissionError) as err:
+    with pytest.raises(lsf.LsfCommandError) as err:
         ex.submit(add, 1, 2)
-    assert str(err.value) == "bsub refused the job: nosuchqueue: No such queue. Job not submitted."
+    assert str(err.value) == "bsub exited 255: nosuchqueue: No such queue. Job not submitted."
 
     fake = tmp_path / "fakebin"
     fake.mkdir()
     (fake / "bjobs").write_text("#!/bin/sh\necho 'LSF is down. Please wait ...' >&2\nexit 255\n")
     (fake / "bjobs").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-    with pytest.raises(lsf.LsfCommandError, match="^bjobs failed: LSF is down"):
+    with pytest.raises(lsf.LsfCommandError, match="^bjobs exited 255: LSF is down"):
         lsf.query_lsf(["1"])
     (fake / "bjobs").write_text("#!/bin/sh\nexec sleep 5\n")
     with pytest.raises(lsf.LsfCommandError, match="did not answer within 0.3 s"):
         lsf.query_lsf(["1"], timeout_s=0.3)
     monkeypatch.setenv("PATH", str(fake))
-    with pytest.raises(lsf.LsfCommandError, match="bkill not found on PATH"):
+    with pytest.raises(lsf.LsfCommandError, match="^bkill: No such file or directory"):
         lsf.cancel_lsf(["1"])

@@ -34,7 +34,6 @@ import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import typing as tp
@@ -42,6 +41,9 @@ import uuid
 from pathlib import Path
 
 from submitit.core import core, job_environment, logger, utils
+
+from ..errors import CommandError, run_command
+from .scripts import CONTROL, BoundedSubmission
 
 __all__ = [
     "LsfExecutor",
@@ -112,8 +114,8 @@ def _main_id(job_id: str) -> str:
 # ------------------------------------------------------------------------------------ bjobs / bkill
 
 
-class LsfCommandError(RuntimeError):
-    """An LSF command is missing, hung or failed; the message is one line meant for users."""
+#: An LSF command is missing, hung or failed; the message is one line meant for users, naming the command.
+LsfCommandError = CommandError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +140,6 @@ def normalise_state(stat: str, exit_code: tp.Optional[int] = None) -> str:
     return _STAT_TO_STATE.get(stat, "UNKNOWN")
 
 
-def _run_lsf(command: tp.List[str], timeout_s: float) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except FileNotFoundError:
-        raise LsfCommandError(f"{command[0]} not found on PATH: is this an LSF cluster?") from None
-    except subprocess.TimeoutExpired:
-        raise LsfCommandError(
-            f"{command[0]} did not answer within {timeout_s:g} s (LSF may be overloaded or down)"
-        ) from None
-
-
 def _parse_exit_code(text: str) -> tp.Optional[int]:
     text = text.strip()
     return int(text) if re.fullmatch(r"-?\d+", text) else None
@@ -171,7 +162,7 @@ def _parse_bjobs_lines(stdout: str) -> tp.Dict[str, LsfJobInfo]:
 def _bjobs(main_ids: tp.Iterable[str], timeout_s: float) -> tp.Tuple[tp.Dict[str, LsfJobInfo], tp.Set[str]]:
     """One bjobs call -> (infos by submitit id, main ids that LSF does not know)."""
     ids = sorted(set(main_ids), key=lambda x: (len(x), x))
-    proc = _run_lsf(["bjobs", "-noheader", "-o", BJOBS_FORMAT, *ids], timeout_s)
+    proc = run_command(["bjobs", "-noheader", "-o", BJOBS_FORMAT, *ids], timeout_s, check=False)
     not_found: tp.Set[str] = set()
     errors = []
     for line in proc.stderr.splitlines():
@@ -180,9 +171,9 @@ def _bjobs(main_ids: tp.Iterable[str], timeout_s: float) -> tp.Tuple[tp.Dict[str
             not_found.add(_main_id(m.group(1)))
         elif line.strip():
             errors.append(line.strip())
-    if proc.returncode != 0 and (errors or not not_found):
-        detail = errors[0] if errors else f"exit status {proc.returncode}"
-        raise LsfCommandError(f"bjobs failed: {detail}")
+    if proc.returncode != 0 and (errors or not not_found):  # "not found" alone is an answer, not a failure
+        raise LsfCommandError(f"bjobs exited {proc.returncode}: {errors[0] if errors else 'no message'}",
+                              proc.returncode, proc.stderr)
     return _parse_bjobs_lines(proc.stdout), not_found
 
 
@@ -213,10 +204,10 @@ def cancel_lsf(job_ids: tp.Sequence[str], timeout_s: float = 30) -> None:
     ids = [to_lsf_id(j) for j in job_ids]
     if not ids:
         return
-    proc = _run_lsf(["bkill", *ids], timeout_s)
+    proc = run_command(["bkill", *ids], timeout_s, check=False)
     errors = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not _ALREADY_GONE.search(ln)]
     if errors:
-        raise LsfCommandError(f"bkill failed: {errors[0]}")
+        raise LsfCommandError(f"bkill exited {proc.returncode}: {errors[0]}", proc.returncode, proc.stderr)
 
 
 # ---------------------------------------------------------------------------------- watcher, job
@@ -363,7 +354,7 @@ class LsfJob(core.Job[core.R]):
     def _interrupt(self, timeout: bool = False) -> None:
         """Sends the preemption/timeout signal to the job (for tests): the job requeues if it can."""
         del timeout  # LSF has one warning signal for both
-        subprocess.check_call(["bkill", "-s", LsfJobEnvironment.USR_SIG, self.lsf_id])
+        run_command(["bkill", "-s", LsfJobEnvironment.USR_SIG, self.lsf_id], 60)
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -437,7 +428,7 @@ class LsfJobEnvironment(job_environment.JobEnvironment):
 
     def _requeue(self, countdown: int) -> None:
         jid = to_lsf_id(self.job_id)
-        subprocess.check_call(["brequeue", jid], timeout=60)
+        run_command(["brequeue", jid], 60)
         logger.get_logger().info(f"Requeued job {jid} ({countdown} remaining timeouts)")
 
 
@@ -485,6 +476,22 @@ def _warning_signal() -> str:
     return job_environment.JobEnvironment.USR_SIG.upper().removeprefix("SIG")
 
 
+def _flat(additional_parameters: tp.Any) -> tp.List[tp.Any]:
+    """The keys and values of additional_parameters (a mapping or a list of raw strings), flattened."""
+    if isinstance(additional_parameters, tp.Mapping):
+        values = [v for value in additional_parameters.values()
+                  for v in (value if isinstance(value, (list, tuple)) else [value])]
+        return [*additional_parameters, *values]
+    return list(additional_parameters or ()) if not isinstance(additional_parameters, str) else [additional_parameters]
+
+
+def _sets_option(additional_parameters: tp.Any, option: str) -> bool:
+    """Whether additional_parameters names the bsub option (``M``, ``-M`` or a raw ``-M 5GB``)."""
+    if isinstance(additional_parameters, tp.Mapping):
+        return any(str(k).lstrip("-") == option for k in additional_parameters)
+    return any(re.match(rf"\s*(#BSUB\s+)?-{option}\b", str(x)) for x in _flat(additional_parameters))
+
+
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
@@ -519,13 +526,20 @@ def _make_bsub_string(
 ) -> str:
     """Text of the LSF batch script; raises ValueError (one line) on a bad parameter.
 
-    mem_gb is the job's total memory, emitted per core (``rusage[mem=...]``) as DTU expects;
-    signal_delay_s becomes ``-wa USR2 -wt <minutes, rounded up, at least 1>``;
-    additional_parameters are extra #BSUB lines: a mapping ({"M": "5GB"} -> ``#BSUB -M 5GB``; a list
+    mem_gb is the job's total memory, emitted per core both as the reservation (``rusage[mem=...]``) and as
+    the per-process limit (``-M``), as DTU expects (unless additional_parameters sets ``M``);
+    signal_delay_s becomes ``-wa USR2 -wt <minutes, rounded up, at least 1>``, which must be below the walltime;
+    additional_parameters are extra #BSUB lines: a mapping ({"R": "select[gpu32gb]"} -> ``#BSUB -R ...``; a list
     value repeats the option, True gives a bare flag) or raw strings (``'-R "select[gpu32gb]"'``).
+    No value may hold a control character: a newline would end a #BSUB line and start a command.
     """
-    _check(isinstance(job_name, str) and job_name.strip() != "" and not re.search(r"[\[\]\n]", job_name),
+    _check(isinstance(job_name, str) and job_name.strip() != "" and not re.search(r"[\[\]]", job_name),
            f"LSF parameter job_name must be a non-empty name without brackets, got {job_name!r}")
+    for what, value in [("job_name", job_name), ("folder", folder), ("command", command), *(
+            ("setup", line) for line in setup or ()), *(
+            ("additional_parameters", item) for item in _flat(additional_parameters))]:
+        _check(CONTROL.search(str(value)) is None,
+               f"LSF parameter {what} must be one line without control characters, got {value!r}")
     _check(queue is None or (isinstance(queue, str) and re.fullmatch(r"[\w.-]+", queue) is not None),
            f"LSF parameter queue must be a queue name, got {queue!r}")
     _check(_is_int(cores) and cores >= 1, f"LSF parameter cores must be an integer >= 1, got {cores!r}")
@@ -544,6 +558,10 @@ def _make_bsub_string(
     _check(tasks_per_node == 1,
            f"LSF executor runs one task per job; tasks_per_node={tasks_per_node!r} is not supported")
     _check(isinstance(stderr_to_stdout, bool), f"LSF parameter stderr_to_stdout must be a bool, got {stderr_to_stdout!r}")
+    warn_min, wall_min = max(1, math.ceil(signal_delay_s / 60)), max(1, math.ceil(timeout_min))
+    _check(warn_min < wall_min, f"LSF parameter signal_delay_s={signal_delay_s!r} gives the warning (-wt {warn_min}, "
+           f"whole minutes) no earlier than the walltime (-W {_minutes(timeout_min)}) ends: lower it or raise "
+           "timeout_min")
 
     paths = utils.JobPaths(folder=folder)
     tag = "%J_%I" if map_count is not None else "%J"
@@ -562,10 +580,12 @@ def _make_bsub_string(
     options += [("-n", str(cores)), ("-R", "span[hosts=1]")]
     if mem_gb is not None:
         options.append(("-R", f"rusage[mem={_mem_per_core(mem_gb, cores)}]"))
+        if not _sets_option(additional_parameters, "M"):
+            options.append(("-M", _mem_per_core(mem_gb, cores)))  # LSF kills a process above it (per core at DTU)
     if gpus:
         options.append(("-gpu", f"num={gpus}:mode=exclusive_process"))
     options.append(("-W", _minutes(timeout_min)))
-    options += [("-wa", _warning_signal()), ("-wt", str(max(1, math.ceil(signal_delay_s / 60))))]
+    options += [("-wa", _warning_signal()), ("-wt", str(warn_min))]
     options.append(("-o", lsf_pattern(paths.stdout)))
     if not stderr_to_stdout:
         options.append(("-e", lsf_pattern(paths.stderr)))
@@ -647,7 +667,7 @@ def _default_parameters() -> tp.Dict[str, tp.Any]:
     }
 
 
-class LsfExecutor(core.PicklingExecutor):
+class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
     """Submits jobs to IBM Spectrum LSF with ``bsub``.
 
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
@@ -742,16 +762,11 @@ class LsfExecutor(core.PicklingExecutor):
         return 1
 
     def _make_submission_command(self, submission_file_path: Path) -> tp.List[str]:
-        # LSF reads #BSUB directives from a script given on standard input
-        return ["/bin/sh", "-c", f"exec bsub < {shlex.quote(str(submission_file_path))}"]
+        return ["bsub"]
 
-    def _submit_command(self, command: str) -> core.Job[tp.Any]:
-        try:
-            return super()._submit_command(command)
-        except utils.FailedJobError as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            reason = lines[-1] if lines else "no message"
-            raise utils.FailedSubmissionError(f"bsub refused the job: {reason}") from e
+    def _submission_input(self, submission_file_path: Path) -> str:
+        # LSF reads #BSUB directives from a script given on standard input
+        return submission_file_path.read_text()
 
     @staticmethod
     def _get_job_id_from_submission_command(string: tp.Union[bytes, str]) -> str:

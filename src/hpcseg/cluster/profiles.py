@@ -7,6 +7,7 @@ given as a path to a .toml file. Command-line options override it; it overrides 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..jobfile import JobError, parse_walltime
 from .runs import ClusterError
+from .scripts import check_queue_name, refuse_control
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,8 +134,9 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
     if executor not in EXECUTORS:
         raise ClusterError(f"{path}: executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
     setup = _expect(path, "setup", tree.get("setup", []), (list,), "a list of shell lines")
-    for line in setup:
+    for i, line in enumerate(setup):
         _expect(path, "setup", line, (str,), "a list of shell lines")
+        refuse_control(f"{path}: setup[{i}]", line)  # one line each: a newline would split the job script
     defaults = _expect(path, "defaults", tree.get("defaults", {}), (dict,), "a [defaults] table")
     unknown = sorted(set(defaults) - _DEFAULT_KEYS)
     if unknown:
@@ -146,6 +149,7 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
             _expect(path, f"defaults.{key}", defaults[key], types, what, lo)
     queues = {}
     for qname, q in _expect(path, "queues", tree.get("queues", {}), (dict,), "[queues.NAME] tables").items():
+        check_queue_name(f"{path}: [queues.NAME]", qname)
         _expect(path, f"queues.{qname}", q, (dict,), "a table")
         unknown = sorted(set(q) - _QUEUE_KEYS)
         if unknown:
@@ -156,11 +160,11 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
             max_gpus=_expect(path, f"queues.{qname}.max_gpus", q["max_gpus"], (int,), "an integer", 0)
             if "max_gpus" in q else None,
             gpu_type=_expect(path, f"queues.{qname}.gpu_type", q.get("gpu_type", ""), (str,), "a string"),
-            extra=dict(_expect(path, f"queues.{qname}.extra", q.get("extra", {}), (dict,), "a table")),
+            extra=_extra(path, f"queues.{qname}.extra", q.get("extra", {})),
         )
     queue = tree.get("queue")
     if queue is not None:
-        _expect(path, "queue", queue, (str,), "a queue name")
+        check_queue_name(f"{path}: queue", _expect(path, "queue", queue, (str,), "a queue name"))
     if queue is not None and queues and queue not in queues:
         raise ClusterError(f"{path}: queue: {queue!r} is not one of its [queues]")
     delay = tree.get("signal_delay_s")
@@ -169,12 +173,29 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
     return Profile(
         name=_expect(path, "name", tree.get("name") or path.stem, (str,), "a string"), path=path,
         description=_expect(path, "description", tree.get("description", ""), (str,), "a string"), executor=executor,
-        scratch=_expect(path, "scratch", tree["scratch"], (str,), "a string") if "scratch" in tree else None,
+        scratch=_scratch(path, tree["scratch"]) if "scratch" in tree else None,
         queue=queue, queues=queues, setup=tuple(setup), signal_delay_s=delay,
         max_requeues=_expect(path, "max_requeues", tree.get("max_requeues", 30), (int,), "an integer", 0),
         gpus=defaults.get("gpus"), cpus=defaults.get("cpus"), mem_gb=defaults.get("mem_gb"),
         time=defaults.get("time"),
     )
+
+
+def _scratch(path: Path, value: Any) -> str:
+    refuse_control(f"{path}: scratch", _expect(path, "scratch", value, (str,), "a string"))
+    return value
+
+
+def _extra(path: Path, key: str, value: Any) -> dict[str, Any]:
+    """Scheduler options added for a queue ({"R": "select[gpu32gb]"}): each becomes one #BSUB line."""
+    _expect(path, key, value, (dict,), "a table")
+    for option, setting in value.items():
+        if not re.fullmatch(r"-?[A-Za-z][\w-]*", option):
+            raise ClusterError(f"{path}: {key}: {option!r} is not a scheduler option name like 'M' or 'R'")
+        for item in setting if isinstance(setting, list) else [setting]:
+            _expect(path, f"{key}.{option}", item, (str, int, float, bool), "a string, number, true or a list")
+            refuse_control(f"{path}: {key}.{option}", item)
+    return dict(value)
 
 
 def _time_minutes(path: Path, key: str, value: Any) -> int:

@@ -8,9 +8,11 @@ it created.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ from typing import Any
 from .. import __version__
 from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
 from .profiles import Profile, fmt_minutes, load_profile
+from .scripts import BoundedSubmission, check_name, check_queue_name, job_python, refuse_control
 from ..atomic import atomic_write_text
 from ..outdir import blocked
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
@@ -120,12 +123,6 @@ def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
     return axes
 
 
-def _check_name(name: str) -> str:
-    if not name or name.startswith(".") or "/" in name or name.strip() != name:
-        raise ClusterError(f"--name {name!r}: an experiment name must be a plain folder name")
-    return name
-
-
 def plan_submission(opts: SubmitOptions) -> Plan:
     profile = load_profile(opts.profile)
     executor = pick_executor(opts.executor, profile)
@@ -140,6 +137,10 @@ def plan_submission(opts: SubmitOptions) -> Plan:
         raise ClusterError(str(err)) from None
     if len(elements) > 1000:
         raise ClusterError(f"--sweep: {len(elements)} combinations; at most 1000 per submission")
+    # the experiment name becomes the scheduler's job name and a folder of every path in the job script
+    experiment = check_name("--name" if opts.name else "name", opts.name or job.name)
+    for _, element in elements:
+        check_name("name", element.name)
 
     res = job.resources
     gpus = opts.gpus if opts.gpus is not None else profile.gpus if profile.gpus is not None else res.gpus
@@ -153,6 +154,8 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:  # NaN fails the last test too
         raise ClusterError("--gpus/--cpus/--mem: must be positive")
     queue = opts.queue or profile.queue
+    if queue is not None:
+        check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
     if executor == "local" and opts.queue and not profile.queues:
         raise ClusterError(f"--queue {opts.queue}: the local executor has no queues")
     if executor == "local":
@@ -161,6 +164,8 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     if opts.max_parallel is not None and opts.max_parallel < 1:
         raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
 
+    if opts.data:
+        refuse_control("--data", opts.data)
     base = Path(opts.data) if opts.data else Path(".")
     if opts.data and not base.is_dir():
         raise ClusterError(f"--data {opts.data}: no such folder")
@@ -171,23 +176,49 @@ def plan_submission(opts: SubmitOptions) -> Plan:
             folders[key] = None
             continue
         path = (base / rel).absolute()
+        refuse_control(f"data.{key}", path)
         if not path.is_dir():
             where = f"--data {opts.data}" if opts.data else "the current folder"
             raise ClusterError(f"data.{key} = {rel!r}: no folder {path} (relative to {where})")
         folders[key] = path
 
-    default_delay = 300 if executor == "lsf" else 120 if executor == "slurm" else 60
-    delay = profile.signal_delay_s if profile.signal_delay_s is not None else default_delay
-    delay = max(1, min(delay, minutes * 60 - 5))  # the warning must come before the walltime ends
+    delay = _signal_delay(executor, profile.signal_delay_s, minutes, "--time" if opts.time else "time")
     scratch = resolve_scratch(opts.scratch, profile.scratch)
+    source = _scratch_source(opts, profile)
+    refuse_control(source, scratch)
+    unset = re.search(r"\$\{?(\w+)", str(scratch))  # expandvars leaves unset variables as they are
+    if unset:
+        raise ClusterError(f"{source} {str(scratch)!r}: ${unset.group(1)} is not set here, so the path cannot be "
+                           "expanded; set it or give --scratch")
     problem = blocked(scratch)
     if problem:  # a --dry-run that accepts it would promise a submission that cannot happen
         raise ClusterError(f"scratch {problem}")
-    return Plan(executor=executor, profile=profile, experiment=_check_name(opts.name or job.name),
+    return Plan(executor=executor, profile=profile, experiment=experiment,
                 scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
                 signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
                 test_dir=folders["test_dir"], elements=elements)
+
+
+def _signal_delay(executor: str, asked: int | None, minutes: int, source: str) -> int:
+    """Seconds between the warning signal and the walltime: as asked (else the executor's default), but at most
+    half the walltime, so that the warning never comes at the start; LSF counts it in whole minutes (-wt)."""
+    delay = asked if asked is not None else {"lsf": 300, "slurm": 120}.get(executor, 60)
+    unit = 60 if executor == "lsf" else 1
+    delay = min(unit * math.ceil(max(delay, 1) / unit), unit * (minutes * 60 // 2 // unit))
+    if delay < unit:
+        raise ClusterError(f"{source} {fmt_minutes(minutes)}: too short to warn the job before its end ({executor} "
+                           f"sends the warning whole minutes before the walltime); give at least 00:02")
+    return delay
+
+
+def _scratch_source(opts: SubmitOptions, profile: Profile) -> str:
+    """Where the scratch folder came from, in resolve_scratch's order, for a message."""
+    if opts.scratch:
+        return "--scratch"
+    if os.environ.get("HPCSEG_SCRATCH"):
+        return "$HPCSEG_SCRATCH"
+    return f"{profile.path}: scratch" if profile.scratch else "scratch"
 
 
 # ---------------------------------------------------------------- executors
@@ -215,7 +246,7 @@ def _local_executor_class():
             cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
             setup = list(self.parameters.get("setup") or ())
             if setup:
-                cmd = " && ".join(setup + [shlex.join(cmd)])
+                cmd = " && ".join(setup + [f"{job_python(setup)} {shlex.join(cmd[1:])}"])
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / "controller.log", "ab") as log:
                 process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
@@ -227,7 +258,14 @@ def _local_executor_class():
 
 
 def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = False):
-    name = f"{plan.experiment}"
+    try:
+        return _build_executor(plan, folder, dry_run)
+    except ValueError as err:  # a scheduler plugin's own parameter checks: one line, as every refusal
+        raise ClusterError(f"--executor {plan.executor}: {' '.join(str(err).split())}") from None
+
+
+def _build_executor(plan: Plan, folder: Path, dry_run: bool):
+    name = plan.experiment
     setup = list(plan.profile.setup)
     max_timeouts = plan.profile.max_requeues
     if plan.executor == "local":
@@ -241,10 +279,8 @@ def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = Fa
     if plan.executor == "slurm":
         from submitit.slurm.slurm import SlurmExecutor
 
-        cls = SlurmExecutor
-        if dry_run:  # printing a script needs no Slurm on this machine
-            cls = type("DrySlurmExecutor", (SlurmExecutor,), {"affinity": classmethod(lambda c: 2)})
-        ex = cls(folder=folder, max_num_timeout=max_timeouts)
+        ex = _executor_class(SlurmExecutor, dry_run)(folder=folder, max_num_timeout=max_timeouts,
+                                                     python=job_python(setup))
         params: dict[str, Any] = {"job_name": name, "time": plan.minutes, "cpus_per_task": plan.cpus,
                                   "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
                                   else f"{int(plan.mem_gb * 1024)}MB",
@@ -262,10 +298,8 @@ def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = Fa
             from .lsf import LsfExecutor
         except ImportError as err:
             raise ClusterError(f"--executor lsf: the LSF plugin is not available ({err})") from None
-        cls = LsfExecutor
-        if dry_run:  # printing a script needs no LSF on this machine
-            cls = type("DryLsfExecutor", (LsfExecutor,), {"affinity": classmethod(lambda c: 2)})
-        ex = cls(folder=folder, max_num_timeout=max_timeouts)
+        ex = _executor_class(LsfExecutor, dry_run)(folder=folder, max_num_timeout=max_timeouts,
+                                                   python=job_python(setup))
         params = {"job_name": name, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
                   "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
         if plan.queue:
@@ -280,6 +314,13 @@ def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = Fa
     raise ClusterError(f"--executor {plan.executor}: not one of auto, local, slurm, lsf")
 
 
+def _executor_class(base: type, dry_run: bool) -> type:
+    """`base` with a bounded submission command; for a dry run, one that needs no scheduler on this machine."""
+    if dry_run:
+        return type(f"Dry{base.__name__}", (base,), {"affinity": classmethod(lambda c: 2)})
+    return base if issubclass(base, BoundedSubmission) else type(base.__name__, (BoundedSubmission, base), {})
+
+
 def job_script(plan: Plan, folder: Path, n_elements: int) -> str:
     """The script that would be submitted (for --dry-run)."""
     ex = build_executor(plan, folder, n_elements, dry_run=True)
@@ -287,7 +328,7 @@ def job_script(plan: Plan, folder: Path, n_elements: int) -> str:
         setup = "".join(f"{line}\n" for line in plan.profile.setup)
         return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
                 f"walltime {fmt_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
-                f"{shlex.quote(sys.executable)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
+                f"{job_python(plan.profile.setup)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
     if n_elements > 1:
         ex.parameters["map_count"] = n_elements
     return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
@@ -372,13 +413,13 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             if shared is not None:
                 run.record["array_job_id"] = str(job.job_id).split("_")[0].split("[")[0]
             write_record(run)
-    except ClusterError:
-        _remove(created)
-        raise
-    except Exception as err:  # the scheduler refused, or its command is missing
-        _remove(created)
-        if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+    except Exception as err:  # refused by us, by the scheduler, or its command is missing or hangs
+        _remove(created + ([shared] if shared is not None else []))
+        for folder in (exp_dir / ".arrays", exp_dir):  # made for this submission: removed when left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(err, ClusterError):
+            raise
         message = " ".join(str(err).split())
         raise ClusterError(f"submitting to {plan.executor} failed: {message[:400]}") from None
     remember_scratch(plan.scratch)

@@ -1,0 +1,94 @@
+"""What may reach a generated job script, which python it runs, and a bounded submission command.
+
+A job script is text the scheduler hands to a shell: a newline (or any control character) inside a value would
+end a `#BSUB`/`#SBATCH` comment line and start a command. So every value that reaches a script is either a name
+from a conservative character set (experiment/job name, queue) or free text without control characters (paths,
+set-up lines, scheduler options), and the free text is quoted wherever a shell reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClusterError, run_command
+
+#: C0 controls (newline, CR, NUL, tab, ...), DEL and C1 controls
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: experiment (= job) names: a plain folder name that every scheduler takes unquoted
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+#: queue (LSF) and partition (Slurm) names
+QUEUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: a setup line that activates a Python environment (venv, virtualenv, conda, mamba)
+_ACTIVATES = re.compile(r"(^|[;&|({]\s*)(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
+
+
+def refuse_control(what: str, value: Any) -> None:
+    """One line naming `what` when `value` holds a control character (it would split a job script's line)."""
+    found = CONTROL.search(str(value))
+    if found:
+        raise ClusterError(f"{what} {str(value)!r}: holds the control character {found.group()!r}; a value that "
+                           "reaches a job script must be one line of printable text")
+
+
+def check_name(what: str, value: str) -> str:
+    if not NAME.fullmatch(value):
+        raise ClusterError(f"{what} {value!r}: an experiment name must be a plain folder name of at most 128 "
+                           "letters, digits, '_', '.', '+' and '-', starting with a letter or digit (it also names "
+                           "the scheduler's job)")
+    return value
+
+
+def check_queue_name(what: str, value: str) -> str:
+    if not QUEUE.fullmatch(value):
+        raise ClusterError(f"{what} {value!r}: a queue or partition name may hold only letters, digits, '_', '.' "
+                           "and '-'")
+    return value
+
+
+def job_python(setup: list[str] | tuple[str, ...]) -> str:
+    """The python a job script runs, as a shell word: the activated environment's (`python3` from PATH) when a
+    setup line activates one, else the submitting python; its absolute path may not exist on the cluster."""
+    if any(_ACTIVATES.search(line) for line in setup):
+        return "python3"
+    refuse_control("the submitting python's path", sys.executable)
+    return shlex.quote(sys.executable)
+
+
+def submit_timeout_s() -> float:
+    """How long bsub/sbatch may take to accept a job ($HPCSEG_SUBMIT_TIMEOUT_S, default 60 s)."""
+    try:
+        value = float(os.environ.get("HPCSEG_SUBMIT_TIMEOUT_S", "60"))
+    except ValueError:
+        return 60.0
+    return value if 0 < value < float("inf") else 60.0
+
+
+class BoundedSubmission:
+    """Mixin for a submitit executor: its submission command runs through `run_command`, with
+    `submit_timeout_s()`, instead of submitit's CommandFunction, which waits for ever on a hanging bsub/sbatch.
+    Otherwise the same steps as submitit's `Executor._submit_command`."""
+
+    def _submission_input(self, submission_file_path: Path) -> str | None:
+        """Text for the command's standard input (LSF reads the script there); None: none."""
+        return None
+
+    def _submit_command(self, command: str):
+        tmp_uuid = uuid.uuid4().hex
+        from submitit.core import utils
+
+        path = utils.JobPaths.get_first_id_independent_folder(self.folder) / f".submission_file_{tmp_uuid}.sh"
+        path.write_text(self._make_submission_file_text(command, tmp_uuid))
+        proc = run_command(self._make_submission_command(path), submit_timeout_s(),
+                           input=self._submission_input(path))
+        job_id = self._get_job_id_from_submission_command(proc.stdout)
+        job = self.job_class(folder=self.folder, job_id=job_id, tasks=list(range(self._num_tasks())))
+        job.paths.move_temporary_file(path, "submission_file", keep_as_symlink=True)
+        self._write_job_id(job.job_id, tmp_uuid)
+        self._set_job_permissions(job.paths.folder)
+        return job
