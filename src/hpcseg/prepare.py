@@ -1,0 +1,127 @@
+"""`hpcseg prepare`: a folder of 3D scans with tissue labels -> the slice data set that `hpcseg train` reads.
+
+Each scan is checked (see volumes), cut into coronal 1 mm slices as brain2d's (volumes.cut_scan, its labels on the
+same grid by nearest neighbour), and slices without labelled brain are dropped. Scans are split by subject, never
+by slice: every slice of a subject (all its sessions) lands in one of training_data / validation_data / test_data.
+The output (split folders, manifest.csv, prepare.json with the normalisation rule) appears in one rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import TISSUES, __version__, volumes
+from .data import DataError, save_slice
+from .errors import UserError
+from .outdir import check_replaceable, replacing
+
+SPLITS = ("training_data", "validation_data", "test_data")
+MANIFEST, RECORD = "manifest.csv", "prepare.json"
+OUTPUTS = {*SPLITS, MANIFEST, RECORD}
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1) > 1e-6:
+        raise UserError(f"--fractions {text}: expected three fractions TRAIN,VAL,TEST, each >= 0, summing to 1")
+    return values  # type: ignore[return-value]
+
+
+def assign_splits(subjects: list[str], fractions=(0.6, 0.2, 0.2), val=(), test=(), seed: int = 0) -> dict[str, str]:
+    """Subject -> split folder. Listed subjects (`val`, `test`) go where listed and the rest to training; without
+    lists, the subjects are shuffled with `seed` and cut by `fractions` (rounded, the remainder to training)."""
+    known = set(subjects)
+    listed = {"validation_data": list(val), "test_data": list(test)}
+    for split, names in listed.items():
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UserError(f"--{'val' if split == 'validation_data' else 'test'}: no scan of subject "
+                            f"{', '.join(unknown)} (subjects: {', '.join(sorted(known)[:8])}"
+                            f"{', ...' if len(known) > 8 else ''})")
+    both = sorted(set(val) & set(test))
+    if both:
+        raise UserError(f"subject {', '.join(both)} is listed for validation and for test: a subject's slices "
+                        f"must sit in one split only, or its own slices would be tested")
+    if val or test:
+        return {s: next((k for k, names in listed.items() if s in names), "training_data") for s in subjects}
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    n_val, n_test = (int(round(f * len(subjects))) for f in fractions[1:])
+    n_test = min(n_test, len(subjects) - n_val)
+    splits = ["validation_data"] * n_val + ["test_data"] * n_test
+    splits += ["training_data"] * (len(subjects) - len(splits))
+    return dict(zip(order, splits))
+
+
+def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LABEL_SUFFIX, mapping: str | None = None,
+            fractions=(0.6, 0.2, 0.2), val=(), test=(), seed: int = 0, log=print) -> dict[str, int]:
+    """Write the slice data set of the scans in `volumes_dir` into `out_dir`; returns the slice count per split."""
+    volumes_dir, out_dir = Path(volumes_dir), Path(out_dir).absolute()
+    check_replaceable(out_dir, "prepare", OUTPUTS.__contains__, RECORD)
+    codes = volumes.parse_mapping(mapping)
+    scans = volumes.find_volumes(volumes_dir, label_suffix)
+    subjects = sorted({v.subject for v in scans})
+    split_of = assign_splits(subjects, fractions, val, test, seed)
+    rows, record, problems = [], {}, []
+    with replacing(out_dir) as tmp:
+        for split in SPLITS:
+            (tmp / split).mkdir()
+        for scan in scans:
+            split = split_of[scan.subject]
+            try:
+                made, record[scan.scan] = _prepare_scan(scan, codes, tmp / split)
+            except DataError as error:  # every scan is checked; the first problem of each is reported
+                problems += error.problems
+                continue
+            rows += [[slice_id, scan.subject, scan.scan, split, y, *shape, *counts]
+                     for slice_id, y, shape, counts in made]
+            log(f"{scan.scan}: {len(made)} slices -> {split}")
+        if problems:
+            raise DataError(problems)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["id", "subject", "scan", "split", "y_mm", "H", "W", "background", *TISSUES])
+        writer.writerows(rows)
+        (tmp / MANIFEST).write_text(text.getvalue())
+        summary = {"hpcseg": __version__, "volumes": str(volumes_dir), "normalisation": volumes.RULE,
+                   "label_suffix": label_suffix, "mapping": {str(k): v for k, v in sorted(codes.items())},
+                   "split": {"seed": seed, "fractions": list(fractions), "val": list(val), "test": list(test)},
+                   "subjects": split_of, "scans": record}
+        (tmp / RECORD).write_text(json.dumps(summary, indent=2) + "\n")
+    counts = {split: sum(r[3] == split for r in rows) for split in SPLITS}
+    log(f"wrote {out_dir}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
+    return counts
+
+
+def _prepare_scan(scan: volumes.Volume, codes: dict[int, int], folder: Path):
+    """Check and cut one scan and its labels, writing its slices into `folder`; returns the manifest's (id, y_mm,
+    shape, pixels per class) per slice and the scan's record for prepare.json."""
+    image, img = volumes.read_volume(scan.image, "scan")
+    raw, label_img = volumes.read_volume(scan.label, "label")
+    volumes.check_same_grid(scan.label, label_img, scan.image, img)
+    labels = volumes.map_labels(scan.label, raw, codes)
+    brain = labels > 0
+    if not brain.any():
+        raise DataError([f"{scan.label}: no brain labelled (every voxel maps to background): empty mask"])
+    volumes.check_skull_stripped(scan.image, image, brain, scan.label)
+    cut = volumes.cut_scan(scan.image, image, img.affine)
+    sliced = volumes.resample(labels, img.affine, cut.grid.affine, cut.grid.shape, order=0)
+    made = []
+    for j in range(cut.grid.shape[0]):
+        if not sliced[j].any():
+            continue  # no labelled brain in this plane
+        slice_id = f"{scan.scan}-cor{j:03d}"
+        save_slice(folder, slice_id, cut.image[j], sliced[j])
+        made.append((slice_id, round(cut.grid.y_mm(j), 3), sliced[j].shape,
+                     np.bincount(sliced[j].ravel(), minlength=4).tolist()))
+    record = {"subject": scan.subject, "image": scan.image.name, "label": scan.label.name, "scale": cut.scale,
+              "grid_affine": cut.grid.affine.tolist(), "grid_shape": list(cut.grid.shape), "slices": len(made),
+              "dropped": cut.grid.shape[0] - len(made)}
+    return made, record
