@@ -272,3 +272,18 @@ def test_resume_without_data_of_a_run_that_recorded_none_asks_for_data(trained, 
     code, output = hpcseg("train", "--out", run, "--resume")
     assert one_error_line(code, output) == (f"{run / 'train.json'}: not found, so the run's data folders are "
                                             "unknown: pass --data")
+
+
+# ---------------------------------------------------------------------------------------------------- job files
+
+
+def test_train_and_submit_name_every_problem_of_a_job_file_each_on_its_line(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text("[train]\nepoch = 3\n[optim]\nrate = 1e-3\n")
+    for command in (["train", job, "--out", tmp_path / "run"],
+                    ["submit", job, "--executor", "local", "--scratch", tmp_path / "scratch", "--dry-run"]):
+        code, output = hpcseg(*command)
+        assert code == 2 and output.strip().splitlines() == [
+            f"hpcseg: error: {job}: unknown key 'optim.rate'",
+            f"hpcseg: error: {job}: unknown key 'train.epoch' (did you mean 'train.epochs'?)"], output
+    assert list(tmp_path.iterdir()) == [job]

@@ -97,3 +97,47 @@ def test_replace_checks_like_a_file():
     assert Job().replace(**{"train.seed": 7}).train.seed == 7
     with pytest.raises(JobError, match="train.seed"):
         Job().replace(**{"train.seed": -1})
+
+
+def test_every_problem_of_a_job_file_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "nmae = 'x'\n[train]\nepoch = 3\nbatch_size = 0\n[optim]\nlr = 'fast'\n[trian]\nx = 1\n")
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert err.value.problems == [
+        f"{path}: unknown key 'nmae' (did you mean 'name'?)",
+        f"{path}: unknown key 'trian' (did you mean 'train'?)",
+        f"{path}: optim.lr: expected a number, got 'fast'",
+        f"{path}: unknown key 'train.epoch' (did you mean 'train.epochs'?)",
+        f"{path}: train.batch_size: 0 is below the minimum 1",
+    ]
+
+
+def test_deep_nesting_is_refused_in_one_line(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    path = write(tmp_path, f"name = {deep}\n")
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert err.value.problems == [f"{path}: values nested too deeply (a job holds plain values and flat lists)"]
+    with pytest.raises(JobError) as err:
+        load_job(write(tmp_path, ""), [f"name={deep}"])
+    assert err.value.problems == [f"--set name={deep[:72]}...: value nested too deeply (a job holds plain values "
+                                  "and flat lists)"]
+    path = write(tmp_path, "name = " + "[" * 50 + "]" * 50 + "\n")  # parses: the message shows it shortened
+    with pytest.raises(JobError, match=r"name: expected a string, got \[\[\[\[\.\.\.\]\]\]\]$"):
+        load_job(path)
+
+
+def test_what_a_job_file_may_hold_is_capped(tmp_path):
+    """Each checkpoint stores the whole job: a 30 MB description made a 99 MB run folder."""
+    path = write(tmp_path, f"description = '{'x' * 70_000}'\n")
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert err.value.problems == [f"{path}: larger than 64 KiB; a job file holds a few dozen settings"]
+    path = write(tmp_path, f"description = '{'x' * 5000}'\n")
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert err.value.problems == [f"{path}: description: 5000 characters; at most 4096"]
+    with pytest.raises(JobError) as err:
+        load_job(write(tmp_path, ""), ["description=" + "y" * 1_000_000])
+    assert err.value.problems == [f"--set description={'y' * 65}...: description: 1000000 characters; at most 4096"]
+    assert load_job(write(tmp_path, f"description = '{'x' * 4096}'\n")).description == "x" * 4096

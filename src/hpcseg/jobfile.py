@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,8 +23,26 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: A job file holds a few dozen short settings: more is a mistake, and each checkpoint stores the whole job.
+MAX_FILE_BYTES = 64 * 1024
+MAX_STRING = 4096
+
+#: Values in messages: long strings and deep nesting shortened, so that an error stays one readable line.
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 3, 60, 60, 8, 8
+_show = _repr.repr
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class JobError(UserError):
-    """A job file or override that cannot be used; the message names the file and the key."""
+    """A job file or override that cannot be used; one line per problem, each naming the file and the key."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 def _spec(default: Any, *, lo: float | None = None, hi: float | None = None, choices: tuple | None = None,
@@ -165,28 +184,30 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict, source: str) -> Any
     if get_origin(typ) is tuple:
         (elem_type, *_rest) = get_args(typ)
         if not isinstance(value, (list, tuple)):
-            raise fail(f"expected a list of {elem_type.__name__}, got {value!r}")
+            raise fail(f"expected a list of {elem_type.__name__}, got {_show(value)}")
         if meta["length"] is not None and len(value) != meta["length"]:
             raise fail(f"expected {meta['length']} values, got {len(value)}")
         return tuple(_check_value(f"{key}[{i}]", v, elem_type, meta, source) for i, v in enumerate(value))
     if typ is bool:
         if not isinstance(value, bool):
-            raise fail(f"expected true or false, got {value!r}")
+            raise fail(f"expected true or false, got {_show(value)}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise fail(f"expected an integer, got {value!r}")
+            raise fail(f"expected an integer, got {_show(value)}")
     elif typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise fail(f"expected a number, got {value!r}")
+            raise fail(f"expected a number, got {_show(value)}")
         value = float(value)
         if not math.isfinite(value):
             raise fail(f"expected a finite number, got {value!r}")
     elif typ is str:
         if not isinstance(value, str):
-            raise fail(f"expected a string, got {value!r}")
+            raise fail(f"expected a string, got {_show(value)}")
+        if len(value) > MAX_STRING:
+            raise fail(f"{len(value)} characters; at most {MAX_STRING}")
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise fail(f"{value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+        raise fail(f"{_show(value)} is not one of {', '.join(map(repr, meta['choices']))}")
     if meta["lo"] is not None and value < meta["lo"]:
         raise fail(f"{value!r} is below the minimum {meta['lo']}")
     if meta["hi"] is not None and value > meta["hi"]:
@@ -195,25 +216,31 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict, source: str) -> Any
 
 
 def _build(cls: type, tree: dict, prefix: str, source: str) -> Any:
+    """The section `cls` from `tree`; every problem in it (and its subsections) reported in one JobError."""
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
+    problems = []
     for key in tree:
         if key not in known:
-            dotted = f"{prefix}{key}"
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            raise JobError(f"{source}: unknown key '{dotted}'{hint}")
+            problems.append(f"{source}: unknown key {_show(prefix + key)}{hint}")
     values = {}
     for name, f in known.items():
         if name not in tree:
             continue
         typ = hints[name]
-        if dataclasses.is_dataclass(typ):
-            if not isinstance(tree[name], dict):
-                raise JobError(f"{source}: {prefix}{name}: expected a [{prefix}{name}] section")
-            values[name] = _build(typ, tree[name], f"{prefix}{name}.", source)
-        else:
-            values[name] = _check_value(f"{prefix}{name}", tree[name], typ, dict(f.metadata), source)
+        try:
+            if dataclasses.is_dataclass(typ):
+                if not isinstance(tree[name], dict):
+                    raise JobError(f"{source}: {prefix}{name}: expected a [{prefix}{name}] section")
+                values[name] = _build(typ, tree[name], f"{prefix}{name}.", source)
+            else:
+                values[name] = _check_value(f"{prefix}{name}", tree[name], typ, dict(f.metadata), source)
+        except JobError as err:
+            problems += err.problems
+    if problems:
+        raise JobError(problems)
     job = cls(**values)
     _check_relations(job, prefix, source)
     return job
@@ -253,12 +280,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise JobError(f"--set {text}: expected KEY=VALUE, e.g. train.epochs=3")
+        raise JobError(f"--set {_short(text)}: expected KEY=VALUE, e.g. train.epochs=3")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        raise JobError(f"--set {_short(text)}: value nested too deeply (a job holds plain values and flat lists)"
+                       ) from None
     return key, value
 
 
@@ -268,7 +298,8 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     for i, name in enumerate(sections):
         child = node.setdefault(name, {})
         if not isinstance(child, dict):
-            raise JobError(f"{source}: unknown key '{key}' ('{'.'.join(sections[: i + 1])}' is not a section)")
+            section = _show(".".join(sections[: i + 1]))
+            raise JobError(f"{source}: unknown key {_show(key)} ({section} is not a section)")
         node = child
     if isinstance(node.get(leaf), dict):  # replacing a whole section would reset its other keys to their defaults
         raise JobError(f"{source}: '{key}' is a section: set its keys one at a time, e.g. {key}.KEY=VALUE")
@@ -279,7 +310,11 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
     """Read, override and check a job file; raises JobError with one line naming the file and the key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path, "rb") as handle:  # bounded: a job file is small, whatever the path points at
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise JobError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KiB; a job file holds a few dozen settings")
+        text = data.decode()
     except FileNotFoundError:
         raise JobError(f"{path}: no such job file") from None
     except IsADirectoryError:
@@ -290,12 +325,14 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise JobError(f"{path}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise JobError(f"{path}: values nested too deeply (a job holds plain values and flat lists)") from None
     job = job_from_dict(tree, source=str(path))
     for item in overrides:  # one at a time, so an error names the --set that caused it
         key, value = parse_override(item)
         tree = job.to_dict()
-        _set_dotted(tree, key, value, source=f"--set {item}")
-        job = job_from_dict(tree, source=f"--set {item}")
+        _set_dotted(tree, key, value, source=f"--set {_short(item)}")
+        job = job_from_dict(tree, source=f"--set {_short(item)}")
     return job
 
 

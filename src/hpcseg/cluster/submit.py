@@ -134,7 +134,9 @@ def plan_submission(opts: SubmitOptions) -> Plan:
             values = {key: value for (key, _), value in zip(axes, combo)}
             elements.append((values, job.replace(**values) if values else job))
     except JobError as err:
-        raise ClusterError(str(err)) from None
+        failure = ClusterError(str(err))
+        failure.problems = err.problems  # every problem of the job file, one line each
+        raise failure from None
     if len(elements) > 1000:
         raise ClusterError(f"--sweep: {len(elements)} combinations; at most 1000 per submission")
     # the experiment name becomes the scheduler's job name and a folder of every path in the job script
