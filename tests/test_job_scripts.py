@@ -152,3 +152,58 @@ def test_shell_characters_in_paths_stay_inside_one_shell_word(cli, tiny_data, ex
         words = shlex.split(line.split(" ", 1)[1] if line.startswith(("#BSUB", "#SBATCH")) else line)
         assert any(str(scratch) in word for word in words), line
         assert "touch" not in words, line
+
+
+# ---------------------------------------------------------------- the script, read as an HPC user
+
+
+def test_the_job_runs_the_python_of_the_environment_its_setup_activates(cli, tiny_data):
+    from hpcseg.cluster.scripts import job_python
+
+    assert job_python([]) == shlex.quote(sys.executable)
+    assert job_python(["module load cuda"]) == shlex.quote(sys.executable)
+    for line in ["source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate", ". ~/venv/bin/activate",
+                 "module load python3 && source /work3/me/env/bin/activate", "conda activate seg"]:
+        assert job_python([line]) == "python3", line
+    profile = cli.tmp / "site.toml"
+    profile.write_text('executor = "slurm"\nsetup = ["source ~/venv/bin/activate"]\n')
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", profile, "--dry-run")
+    assert code == 0 and " python3 -u -m submitit.core._submit " in out and sys.executable not in out, out
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", "local", "--profile", profile, "--dry-run")
+    assert code == 0 and "\npython3 -u -m submitit.local._local " in out, out
+
+
+def test_an_unset_variable_in_the_scratch_path_is_refused(cli, tiny_data, monkeypatch):
+    monkeypatch.delenv("HPCSEG_SCRATCH")
+    monkeypatch.delenv("USER", raising=False)
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", "dtu", "--dry-run")
+    assert code == 2
+    _one_error_line(out, "")
+    assert out.rstrip().endswith("dtu.toml: scratch '/work3/$USER': $USER is not set here, so the path cannot be "
+                                 "expanded; set it or give --scratch"), out
+    monkeypatch.setenv("USER", "s123456")
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", "dtu", "--dry-run")
+    assert code == 0 and "#BSUB -o /work3/s123456/exercise-improved/" in out, out
+
+
+@pytest.mark.parametrize("executor, walltime, expected", [
+    ("lsf", "00:05", ["#BSUB -W 0:05", "#BSUB -wt 2"]),  # default 5 min warning: capped at half the walltime
+    ("lsf", "00:02", ["#BSUB -W 0:02", "#BSUB -wt 1"]),
+    ("lsf", "01:00", ["#BSUB -W 1:00", "#BSUB -wt 5"]),
+    ("slurm", "00:01", ["#SBATCH --time=1", "#SBATCH --signal=USR2@30"]),
+    ("slurm", "00:03", ["#SBATCH --time=3", "#SBATCH --signal=USR2@90"]),
+    ("local", "00:01", ["walltime 00:01, USR2 30 s before it"]),
+])
+def test_the_warning_signal_comes_well_before_the_walltime(cli, tiny_data, executor, walltime, expected):
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, "--time", walltime, "--gpus", "0",
+                    "--dry-run")
+    assert code == 0, out
+    for line in expected:
+        assert line in out.splitlines() or executor == "local" and line in out, (line, out)
+
+
+def test_a_walltime_too_short_for_lsfs_warning_is_refused(cli, tiny_data):
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", "lsf", "--time", "00:01", "--dry-run")
+    assert code == 2
+    _one_error_line(out, "--time 00:01: too short for a warning signal before the walltime (LSF warns in whole "
+                         "minutes, at most half the walltime ahead); give at least 00:02")

@@ -209,8 +209,8 @@ def _signal_delay(executor: str, asked: int | None, minutes: int, source: str) -
     unit = 60 if executor == "lsf" else 1
     delay = min(unit * math.ceil(max(delay, 1) / unit), unit * (minutes * 60 // 2 // unit))
     if delay < unit:
-        raise ClusterError(f"{source} {fmt_minutes(minutes)}: too short to warn the job before its end ({executor} "
-                           f"sends the warning whole minutes before the walltime); give at least 00:02")
+        raise ClusterError(f"{source} {fmt_minutes(minutes)}: too short for a warning signal before the walltime "
+                           f"(LSF warns in whole minutes, at most half the walltime ahead); give at least 00:02")
     return delay
 
 
