@@ -21,10 +21,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where tensors are made: `submit` checks data without paying for torch
+    import torch
 
 from .errors import UserError
 
@@ -77,6 +79,8 @@ class Split:
         width over the slices, and at least ``min_size`` (e.g. the training crop). ``sizes`` holds each slice's
         own ``(H, W)``, so padding can be cut off again after inference.
         """
+        import torch
+
         min_h, min_w = (int(v) for v in min_size)
         n = len(self.ids)
         sizes = np.array([img.shape for img in self.images], dtype=np.int64).reshape(n, 2)
