@@ -86,6 +86,39 @@ def test_test_command_writes_predictions_pngs_csv_and_summary(trained, tiny_data
     by_hand = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts[1:]]
     assert list(summary["dice_per_class"].values()) == pytest.approx(by_hand)
     assert "mean" in output and "white_matter" in output
+    from PIL import Image
+
+    for r in rows:  # each overlay's title: its slice and its Dice, as in per_slice.csv
+        title = Image.open(out / "png" / f"{r['id']}.png").text["Title"]
+        assert title.startswith(f"{r['id']}   Dice {float(r['mean']):.3f}   (CSF {float(r['csf']):.3f}, "), title
+
+
+def test_overlay_png_has_a_title_a_legend_and_keeps_the_t1_visible(tmp_path):
+    from PIL import Image
+
+    from hpcseg.evaluate import COLOURS, save_overlay
+
+    image = np.tile(np.linspace(0, 1, 30, dtype=np.float32), (20, 1))  # a ramp from left to right
+    label = np.zeros((20, 30), np.uint8)
+    label[2:18, 2:28] = 1
+    label[5:15, 5:25] = 2
+    label[8:12, 8:22] = 3
+    save_overlay(tmp_path / "s7.png", image, label, np.zeros_like(label), "s7", [0.25, float("nan"), 0.75])
+    png = Image.open(tmp_path / "s7.png")
+    assert png.text["Title"] == "s7   Dice 0.500   (CSF 0.250, grey matter -, white matter 0.750)"
+    pixels = np.asarray(png.convert("RGB")).astype(int)
+    scale, top = 160 // 20, 2 * 18  # the panels: enlarged 8 times, below the title and the panel captions
+    assert pixels.shape[0] == top + 20 * scale + 18 + 4 and (pixels[:18] < 100).any()  # the title is drawn
+    legend = pixels[top + 20 * scale:]
+    for colour in (COLOURS[1:] * 255).round().astype(int):  # a swatch of each tissue's colour in the legend
+        assert (legend == colour).all(axis=-1).sum() >= 90
+    panel = pixels[top:top + 20 * scale, :30 * scale]
+    csf = panel[3 * scale + 4, [3 * scale + 4, 4 * scale + 4]]  # inside the CSF band, not on its outline
+    assert (csf != (COLOURS[1] * 255).round()).any(axis=-1).all()  # tinted, not painted over
+    assert csf[1].sum() > csf[0].sum()  # and the image's ramp still shows through
+    assert (panel[2 * scale] == (COLOURS[1] * 255).round()).all(axis=-1).sum() >= 20 * scale  # a solid outline
+    right = pixels[top:top + 20 * scale, 30 * scale + 6:]  # the prediction is all background: the plain image
+    assert np.ptp(right[:, :, 0]) > 200 and (right[..., 0] == right[..., 1]).all()
 
 
 def test_resume_gives_the_same_weights_as_one_run(tiny_data, tmp_path):

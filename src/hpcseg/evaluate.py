@@ -21,11 +21,15 @@ from .metrics import FolderDice, named, nanmean, per_slice_dice
 from .outdir import check_replaceable, replacing
 from .model import build_model
 from .train import BEST, pick_device, set_threads
+from .volumes import is_volume_folder
 
-#: Overlay colours of CSF, grey matter, white matter.
+#: Overlay colours of CSF, grey matter, white matter, and their names in the legend.
 COLOURS = np.array([[0.0, 0.0, 0.0], [0.2, 0.5, 1.0], [1.0, 0.3, 0.2], [1.0, 0.9, 0.2]])
+LEGEND = ("CSF", "grey matter", "white matter")
+#: Overlay panels of small slices are enlarged (by a whole factor, at most 8) towards this many pixels.
+OVERLAY_SIZE = 160
 #: What a test output folder holds; `--out` is replaced as a whole, so only such a folder (or an empty one) may be.
-OUTPUTS = {"predictions", "png", "per_slice.csv", "summary.json"}
+OUTPUTS = {"predictions", "png", "per_slice.csv", "per_subject.csv", "summary.json"}
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -62,6 +66,8 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
     check_replaceable(out_dir, "test", OUTPUTS.__contains__, "summary.json")
+    if is_volume_folder(data_dir):
+        return test_volumes(run_dir, data_dir, out_dir, log)
     best = load_best_model(run_dir)
     job, device = best.job, best.device
     split = load_split(data_dir, job.data.num_classes)
@@ -96,29 +102,62 @@ def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> No
         table.writerow(["id", *TISSUES, "mean"])
         for i, slice_id in enumerate(split.ids):
             np.save(tmp / "predictions" / f"{slice_id}_prediction.npy", predictions[i])
-            save_overlay(tmp / "png" / f"{slice_id}.png", split.images[i], split.labels[i], predictions[i])
+            save_overlay(tmp / "png" / f"{slice_id}.png", split.images[i], split.labels[i], predictions[i],
+                         slice_id, slice_dice[i])
             table.writerow([slice_id, *(f"{d:.6f}" for d in slice_dice[i]), f"{nanmean(slice_dice[i]):.6f}"])
         (tmp / "per_slice.csv").write_text(rows.getvalue())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def save_overlay(path: Path, image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> None:
-    """One PNG: the image with the label overlaid (left) and with the prediction overlaid (right)."""
-    import matplotlib
+def save_overlay(path: Path, image: np.ndarray, label: np.ndarray, pred: np.ndarray, slice_id: str = "",
+                 dice: list[float] | None = None) -> None:
+    """One PNG: a title with the slice id and its Dice (mean over tissues, then each), the image with the label
+    (left) and with the prediction (right), each tissue a light fill with a solid outline so the T1 shows through,
+    and a colour legend. Drawn with Pillow, not a matplotlib figure: `hpcseg test` writes one per slice."""
+    from PIL import Image, ImageDraw, ImageFont
+    from PIL.PngImagePlugin import PngInfo
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    scale = max(1, min(8, -(-OVERLAY_SIZE // max(min(image.shape), 1))))  # small slices enlarged, pixels kept sharp
     lo, hi = np.percentile(image, [0.5, 99.5])
     grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None].repeat(3, axis=-1)
+    grey = _enlarge(grey, scale)
 
     def overlay(classes: np.ndarray) -> np.ndarray:
-        colour = COLOURS[np.clip(classes, 0, len(COLOURS) - 1)]
-        alpha = np.where(classes > 0, 0.45, 0.0)[..., None]
-        return grey * (1 - alpha) + colour * alpha
+        classes = _enlarge(np.clip(classes, 0, len(COLOURS) - 1), scale)
+        padded = np.pad(classes, 1, mode="edge")
+        edge = ((padded[1:-1, 1:-1] != padded[:-2, 1:-1]) | (padded[1:-1, 1:-1] != padded[2:, 1:-1])
+                | (padded[1:-1, 1:-1] != padded[1:-1, :-2]) | (padded[1:-1, 1:-1] != padded[1:-1, 2:]))
+        alpha = np.where(classes > 0, np.where(edge, 1.0, 0.25), 0.0)[..., None]
+        return grey * (1 - alpha) + COLOURS[classes] * alpha
 
-    gap = np.ones((image.shape[0], 4, 3))
-    plt.imsave(path, np.concatenate([overlay(label), gap, overlay(pred)], axis=1))
+    font = ImageFont.load_default(size=13)
+    line = 18
+    title = slice_id
+    if dice is not None:
+        shown = ", ".join(f"{name} {'-' if d != d else f'{d:.3f}'}" for name, d in zip(LEGEND, dice))
+        title += f"   Dice {nanmean(list(dice)):.3f}   ({shown})"
+    left, right = (Image.fromarray((overlay(c) * 255).round().astype(np.uint8)) for c in (label, pred))
+    gap = 6
+    width = max(left.width + gap + right.width, int(font.getlength(title)) + 8, 330)
+    canvas = Image.new("RGB", (width, 2 * line + left.height + line + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black", font=font)
+    draw.text((4, line + 2), "label", fill="black", font=font)
+    draw.text((left.width + gap + 4, line + 2), "prediction", fill="black", font=font)
+    canvas.paste(left, (0, 2 * line))
+    canvas.paste(right, (left.width + gap, 2 * line))
+    x, y = 4, 2 * line + left.height + 4
+    for name, colour in zip(LEGEND, COLOURS[1:]):
+        draw.rectangle((x, y + 2, x + 11, y + 13), fill=tuple(round(c * 255) for c in colour), outline="black")
+        draw.text((x + 16, y), name, fill="black", font=font)
+        x += 16 + int(font.getlength(name)) + 14
+    info = PngInfo()
+    info.add_text("Title", title)
+    canvas.save(path, pnginfo=info)
+
+
+def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
+    return array.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else array
 
 
 def format_table(summary: dict) -> str:
@@ -127,3 +166,48 @@ def format_table(summary: dict) -> str:
     lines += [f"{'mean':<14}{summary['mean_dice']:>8.4f}",
               f"{'mean/slice':<14}{summary['mean_dice_per_slice']:>8.4f}  ({summary['slices']} slices)"]
     return "\n".join(lines)
+
+
+def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict:
+    """`test_run` on a folder of 3D scans with labels (`<scan>_T1w_tissue_segmentation.nii[.gz]`, codes 0-3): Dice
+    per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as `predict` writes them."""
+    from . import volumes
+    from .predict import _save_nifti, save_views, segment_volume
+
+    scans = volumes.find_volumes(data_dir)
+    best = load_best_model(run_dir)
+    classes = best.job.data.num_classes
+    folder_dice, per_scan = FolderDice(classes), {}
+    rows = io.StringIO()
+    table = csv.writer(rows)
+    table.writerow(["scan", "subject", *TISSUES, "mean"])
+    with replacing(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
+        (tmp / "predictions").mkdir()
+        (tmp / "png").mkdir()
+        for scan in scans:
+            raw, label_img = volumes.read_volume(scan.label, "label")  # checked before the inference
+            truth = volumes.map_labels(scan.label, raw, volumes.IDENTITY)
+            volumes.check_same_grid(scan.label, label_img, scan.image, volumes.read_volume(scan.image)[1])
+            seg = segment_volume(best, scan.image)
+            pred_t, truth_t = (torch.from_numpy(a.astype(np.int64))[None, None] for a in (seg.labels, truth))
+            one = FolderDice(classes)
+            one.update(pred_t, truth_t)
+            folder_dice.update(pred_t, truth_t)
+            per_scan[scan.scan] = dice = named(one.dice())
+            table.writerow([scan.scan, scan.subject, *(f"{d:.6f}" for d in dice.values()),
+                            f"{nanmean(list(dice.values())):.6f}"])
+            _save_nifti(tmp / "predictions" / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
+            grid_truth = volumes.resample(truth, seg.source.affine, seg.cut.grid.affine, seg.cut.grid.shape, order=0)
+            save_views(tmp / "png" / f"{scan.scan}.png", seg.cut.image, seg.slices, grid_truth)
+        dice = named(folder_dice.dice())
+        summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "scans": len(scans),
+                   "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
+                   "mean_dice_per_scan": nanmean([nanmean(list(d.values())) for d in per_scan.values()]),
+                   "dice_per_scan": per_scan}
+        (tmp / "per_subject.csv").write_text(rows.getvalue())
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log("\n".join([f"{'tissue':<14}{'3D Dice':>8}", *(f"{k:<14}{v:>8.4f}" for k, v in dice.items()),
+                    f"{'mean':<14}{summary['mean_dice']:>8.4f}",
+                    f"{'mean/scan':<14}{summary['mean_dice_per_scan']:>8.4f}  ({len(scans)} scans)"]))
+    log(f"wrote {out_dir}")
+    return summary
