@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -155,3 +158,116 @@ def test_scan_that_is_not_skull_stripped_is_refused():
 def test_empty_scan_is_refused():
     with pytest.raises(DataError, match="s.nii.gz: scan is 0 everywhere: no brain to segment"):
         V.cut_scan("s.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+
+
+# ----------------------------------------------------------------------------------------------- predict and test
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from fixtures_cluster import TINY  # noqa: E402
+
+from hpcseg.cli import main  # noqa: E402
+
+JOB = Path(__file__).resolve().parents[1] / "jobs" / "exercise-improved.toml"
+
+
+def hpcseg(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def run_and_scans(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("volumes")
+    args = ["train", JOB, "--data", tiny_data, "--out", root / "run", "--set", "train.epochs=1"]
+    for s in [*TINY, "infer.roi=[176,176]"]:  # whole slices in one pass: no sliding window, faster
+        args += ["--set", s]
+    code, output = hpcseg(*args)
+    assert code == 0, output
+    P.save(root / "scans", "sub-01", *P.PERMUTED)
+    P.save(root / "scans", "sub-02", *P.ANISO, centre=P.CENTRE + [3, 0, 0])
+    return root / "run", root / "scans"
+
+
+def test_predict_writes_a_label_volume_on_each_scan(run_and_scans, tmp_path):
+    run, scans = run_and_scans
+    code, output = hpcseg("predict", run, "--data", scans, "--out", tmp_path / "out")
+    assert code == 0, output
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["predict.json", "sub-01_prediction.nii.gz", "sub-01_views.png", "sub-02_prediction.nii.gz",
+                     "sub-02_views.png"]
+    for name in ("sub-01", "sub-02"):
+        scan, pred = nib.load(scans / f"{name}_T1w.nii.gz"), nib.load(tmp_path / "out" / f"{name}_prediction.nii.gz")
+        assert pred.shape == scan.shape and np.array_equal(pred.affine, scan.affine)
+        assert pred.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+    summary = json.loads((tmp_path / "out" / "predict.json").read_text())
+    assert summary["scans"] == 2 and summary["normalisation"] == V.RULE
+
+
+def test_predicting_a_volume_equals_predicting_its_slices_one_by_one(run_and_scans, tmp_path):
+    from hpcseg.evaluate import load_best_model
+    from hpcseg.infer import predict_logits
+    from hpcseg.predict import segment_volume
+
+    run, scans = run_and_scans
+    best = load_best_model(run)
+    best.model.eval()
+    for name in ("sub-01", "sub-02"):
+        seg = segment_volume(best, scans / f"{name}_T1w.nii.gz")
+        for j, image in enumerate(seg.cut.image):
+            logits = next(predict_logits(best.model, torch.from_numpy(image)[None, None], best.job.infer))[0]
+            top2 = logits.topk(2, dim=0).values
+            clear = (top2[0] - top2[1] > 1e-4).numpy()  # a batch of other size may round a near-tie otherwise
+            assert clear.mean() > 0.99
+            np.testing.assert_array_equal(seg.slices[j][clear], logits.argmax(0).numpy()[clear], err_msg=f"{name} {j}")
+        np.testing.assert_array_equal(seg.labels, V.to_scan(seg.slices, seg.cut.grid, seg.source))
+    # and through the command line: the prepared slices of a scan, predicted as a 2D folder
+    assert hpcseg("prepare", scans, "--out", tmp_path / "data", "--fractions", "0,0,1")[0] == 0
+    assert hpcseg("predict", run, "--data", tmp_path / "data" / "test_data", "--out", tmp_path / "p2d")[0] == 0
+    seg = segment_volume(best, scans / "sub-01_T1w.nii.gz")
+    for path in sorted((tmp_path / "p2d").glob("sub-01-cor*_prediction.npy")):
+        j = int(path.name.split("-cor")[1][:3])
+        np.testing.assert_array_equal(np.load(path), seg.slices[j])
+
+
+def test_test_gives_3d_dice_per_scan_and_over_the_folder(run_and_scans, tmp_path):
+    run, scans = run_and_scans
+    code, output = hpcseg("test", run, "--data", scans, "--out", tmp_path / "t")
+    assert code == 0, output
+    assert "3D Dice" in output and "(2 scans)" in output
+    out = tmp_path / "t"
+    assert sorted(p.name for p in out.iterdir()) == ["per_subject.csv", "png", "predictions", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = list(csv.DictReader((out / "per_subject.csv").open()))
+    assert [r["scan"] for r in rows] == ["sub-01", "sub-02"]
+    counts = np.zeros((4, 3))
+    for row in rows:
+        pred = np.asarray(nib.load(out / "predictions" / f"{row['scan']}_prediction.nii.gz").dataobj)
+        label = np.asarray(nib.load(scans / f"{row['scan']}_T1w_tissue_segmentation.nii.gz").dataobj)
+        mine = np.zeros((4, 3))
+        for c in range(1, 4):
+            mine[c] = [((pred == c) & (label == c)).sum(), ((pred == c) & (label != c)).sum(),
+                       ((pred != c) & (label == c)).sum()]
+        counts += mine
+        by_hand = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in mine[1:]]
+        assert [float(row[t]) for t in ("csf", "grey_matter", "white_matter")] == pytest.approx(by_hand, abs=1e-6)
+    by_hand = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts[1:]]
+    assert list(summary["dice_per_class"].values()) == pytest.approx(by_hand)
+    assert summary["scans"] == 2 and set(summary["dice_per_scan"]) == {"sub-01", "sub-02"}
+
+
+def test_predict_refuses_a_bad_scan_and_writes_nothing(run_and_scans, tmp_path):
+    run, scans = run_and_scans
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    image, _ = P.scan(*P.RAS)
+    nib.save(nib.Nifti1Image(image, P.RAS[0]), bad / "a_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(image + 2, P.RAS[0]), bad / "b_T1w.nii.gz")
+    code, output = hpcseg("predict", run, "--data", bad, "--out", tmp_path / "out")
+    assert code == 2 and output.strip().splitlines() == [
+        f"hpcseg: error: {bad / 'b_T1w.nii.gz'}: scan does not look skull-stripped: 100% of the voxels on the "
+        f"volume's faces are non-zero (a skull-stripped scan is 0 outside the brain); run a brain extraction first "
+        f"(FSL bet, SynthStrip or HD-BET) and give hpcseg the extracted brain, 0 outside it"]
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -175,6 +175,7 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dic
     from .predict import _save_nifti, save_views, segment_volume
 
     scans = volumes.find_volumes(data_dir)
+    volumes.check_scans(scans)
     best = load_best_model(run_dir)
     classes = best.job.data.num_classes
     folder_dice, per_scan = FolderDice(classes), {}
@@ -185,10 +186,8 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dic
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
         for scan in scans:
-            raw, label_img = volumes.read_volume(scan.label, "label")  # checked before the inference
-            truth = volumes.map_labels(scan.label, raw, volumes.IDENTITY)
-            volumes.check_same_grid(scan.label, label_img, scan.image, volumes.read_volume(scan.image)[1])
             seg = segment_volume(best, scan.image)
+            truth = volumes.map_labels(scan.label, volumes.read_volume(scan.label, "label")[0], volumes.IDENTITY)
             pred_t, truth_t = (torch.from_numpy(a.astype(np.int64))[None, None] for a in (seg.labels, truth))
             one = FolderDice(classes)
             one.update(pred_t, truth_t)

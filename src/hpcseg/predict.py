@@ -1,17 +1,23 @@
-"""`hpcseg predict`: a trained run's best checkpoint on new scans, slices without labels.
+"""`hpcseg predict`: a trained run's best checkpoint on new scans without labels: 2D slices or whole 3D scans.
 
 Inference is `hpcseg test`'s (same model loading, same batching, sliding window and padding); what it writes is
 only the class maps: `<id>_prediction.npy` for a `.npy` image, `<id>_prediction.nii.gz` with the image's affine and
 header for a NIfTI image (so it overlays the scan in a viewer), and `predict.json`.
+
+A folder of 3D scans (`<scan>_T1w.nii[.gz]`) is cut into coronal slices and normalised as `hpcseg prepare` does
+(volumes.RULE), segmented slice by slice in batches, and the class maps are put back on the scan's own voxels:
+`<scan>_prediction.nii.gz` (the scan's shape, affine and header) and `<scan>_views.png` (three orthogonal views).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import volumes
 from .data import load_images
 from .evaluate import load_best_model
 from .infer import predict_slices
@@ -19,7 +25,7 @@ from .outdir import check_replaceable, replacing
 
 #: What a predict output folder holds, and nothing else; `--out` is replaced as a whole, so only such a folder may be.
 SUMMARY = "predict.json"
-PREDICTION_SUFFIXES = ("_prediction.npy", "_prediction.nii.gz")
+PREDICTION_SUFFIXES = ("_prediction.npy", "_prediction.nii.gz", "_views.png")
 
 
 def is_output(name: str) -> bool:
@@ -30,6 +36,8 @@ def predict_run(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict
     """Predict every image of `data_dir` (labels there are ignored) with `run_dir`'s best checkpoint into `out_dir`."""
     run_dir, data_dir, out_dir = Path(run_dir), Path(data_dir), Path(out_dir).absolute()
     check_replaceable(out_dir, "predict", is_output, SUMMARY)
+    if volumes.is_volume_folder(data_dir):
+        return predict_volumes(run_dir, data_dir, out_dir, log)
     scans = load_images(data_dir)
     nifti = {i: _nifti_source(path) for i, path in enumerate(scans.paths) if not path.name.lower().endswith(".npy")}
     best = load_best_model(run_dir)
@@ -71,3 +79,80 @@ def _save_nifti(path: Path, labels: np.ndarray, source, classes: int) -> None:
     image.header["cal_min"], image.header["cal_max"] = 0, classes - 1
     image.header["descrip"] = b"hpcseg predict: tissue labels"
     image.to_filename(path)
+
+
+@dataclass
+class Segmented:
+    """A scan's prediction: `labels` on the scan's voxels (uint8), and the slices and their class maps."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    cut: volumes.Cut
+    slices: np.ndarray
+    source: object  # the nibabel image of the scan
+
+
+def segment_volume(best, path: Path) -> Segmented:
+    """Check one 3D scan, cut and normalise it by volumes.RULE, predict its slices in batches, map them back."""
+    scan, img = volumes.read_volume(path, "scan")
+    volumes.check_skull_stripped(path, scan)
+    cut = volumes.cut_scan(path, scan, img.affine)
+    slices = np.zeros(cut.image.shape, dtype=np.uint8)
+    for group, pred in predict_slices(best.model, list(cut.image), best.job, best.device):
+        slices[group] = pred[:, 0].cpu().numpy()
+    return Segmented(scan, volumes.to_scan(slices, cut.grid, img), cut, slices, img)
+
+
+def predict_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict:
+    """Predict every 3D scan of `data_dir` into `<scan>_prediction.nii.gz` and `<scan>_views.png` under `out_dir`."""
+    scans = volumes.find_volumes(data_dir, label_suffix=None)
+    volumes.check_scans(scans)
+    best = load_best_model(run_dir)
+    classes = best.job.data.num_classes
+    counts = {}
+    with replacing(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
+        for scan in scans:
+            seg = segment_volume(best, scan.image)
+            _save_nifti(tmp / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
+            save_views(tmp / f"{scan.scan}_views.png", seg.cut.image, seg.slices)
+            counts[scan.scan] = np.bincount(seg.labels.ravel(), minlength=classes).tolist()
+            log(f"{scan.scan}: {seg.cut.grid.shape[0]} slices")
+        summary = {"run": str(run_dir), "checkpoint": str(best.path), "checkpoint_epoch": best.epoch,
+                   "data": str(data_dir), "scans": len(scans), "normalisation": volumes.RULE,
+                   "voxels_per_class": counts}
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"predicted {len(scans)} scan(s) with {best.path} (epoch {best.epoch})")
+    log(f"wrote {out_dir}")
+    return summary
+
+
+def save_views(path: Path, image: np.ndarray, classes: np.ndarray, truth: np.ndarray | None = None) -> None:
+    """One PNG of three orthogonal views through the brain's centre (coronal, axial, sagittal) of slices (planes,
+    rows, cols) with `classes` overlaid; with `truth`, a second row with it overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .evaluate import COLOURS
+
+    centre = [int(np.mean(np.flatnonzero(image.any(axis=tuple(a for a in range(3) if a != k))))) for k in range(3)]
+    lo, hi = np.percentile(image[image != 0], [0.5, 99.5]) if image.any() else (0, 1)
+
+    def views(labels):
+        cuts = [(image[centre[0]], labels[centre[0]]),  # coronal: top down, left to right
+                (image[::-1, centre[1]], labels[::-1, centre[1]]),  # axial: anterior up, left to right
+                (image[:, :, centre[2]].T, labels[:, :, centre[2]].T)]  # sagittal: top down, posterior to anterior
+        height = max(c[0].shape[0] for c in cuts)
+        panels = []
+        for grey, lab in cuts:
+            grey = np.clip((grey - lo) / max(hi - lo, 1e-6), 0, 1)[..., None].repeat(3, axis=-1)
+            alpha = np.where(lab > 0, 0.45, 0.0)[..., None]
+            rgb = grey * (1 - alpha) + COLOURS[np.clip(lab, 0, len(COLOURS) - 1)] * alpha
+            panels += [np.pad(rgb, ((0, height - rgb.shape[0]), (0, 0), (0, 0))), np.ones((height, 4, 3))]
+        return np.concatenate(panels[:-1], axis=1)
+
+    rows = [views(classes)]
+    if truth is not None:
+        rows += [np.ones((4, rows[0].shape[1], 3)), views(truth)]
+    plt.imsave(path, np.concatenate(rows, axis=0))

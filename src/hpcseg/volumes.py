@@ -258,6 +258,26 @@ def check_skull_stripped(path: Path, scan: np.ndarray, brain_label: np.ndarray |
                              f"{hint}"])
 
 
+def check_scans(scans: list[Volume], mapping: dict[int, int] | None = None) -> None:
+    """Read and check every scan (and its labels, where it has them, mapped by `mapping`) before any inference;
+    DataError with the first problem of each scan, one line each."""
+    problems = []
+    for scan in scans:
+        try:
+            image, img = read_volume(scan.image, "scan")
+            brain = None
+            if scan.label is not None:
+                raw, label_img = read_volume(scan.label, "label")
+                check_same_grid(scan.label, label_img, scan.image, img)
+                brain = map_labels(scan.label, raw, mapping or IDENTITY) > 0
+            check_skull_stripped(scan.image, image, brain, scan.label)
+            brain_scale(scan.image, image)
+        except DataError as error:
+            problems += error.problems
+    if problems:
+        raise DataError(problems)
+
+
 # ----------------------------------------------------------------------------------------------------- geometry
 
 
