@@ -208,6 +208,8 @@ def test_lsf_forgotten_job_keeps_its_state(cli, tiny_data, lsf_emulator):
     # a forgotten job whose run wrote nothing (killed hard) is UNKNOWN, not invented
     (cli.scratch / "exercise-improved" / run_id / "outcome.json").unlink()
     (cli.scratch / "exercise-improved" / run_id / "submitit" / f"{job_id}_0_result.pkl").unlink()
+    assert cli.status(run_id)[0]["state"] == "FAILED"  # the batch script's exit code file says it ended
+    (cli.scratch / "exercise-improved" / run_id / "submitit" / f"{job_id}_exitcode").unlink()
     assert cli.status(run_id)[0]["state"] == "UNKNOWN"
     assert TINY  # the tiny model is used by cli.submit
 
@@ -279,7 +281,7 @@ def test_collect_goes_on_past_a_damaged_run(cli):
     dest = cli.tmp / "collected"
     code, out = cli("collect", "--dest", dest)
     assert code != 0 and "Traceback" not in out, out
-    assert [line for line in out.splitlines() if line.startswith("hpcseg: error:")] == [f"hpcseg: error: {best_dir}: Is a directory"]
+    assert [line for line in out.splitlines() if line.startswith("hpcseg: error:")] == [f"hpcseg: error: {best_dir}: not a regular file; not copied"]
     assert sorted(p.name for p in dest.iterdir()) == ["a-good", "c-metrics-types", "d-metrics-binary"]
     for run_id in ("a-good", "c-metrics-types", "d-metrics-binary"):
         assert f"{run_id}: 5 files copied, SHA256SUMS verified" in out, out
@@ -298,7 +300,7 @@ def test_logs_and_cancel_name_what_is_wrong_with_a_run(cli):
     log_is_folder = _fake_run(cli.scratch, "log-is-folder", "local", "1")
     (log_is_folder / "submitit" / "1_0_log.out").mkdir(parents=True)
     code, out = cli("logs", "log-is-folder")
-    assert code == 2 and out.strip() == f"hpcseg: error: {log_is_folder / 'submitit' / '1_0_log.out'}: Is a directory", out
+    assert code == 2 and out.strip() == f"hpcseg: error: {log_is_folder / 'submitit' / '1_0_log.out'}: not a regular file; not read", out
     (_fake_run(cli.scratch, "torn", "local", "1") / "run.json").write_text('{"run_id": "to')
     code, out = cli("logs", "torn")
     assert code != 0 and out.strip() == ("hpcseg: error: torn: no job id recorded (damaged: run.json: not a JSON object "

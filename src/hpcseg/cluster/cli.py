@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import click
 
+from ..errors import run_command
 from ..outdir import blocked
-from .runs import CANCELLED, OUTCOME, ClusterError, find_one_run, find_runs, scratches_to_search
+from .runs import CANCELLED, ClusterError, NotTrusted, find_one_run, find_runs, open_owned, scratches_to_search
 
 _SCRATCH_HELP = "scratch folder holding <experiment>/<run_id>/ (default: $HPCSEG_SCRATCH, else ./hpcseg-scratch " \
                 "and the scratch folders earlier submits used)"
@@ -80,8 +80,19 @@ def submit(job_file, data, executor, queue, gpus, cpus, mem_gb, walltime, profil
                 shown = line
             time.sleep(interval)
         click.echo(format_table(statuses))
+        _echo_test_results([(run.run_id, run.path / "test") for run in runs])
         if any(s.state != "COMPLETED" for s in statuses):
             sys.exit(1)
+
+
+def _echo_test_results(folders: list[tuple[str, Path]]) -> None:
+    """The Dice table of each run's test and where its overlay PNGs are: what a user looks at first."""
+    from .collect import test_results
+
+    for run_id, folder in folders:
+        lines = test_results(folder)
+        if lines:
+            click.echo(f"\n{run_id}: " + "\n".join(lines))
 
 
 def _progress(s) -> str:
@@ -96,7 +107,8 @@ def _progress(s) -> str:
 @click.command()
 @click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table (a run "
+              "whose scheduler could not be asked has its error in scheduler_error)")
 @click.option("--watch", is_flag=True, help="refresh until every run has ended or is damaged (Ctrl-C to stop)")
 def status(selectors, scratch, as_json, watch) -> None:
     """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
@@ -135,7 +147,7 @@ def status(selectors, scratch, as_json, watch) -> None:
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 def collect(selectors, dest, top, scratch) -> None:
     """Copy best checkpoint, job, metrics, test summary and a training-curve PNG, with verified SHA256SUMS."""
-    from .collect import collect_run, pick_top
+    from .collect import JOB_TEST, collect_run, pick_top
     from .status import collect_status
 
     if top is not None and top < 1:
@@ -152,7 +164,7 @@ def collect(selectors, dest, top, scratch) -> None:
         runs = pick_top([(r, dice.get(str(r.path))) for r in runs], top)
     done, skipped, failed = 0, [], 0
     for run in runs:
-        if not (run.path / "checkpoints" / "best.pt").exists():
+        if run.trusted and not os.path.lexists(run.path / "checkpoints" / "best.pt"):
             skipped.append(run.run_id)
             continue
         try:
@@ -164,6 +176,7 @@ def collect(selectors, dest, top, scratch) -> None:
         done += 1
         kept = f", {len(info['kept'])} unchanged" if info["kept"] else ""
         click.echo(f"{run.run_id}: {len(info['copied'])} files copied{kept}, SHA256SUMS verified -> {info['dest']}")
+        _echo_test_results([(run.run_id, Path(info["dest"]) / JOB_TEST)])
     for run_id in skipped:
         click.echo(f"{run_id}: no best checkpoint yet, skipped", err=True)
     if failed:
@@ -179,64 +192,90 @@ def collect(selectors, dest, top, scratch) -> None:
 @click.argument("selectors", nargs=-1, required=True, metavar="RUN...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 def cancel(selectors, scratch) -> None:
-    """Cancel runs (a run id, a sweep id or an experiment name)."""
-    from .runs import mark_cancelled
-    from .status import TERMINAL, collect_status, local_alive
+    """Cancel runs (a run id, a sweep id or an experiment name): only jobs of this user, from run folders of
+    this user."""
+    from .status import TERMINAL, collect_status
 
     runs = find_runs(selectors, scratches_to_search(scratch))
     statuses, _ = collect_status(runs)
-    live = [r for r, s in zip(runs, statuses) if s.state not in TERMINAL and r.job_id]
+    refused: list[str] = []
+    live = []
     for r, s in zip(runs, statuses):
-        if s.state in TERMINAL:
+        if not r.trusted:
+            refused.append(f"{r.run_id}: not cancelled: {r.damage[0]}")
+        elif s.state in TERMINAL:
             click.echo(f"{r.run_id}: already {s.state}")
         elif not r.job_id:
             click.echo(f"{r.run_id}: no job id recorded, nothing to cancel ({_why_no_job_id(r)})", err=True)
+        else:
+            live.append(r)
     by_exec: dict[str, list] = {}
-    failed = False
     for r in live:
         by_exec.setdefault(r.executor, []).append(r)
+    try:
+        _cancel_groups(by_exec, refused)
+    finally:  # also when a scheduler's cancel command fails: the runs refused before are named
+        for line in refused:
+            ClusterError(line).show()
+    if refused:
+        sys.exit(ClusterError.exit_code)
+
+
+def _cancel_groups(by_exec: dict[str, list], refused: list[str]) -> None:
+    """Cancel each executor's runs; a run that is not cancelled gets a line in `refused`."""
+    from ..errors import CommandError
+    from .runs import mark_cancelled
+    from .status import job_owners, local_alive, my_user, scheduler_timeout_s
+
     for executor, group in by_exec.items():
         ids = [r.job_id for r in group]
-        if executor == "slurm":
-            _scheduler_cancel(["scancel", *ids])
-        elif executor == "lsf":
+        if executor in ("slurm", "lsf"):
+            # a run.json names a job id; the scheduler must say the job is this user's before it is cancelled
+            me = my_user()
             try:
+                owners, why = job_owners(executor, ids, scheduler_timeout_s()), None
+            except CommandError as err:
+                owners, why = {}, f"the scheduler could not say whose it is ({err})"
+            mine = []
+            for r in group:
+                owner = owners.get(r.job_id)
+                if owner == me:
+                    mine.append(r)
+                    continue
+                reason = why or (f"{executor} does not list it" if owner is None else f"{executor} says it is {owner}'s")
+                refused.append(f"{r.run_id}: not cancelled: job {r.job_id} is not confirmed as yours ({me}): {reason}")
+            group, ids = mine, [r.job_id for r in mine]
+            if not group:
+                continue
+            if executor == "slurm":
+                run_command(["scancel", *ids], 30)
+            else:
                 from .lsf import cancel_lsf
 
-                cancel_lsf(ids)
-            except Exception as err:
-                raise ClusterError(f"bkill failed: {' '.join(str(err).split())[:300]}") from None
+                try:
+                    cancel_lsf(ids)
+                except ClusterError:
+                    raise
+                except Exception as err:  # the plugin's own error already names bkill
+                    raise ClusterError(" ".join(str(err).split())[:300]) from None
         elif executor == "local":
             for r in group:
-                if local_alive(r.job_id, str(r.submitit_dir)):
+                if local_alive(r.job_id, str(r.submitit_dir)):  # a process of this user running this run
                     try:
                         os.kill(int(r.job_id), signal.SIGINT)
                     except ProcessLookupError:
                         pass
         else:  # a run.json from another tool or version: nothing here knows how to cancel it
-            for r in group:
-                click.echo(f"hpcseg: error: {r.run_id}: not cancelled: its run.json names executor {executor!r}, "
-                           f"which hpcseg does not know (job id {r.job_id})", err=True)
-            failed = True
+            refused += [f"{r.run_id}: not cancelled: its run.json names executor {executor!r}, which hpcseg does "
+                        f"not know (job id {r.job_id})" for r in group]
             continue
         for r in group:
             mark_cancelled(r.path / CANCELLED)
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
-    if failed:
-        sys.exit(ClusterError.exit_code)
 
 
 def _why_no_job_id(run) -> str:
     return f"damaged: {run.damage[0]}" if run.damage else "the submission did not complete"
-
-
-def _scheduler_cancel(cmd: list[str]) -> None:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise ClusterError(f"{cmd[0]} failed: {err}") from None
-    if proc.returncode != 0:
-        raise ClusterError(f"{cmd[0]} failed: {' '.join(proc.stderr.split())[:300]}")
 
 
 # ---------------------------------------------------------------- logs
@@ -252,17 +291,21 @@ def logs(run_selector, stderr, follow, scratch) -> None:
     from .status import TERMINAL, collect_status
 
     run = find_one_run(run_selector, scratches_to_search(scratch))
+    if not run.trusted:
+        raise ClusterError(f"{run.run_id}: {run.damage[0]}")
     path = run.log_path(stderr)
     if path is None:
         raise ClusterError(f"{run.run_id}: no job id recorded ({_why_no_job_id(run)})")
     position = 0
     quiet_rounds = 0
     while True:
-        if path.exists():
+        if os.path.lexists(path):
             try:
-                with open(path, "rb") as fh:
+                with open_owned(path) as fh:
                     fh.seek(position)
                     chunk = fh.read()
+            except NotTrusted as err:
+                raise ClusterError(f"{path}: {err}; not read") from None
             except OSError as err:
                 raise ClusterError(f"{path}: {err.strerror or err}") from None
             position += len(chunk)

@@ -1,7 +1,14 @@
 """`hpcseg collect`: copy each run's results to `DEST/<run_id>/` with a verified `SHA256SUMS`.
 
-Copied: `checkpoints/best.pt` (as `best.pt`), `job.toml`, `metrics.jsonl`, `run.json`, each test summary
-(`test/<folder>/summary.json`) and `curves.png` (training loss and validation Dice per epoch, drawn here).
+Copied: `checkpoints/best.pt` (as `best.pt`), `job.toml`, `metrics.jsonl`, `run.json`, the job's own test of
+each test folder (`test/<folder>/` as `job-test/<folder>/`: `summary.json`, `per_slice.csv` and the overlay PNGs
+in `png/`) and `curves.png` (training loss and validation Dice per epoch, drawn here). The job's test lands
+in `job-test/` so that a later `hpcseg test` of the collected folder (which writes `test/<folder>/`) never mixes
+its files with the job's.
+
+The run folder may lie on a shared scratch: only regular files of this user are copied (never through a link),
+and collect writes only inside `DEST/<run_id>/`, in folders it made (a link there is refused, not followed). Its
+manifest names only files collect writes; a stale one is removed only under such a name.
 
 A checkpoint is never copied half-written: the training replaces it by an atomic rename, and the copy reads
 from one open handle (one version of the file), checks that the bytes read match the handle's size, and
@@ -16,15 +23,26 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import stat
 from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write_text
-from .runs import ClusterError, Run
+from .runs import ClusterError, NotTrusted, Run, folder_problem, open_owned, read_owned
 
 MANIFEST = ".collect.json"
 SUMS = "SHA256SUMS"
+#: where the job's own test outputs land in DEST/<run_id>/ (`test/` is left to a local `hpcseg test`)
+JOB_TEST = "job-test"
 _CHUNK = 1 << 20
+#: every name collect may write (and so remove) in DEST/<run_id>/; a manifest entry of any other name is ignored
+_FIXED = {"best.pt", "job.toml", "metrics.jsonl", "run.json", "curves.png"}
+_TEST_FILE = re.compile(rf"{JOB_TEST}/[^./][^/]*/(summary\.json|per_slice\.csv|png/[^./][^/]*\.png)")
+
+
+def _known(name: str) -> bool:
+    return name in _FIXED or bool(_TEST_FILE.fullmatch(name))
 
 
 def _sha256_file(path: Path) -> str:
@@ -41,8 +59,13 @@ def _source_key(st: os.stat_result) -> list:
 
 def copy_stable(src: Path, dest: Path) -> tuple[str, list]:
     """Copy one version of `src` (read through a single open handle) to `dest` atomically; returns
-    (sha256, source key). Raises ClusterError if the bytes read do not match the handle's size."""
-    with open(src, "rb") as fh:
+    (sha256, source key). Raises ClusterError if the bytes read do not match the handle's size, or where `src`
+    is not a regular file of this user."""
+    try:
+        fh = open_owned(src)
+    except NotTrusted as err:
+        raise ClusterError(f"{src}: {err}; not copied") from None
+    with fh:
         before = os.fstat(fh.fileno())
         digest, size = hashlib.sha256(), 0
         with atomic_path(dest) as tmp, open(tmp, "wb") as out:
@@ -79,7 +102,7 @@ def curves_png(metrics: list[dict], out: Path, title: str) -> None:
     ax_dice.set_ylabel("Dice")
     ax_dice.set_ylim(0, 1)
     ax_dice.set_title("validation Dice")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title.replace("$", r"\$"), fontsize=9)  # a '$' would start matplotlib's mathtext
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
@@ -96,7 +119,7 @@ def _read_metrics(path: Path) -> list[dict]:
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if not isinstance(record, dict) or not _number(record.get("epoch")) or not _number(record.get("train_loss")):
             continue
@@ -112,7 +135,9 @@ def collect_run(run: Run, dest_root: Path) -> dict:
 
     A file that cannot be read or written raises ClusterError naming it; a destination folder made by this call
     is then removed again."""
-    dest = dest_root / run.run_id
+    if not run.trusted:
+        raise ClusterError(f"{run.run_id}: not collected: {run.damage[0] if run.damage else 'not trusted'}")
+    dest = dest_root / run.run_id  # the run folder's own name: one plain component, never '..' or absolute
     made = not os.path.lexists(dest)
     try:
         return _collect_into(run, dest)
@@ -124,32 +149,75 @@ def collect_run(run: Run, dest_root: Path) -> dict:
         raise
 
 
-def _collect_into(run: Run, dest: Path) -> dict:
-    dest.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = json.loads((dest / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    if not isinstance(manifest, dict):
-        manifest = {}
-    manifest = {name: entry for name, entry in manifest.items()  # written by collect; anything else is ignored
-                if isinstance(entry, dict) and ".." not in Path(name).parts and not Path(name).is_absolute()}
+def _own_folders(dest: Path, name: str, create: bool) -> bool:
+    """Whether every folder of `name` below `dest` (and `dest`) is a folder, not a link, of this user; missing
+    ones are made where `create`. A link or another user's folder raises ClusterError where `create`."""
+    folder = dest
+    for part in [""] + list(Path(name).parts[:-1]):
+        folder = folder / part if part else folder
+        if create and not os.path.lexists(folder):
+            folder.mkdir()
+        problem = folder_problem(folder)
+        if problem:
+            if create:
+                raise ClusterError(f"{folder}: {problem}; collect writes only into folders of its own")
+            return False
+    return True
+
+
+def _sources(run: Run) -> dict[str, Path]:
+    """{name in DEST/<run_id>/: file in the run folder} of everything collect copies (links left out)."""
     sources = {"best.pt": run.path / "checkpoints" / "best.pt", "job.toml": run.path / "job.toml",
                "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json"}
-    test_root = run.path / "test"
-    if test_root.is_dir():
-        for summary in sorted(test_root.glob("*/summary.json")):
-            sources[f"test/{summary.parent.name}/summary.json"] = summary
+    for test in _scan(run.path / "test", dirs=True):
+        for name in ("summary.json", "per_slice.csv"):
+            sources[f"{JOB_TEST}/{test.name}/{name}"] = test / name
+        for png in _scan(test / "png", dirs=False):
+            if png.name.endswith(".png"):
+                sources[f"{JOB_TEST}/{test.name}/png/{png.name}"] = png
+    return {name: path for name, path in sources.items() if _known(name)}
+
+
+def _scan(folder: Path, dirs: bool) -> list[Path]:
+    """The visible folders (or regular files) in `folder`, sorted; links are not followed."""
+    try:
+        entries = list(os.scandir(folder)) if not folder_problem(folder) else []
+    except OSError:
+        return []
+    return sorted(Path(e.path) for e in entries if not e.name.startswith(".")
+                  and (e.is_dir(follow_symlinks=False) if dirs else e.is_file(follow_symlinks=False)))
+
+
+def _read_manifest(dest: Path) -> dict:
+    """What the last collect wrote: only entries of names collect writes, from a regular file of this user."""
+    try:
+        manifest = json.loads(read_owned(dest / MANIFEST))
+    except (OSError, NotTrusted, ValueError, RecursionError):
+        return {}
+    if not isinstance(manifest, dict):
+        return {}
+    return {name: entry for name, entry in manifest.items() if _known(name) and isinstance(entry, dict)}
+
+
+def _collect_into(run: Run, dest: Path) -> dict:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _own_folders(dest, "x", create=True)
+    manifest = _read_manifest(dest)
     copied, kept, entries = [], [], {}
-    for name, src in sources.items():
+    for name, src in _sources(run).items():
         try:
-            st = src.stat()
+            st = os.lstat(src)
         except FileNotFoundError:
             continue
         target = dest / name
         old = manifest.get(name)
-        if old and old.get("source") == _source_key(st) and target.exists() \
-                and target.stat().st_size == st.st_size:
+        _own_folders(dest, name, create=True)
+        try:
+            target_st = os.lstat(target)
+        except FileNotFoundError:
+            target_st = None
+        if old and old.get("source") == _source_key(st) and target_st is not None \
+                and stat.S_ISREG(target_st.st_mode) and target_st.st_size == st.st_size:
             entries[name] = old
             kept.append(name)
             continue
@@ -161,7 +229,7 @@ def _collect_into(run: Run, dest: Path) -> dict:
     # training curves: redrawn only when metrics.jsonl changed
     metrics_entry = entries.get("metrics.jsonl")
     old_png = manifest.get("curves.png")
-    if metrics_entry and (dest / "curves.png").exists() and old_png \
+    if metrics_entry and os.path.isfile(dest / "curves.png") and old_png \
             and old_png.get("source") == metrics_entry["sha256"]:
         entries["curves.png"] = old_png
         kept.append("curves.png")
@@ -169,8 +237,9 @@ def _collect_into(run: Run, dest: Path) -> dict:
         curves_png(_read_metrics(dest / "metrics.jsonl"), dest / "curves.png", f"{run.experiment} / {run.run_id}")
         entries["curves.png"] = {"sha256": _sha256_file(dest / "curves.png"), "source": metrics_entry["sha256"]}
         copied.append("curves.png")
-    for stale in set(manifest) - set(entries):  # a file the run no longer has
-        (dest / stale).unlink(missing_ok=True)
+    for stale in set(manifest) - set(entries):  # a file the run no longer has; a link there goes, not its target
+        if _own_folders(dest, stale, create=False):
+            (dest / stale).unlink(missing_ok=True)
     atomic_write_text(dest / SUMS, "".join(f"{entries[n]['sha256']}  {n}\n" for n in sorted(entries)))
     verify(dest)
     atomic_write_text(dest / MANIFEST, json.dumps(entries, indent=1, sort_keys=True) + "\n")
@@ -185,6 +254,37 @@ def verify(dest: Path) -> None:
         if not path.exists() or _sha256_file(path) != sha:
             (dest / MANIFEST).unlink(missing_ok=True)  # copy everything again next time
             raise ClusterError(f"{path}: checksum mismatch after copying")
+
+
+def _summary_ok(summary) -> bool:
+    """Whether a summary.json holds what the Dice table shows (a damaged one is left out, not trusted)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return isinstance(summary, dict) and isinstance(summary.get("dice_per_class"), dict) \
+        and all(isinstance(k, str) and number(v) for k, v in summary["dice_per_class"].items()) \
+        and number(summary.get("mean_dice")) and number(summary.get("mean_dice_per_slice")) \
+        and isinstance(summary.get("slices"), int)
+
+
+def test_results(folder: Path) -> list[str]:
+    """For each test output in `folder` (`<name>/summary.json`, `<name>/png/`): a line naming it, its Dice table
+    (per tissue and mean) and where its overlay PNGs are. Nothing where there is no test."""
+    from ..evaluate import format_table
+
+    lines = []
+    for test in _scan(folder, dirs=True):
+        try:
+            summary = json.loads(read_owned(test / "summary.json"))
+        except (OSError, NotTrusted, ValueError, RecursionError):
+            continue
+        if not _summary_ok(summary):
+            lines.append(f"test on {test.name}: {test / 'summary.json'} is damaged")
+            continue
+        pngs = [p for p in _scan(test / "png", dirs=False) if p.name.endswith(".png")]
+        lines += [f"test on {test.name}:", format_table(summary),
+                  f"overlays ({len(pngs)} PNGs): {test / 'png'}"]
+    return lines
 
 
 def pick_top(runs_with_dice: list[tuple[Run, float | None]], k: int) -> list[Run]:

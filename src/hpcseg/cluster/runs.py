@@ -10,21 +10,27 @@ A run is the folder `<scratch>/<experiment>/<run_id>/` (mode 0700) holding:
 - `outcome.json` (written by the job runner when the job ends: COMPLETED, FAILED or TIMEOUT),
   `attempts.jsonl` (one line per start of the job) and `cancelled.json` (written by `hpcseg cancel`).
 
-Everything status and collect read here is JSON or text: nothing is unpickled.
+Everything status and collect read here is JSON or text: nothing is unpickled. A scratch may be shared with
+other users, so nothing read from it is trusted unchecked: only regular files of bounded size owned by this user
+are read (never through a link), folders of other users are listed as damaged and not read, and the run id,
+experiment, job id and submitit folder of a record must agree with the folder they were read from.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import secrets
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable
+from pathlib import Path, PurePath
+from typing import IO, Any, Iterable
 
 
 from ..atomic import atomic_write_text
@@ -36,6 +42,10 @@ ATTEMPTS = "attempts.jsonl"
 CANCELLED = "cancelled.json"
 PROGRESS = "progress.json"
 DEFAULT_SCRATCH = "hpcseg-scratch"
+#: The most a run's JSON record (run.json, progress.json, ...) may hold: more is damage, not a record.
+MAX_RECORD_BYTES = 1 << 20
+#: A job id as each executor writes it: Slurm `123` or `123_4`, LSF the same (submitit's form), local a pid.
+JOB_ID_SYNTAX = {"slurm": re.compile(r"\d+(_\d+)?"), "lsf": re.compile(r"\d+(_\d+)?"), "local": re.compile(r"\d+")}
 
 
 # ---------------------------------------------------------------- scratch
@@ -101,6 +111,69 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+# ---------------------------------------------------------------- reading a shared scratch safely
+
+
+class NotTrusted(Exception):
+    """A file or folder that hpcseg does not read; the message says why in a few words."""
+
+
+def my_uid() -> int:
+    return os.geteuid()
+
+
+def _ownership_problem(st: os.stat_result) -> str | None:
+    if st.st_uid != my_uid():
+        return f"owned by another user (uid {st.st_uid})"
+    return None
+
+
+def open_owned(path: Path, limit: int | None = None) -> IO[bytes]:
+    """Open `path` for reading only if it is a regular file of this user (not through a symbolic link, at most
+    `limit` bytes): a FIFO would hang the reader, a device or a link to one would never end. Raises
+    FileNotFoundError where there is nothing, NotTrusted or OSError otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotTrusted("a symbolic link (not followed)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotTrusted("not a regular file")
+        problem = _ownership_problem(st)
+        if problem:
+            raise NotTrusted(problem)
+        if limit is not None and st.st_size > limit:
+            raise NotTrusted(f"larger than {limit} bytes")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_owned(path: Path, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """The bytes of a regular file of this user of at most `limit` bytes (see open_owned)."""
+    with open_owned(path, limit) as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew after the check
+        raise NotTrusted(f"larger than {limit} bytes")
+    return data
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` is not a folder of this user that hpcseg may read or write in (a link is not one), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError as err:
+        return err.strerror or str(err)
+    if not stat.S_ISDIR(st.st_mode):
+        return "a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else "not a folder"
+    return _ownership_problem(st)
+
+
 # ---------------------------------------------------------------- ids and provenance
 
 
@@ -148,14 +221,18 @@ class Run:
     path: Path
     record: dict[str, Any] = field(default_factory=dict)
     damage: list[str] = field(default_factory=list)
+    #: False for a folder of another user: nothing in it is read, and nothing is done to it
+    trusted: bool = True
+    #: the sweep id of a job-array element, whose submitit files are in `<experiment>/.arrays/<sweep id>/`
+    array_dir: str | None = None
 
     @property
     def run_id(self) -> str:
-        return self.record.get("run_id") or self.path.name
+        return self.path.name  # the record's run_id must equal it (checked on loading)
 
     @property
     def experiment(self) -> str:
-        return self.record.get("experiment") or self.path.parent.name
+        return self.path.parent.name
 
     @property
     def executor(self) -> str:
@@ -167,19 +244,23 @@ class Run:
 
     @property
     def submitit_dir(self) -> Path:
-        return Path(self.record.get("submitit_dir") or self.path / "submitit")
+        """The run's own `submitit/`, or its sweep's `<experiment>/.arrays/<sweep id>/` (rebuilt from this
+        folder's path, never taken from the record as written)."""
+        return self.path.parent / ".arrays" / self.array_dir if self.array_dir else self.path / "submitit"
 
     def read_json(self, name: str, fields: dict[str, Any] | None = None) -> dict | None:
         """The JSON object in the run's file `name`, None if there is none. A file that exists but holds no JSON
-        object (empty, half-written, corrupt), and each of `fields` of another type (dropped), are noted in
-        `damage`."""
+        object (empty, half-written, corrupt, not a regular file of this user of at most MAX_RECORD_BYTES), and
+        each of `fields` of another type (dropped), are noted in `damage`."""
         try:
-            data = json.loads((self.path / name).read_text())
+            data = json.loads(read_owned(self.path / name))
         except FileNotFoundError:
             return None
+        except NotTrusted as err:
+            return self._damaged(f"{name}: {err}, not read")
         except OSError as err:
             return self._damaged(f"{name}: unreadable ({err.strerror or err})")
-        except ValueError:  # not JSON, or not UTF-8
+        except (ValueError, RecursionError):  # not JSON, or not UTF-8, or nested too deep
             data = None
         if not isinstance(data, dict):
             return self._damaged(f"{name}: not a JSON object (empty, half-written or corrupt)")
@@ -196,14 +277,17 @@ class Run:
 
     def attempts(self) -> list[dict]:
         try:
-            lines = (self.path / ATTEMPTS).read_text(errors="replace").splitlines()
-        except OSError:
+            lines = read_owned(self.path / ATTEMPTS, 16 * MAX_RECORD_BYTES).decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        except (NotTrusted, OSError) as err:
+            self._damaged(f"{ATTEMPTS}: {getattr(err, 'strerror', None) or err}, not read")
             return []
         out = []
         for line in lines:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
                 out.append(record)
@@ -239,29 +323,61 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 def load_run(path: Path) -> Run | None:
     """The run in `path`; None where there is no run record (not a run, or `submit` is still creating it). A
-    record that cannot be read gives a run with an empty record and the damage noted, so that it is listed."""
+    record that cannot be read gives a run with an empty record and the damage noted, so that it is listed; a
+    folder of another user gives an untrusted run, with nothing in it read."""
     if not os.path.lexists(path / RUN_RECORD):
         return None
+    for what, folder in (("experiment folder", path.parent), ("run folder", path)):
+        problem = folder_problem(folder)
+        if problem:
+            return Run(path=path, damage=[f"{what} {folder}: {problem}; not read"], trusted=False)
     run = Run(path=path)
     run.record = run.read_json(RUN_RECORD, RECORD_FIELDS) or {}
+    _check_record(run)
     return run
 
 
+def _check_record(run: Run) -> None:
+    """Drop, as damage, what the record says that does not belong to its own folder: its run id and experiment
+    must be the folder's names, its job id must have its executor's syntax, its submitit folder must be the
+    run's own or its sweep's."""
+    record = run.record
+
+    def drop(key: str, why: str) -> None:
+        run._damaged(f"{RUN_RECORD}: {key} = {json.dumps(record.pop(key))[:60]} {why}; not used")
+
+    for key, expected in (("run_id", run.path.name), ("experiment", run.path.parent.name)):
+        if key in record and record[key] != expected:
+            drop(key, f"is not its folder's name {expected!r}")
+    syntax = JOB_ID_SYNTAX.get(record.get("executor"))
+    if record.get("job_id") is not None and syntax and not syntax.fullmatch(record["job_id"]):
+        drop("job_id", f"is not a {record['executor']} job id")
+    if record.get("submitit_dir") is not None:
+        where = PurePath(record["submitit_dir"])
+        if where.name == "submitit" and where.parent.name == run.path.name:
+            pass  # the run's own folder
+        elif where.parent.name == ".arrays" and where.parent.parent.name == run.path.parent.name \
+                and where.name and not where.name.startswith(".") and run.path.name.startswith(where.name + "-"):
+            run.array_dir = where.name  # its sweep's: <experiment>/.arrays/<sweep id>
+        else:
+            drop("submitit_dir", "is neither the run's submitit folder nor its sweep's")
+
+
 def iter_runs(scratch: Path) -> Iterable[Run]:
-    """Every run under `scratch` (`<experiment>/<run_id>/run.json`), skipping hidden folders."""
+    """Every run under `scratch` (`<experiment>/<run_id>/run.json`), skipping hidden folders and links."""
     try:
         experiments = sorted(os.scandir(scratch), key=lambda e: e.name)
     except OSError:
         return
     for exp in experiments:
-        if exp.name.startswith(".") or not exp.is_dir():
+        if exp.name.startswith(".") or not exp.is_dir(follow_symlinks=False):
             continue
         try:
             entries = sorted(os.scandir(exp.path), key=lambda e: e.name)
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir():
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
             run = load_run(Path(entry.path))
             if run is not None:

@@ -4,20 +4,21 @@ The scheduler says what it knows (PENDING, RUNNING, ...); the run folder says wh
 (`outcome.json` at the end, `progress.json` every epoch, `attempts.jsonl` at each start, `cancelled.json` from
 `hpcseg cancel`, submitit's result file). A job the scheduler has forgotten (LSF after its clean period, Slurm
 without accounting) still shows COMPLETED or FAILED from its files; a scheduler command that fails or hangs
-(bounded by $HPCSEG_SCHEDULER_TIMEOUT_S, default 10 s) leaves UNKNOWN only where the files know nothing.
+(bounded by $HPCSEG_SCHEDULER_TIMEOUT_S, default 10 s) leaves UNKNOWN only where the files know nothing, and
+its error is in each affected run's `scheduler_error`.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import re
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, Run
+from ..errors import CommandError, run_command
+from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, my_uid, read_owned
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -32,22 +33,16 @@ def scheduler_timeout_s() -> float:
         return 10.0
 
 
-class SchedulerError(Exception):
-    """The scheduler's command failed or did not answer in time."""
-
-
-def _run(cmd: list[str], timeout_s: float) -> str:
+def my_user() -> str:
+    """This user's name as schedulers report a job's owner (from the user id, not from $USER)."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise SchedulerError(f"{cmd[0]} did not answer within {timeout_s:g} s") from None
-    except OSError as err:
-        raise SchedulerError(f"{cmd[0]}: {err.strerror or err}") from None
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise SchedulerError(f"{cmd[0]} exited {proc.returncode}: {lines[-1] if lines else ''}")
-    return proc.stdout
+        return pwd.getpwuid(my_uid()).pw_name
+    except KeyError:
+        return str(my_uid())
+
+
+#: exit codes in `<submitit_dir>/<job_id>_exitcode` of a job that was killed on request (128 + SIGINT, SIGTERM)
+CANCEL_EXIT_CODES = (130, 143)
 
 
 # ---------------------------------------------------------------- Slurm
@@ -80,6 +75,7 @@ def _expand_slurm_id(job_id: str) -> list[str]:
 
 
 def _parse_slurm_lines(text: str) -> dict[str, str]:
+    """`JobID|Field` lines -> {job id: the field's first word} (array ranges expanded, job steps left out)."""
     states: dict[str, str] = {}
     for line in text.splitlines():
         job_id, _, state = line.strip().partition("|")
@@ -91,22 +87,27 @@ def _parse_slurm_lines(text: str) -> dict[str, str]:
     return states
 
 
+def _sacct_or_squeue(parents: list[str], field: tuple[str, str], timeout_s: float) -> tuple[dict[str, str], str]:
+    """One sacct call for `field` (sacct's name, squeue's %-letter) of the jobs `parents`; where sacct is
+    unavailable, one squeue call. Returns ({job id: value}, source)."""
+    try:
+        out = run_command(["sacct", "-n", "-P", "-X", "-o", f"JobID,{field[0]}", "-j", ",".join(parents)],
+                          timeout_s).stdout
+        return _parse_slurm_lines(out), "sacct"
+    except CommandError as sacct_err:
+        try:
+            out = run_command(["squeue", "-h", "-r", "--states=all", "-u", my_user(), "-o", f"%i|{field[1]}"],
+                              timeout_s).stdout
+        except CommandError as squeue_err:
+            raise CommandError(f"{sacct_err}; {squeue_err}") from None
+        wanted = set(parents)
+        return {k: v for k, v in _parse_slurm_lines(out).items() if k.split("_")[0] in wanted}, "squeue"
+
+
 def query_slurm(job_ids: list[str], timeout_s: float) -> tuple[dict[str, str], str]:
     """Raw Slurm state per job id ('123' or '123_4'), from ONE sacct call; where sacct is unavailable
     (accounting disabled, command missing), from one squeue call. Returns (states, source)."""
-    parents = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(parents)], timeout_s)
-        return _parse_slurm_lines(out), "sacct"
-    except SchedulerError as sacct_err:
-        try:
-            user = getpass.getuser()
-            out = _run(["squeue", "-h", "-r", "--states=all", "-u", user, "-o", "%i|%T"], timeout_s)
-        except SchedulerError as squeue_err:
-            raise SchedulerError(f"{sacct_err}; {squeue_err}") from None
-        wanted = set(parents)
-        states = {k: v for k, v in _parse_slurm_lines(out).items() if k.split("_")[0] in wanted}
-        return states, "squeue"
+    return _sacct_or_squeue(sorted({j.split("_")[0] for j in job_ids}), ("State", "%T"), timeout_s)
 
 
 # ---------------------------------------------------------------- LSF
@@ -118,8 +119,23 @@ def query_lsf_states(job_ids: list[str], timeout_s: float) -> dict[str, str]:
     try:
         infos = query_lsf(job_ids, timeout_s=timeout_s)
     except Exception as err:  # bjobs failed, hung, or printed what the plugin cannot read
-        raise SchedulerError(f"bjobs: {' '.join(str(err).split())[:200]}") from None
+        message = " ".join(str(err).split())[:200]
+        raise CommandError(message if message.startswith("bjobs") else f"bjobs: {message}") from None
     return {str(k): v.state for k, v in infos.items()}
+
+
+def job_owners(executor: str, job_ids: list[str], timeout_s: float) -> dict[str, str]:
+    """The user who owns each job as the scheduler reports it ({job id: user}); jobs it does not know are
+    absent. Raises CommandError where the scheduler cannot be asked."""
+    parents = sorted({j.split("_")[0] for j in job_ids})
+    if executor == "slurm":
+        users, _ = _sacct_or_squeue(parents, ("User", "%u"), timeout_s)
+    else:  # lsf: bjobs exits non-zero when some job is not found, which only leaves that job unconfirmed
+        proc = run_command(["bjobs", "-noheader", "-o", "jobid user delimiter=','", *parents], timeout_s,
+                           check=False)
+        users = dict(line.strip().split(",", 1) for line in proc.stdout.splitlines() if line.count(",") == 1)
+    by_parent = {k.split("_")[0]: v.strip() for k, v in users.items()}
+    return {j: by_parent[j.split("_")[0]] for j in job_ids if j.split("_")[0] in by_parent}
 
 
 _LSF_MAP = {"SUSPENDED": "PENDING"}
@@ -129,10 +145,13 @@ _LSF_MAP = {"SUSPENDED": "PENDING"}
 
 
 def local_alive(pid_text: str | None, folder: str) -> bool:
-    """Whether the local job's controller process is still running (not a zombie, and really that job's)."""
+    """Whether the local job's controller process is still running (not a zombie, a process of this user, and
+    really that job's: its command line names the run's submitit folder)."""
     if not pid_text or not pid_text.isdigit():
         return False
     try:
+        if os.stat(f"/proc/{pid_text}").st_uid != my_uid():
+            return False
         with open(f"/proc/{pid_text}/stat", "rb") as fh:
             stat = fh.read().decode(errors="replace")
         if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
@@ -165,13 +184,30 @@ class RunStatus:
     sweep: dict
     path: str
     damage: list[str]
+    scheduler_error: str | None = None  # the scheduler could not be asked: the state is from the files only
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def exit_code(run: Run) -> int | None:
+    """The exit code the LSF batch script wrote to `<submitit_dir>/<job_id>_exitcode`, or None."""
+    if not run.job_id:
+        return None
+    try:
+        text = read_owned(run.submitit_dir / f"{run.job_id}_exitcode", 64).decode(errors="replace").strip()
+    except (NotTrusted, OSError):
+        return None
+    return int(text) if re.fullmatch(r"-?\d{1,4}", text) else None
+
+
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
     """The run's state from the scheduler's (normalised) state and its own files."""
+    if not run.trusted:  # another user's folder: nothing in it is read
+        return RunStatus(run_id=run.run_id, experiment=run.experiment, executor="?", job_id=None, state="UNKNOWN",
+                         scheduler_state=None, epoch=None, epochs=None, best_dice=None, best_epoch=None,
+                         updated=None, time_left_s=None, error=None, sweep={}, path=str(run.path),
+                         damage=list(run.damage))
     outcome = run.read_json(OUTCOME, OUTCOME_FIELDS)
     progress = run.read_json(PROGRESS, PROGRESS_FIELDS) or {}
     cancelled = (run.path / CANCELLED).exists()
@@ -202,6 +238,9 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     elif has_result:
         state = "FAILED"
         error = "the job ended without writing its outcome (see hpcseg logs --err)"
+    elif (code := exit_code(run)) is not None:  # LSF has forgotten the job; its batch script left this
+        state = "CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"
+        error = f"the job exited with code {code} without writing its outcome (see hpcseg logs --err)"
     elif sched_failed:
         state = "UNKNOWN"
     elif run.executor == "local":  # the process is gone and left nothing: it was killed
@@ -232,7 +271,7 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
     now = time.time()
     warnings: list[str] = []
     sched: dict[str, str | None] = {}
-    failed: set[str] = set()
+    failed: dict[str, str] = {}  # run id -> why its scheduler could not be asked
 
     def unfinished(executor: str) -> list[Run]:
         # runs whose outcome is written need no scheduler: ask only about the others
@@ -247,9 +286,9 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
                 sched[r.run_id] = _SLURM_MAP.get(raw, "UNKNOWN") if raw else None
             if source != "sacct":
                 warnings.append("sacct unavailable: Slurm states from squeue and the runs' own files")
-        except SchedulerError as err:
+        except CommandError as err:
             warnings.append(f"Slurm: {err}")
-            failed.update(r.run_id for r in slurm_runs)
+            failed.update((r.run_id, str(err)) for r in slurm_runs)
     lsf_runs = unfinished("lsf")
     if lsf_runs:
         try:
@@ -257,12 +296,14 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
             for r in lsf_runs:
                 raw = states.get(r.job_id)
                 sched[r.run_id] = _LSF_MAP.get(raw, raw) if raw else None
-        except SchedulerError as err:
+        except CommandError as err:
             warnings.append(f"LSF: {err}")
-            failed.update(r.run_id for r in lsf_runs)
+            failed.update((r.run_id, str(err)) for r in lsf_runs)
     for r in unfinished("local"):
         sched[r.run_id] = "RUNNING" if local_alive(r.job_id, str(r.submitit_dir)) else None
     statuses = [merge(r, sched.get(r.run_id), r.run_id in failed, now) for r in runs]
+    for s in statuses:
+        s.scheduler_error = failed.get(s.run_id)
     return statuses, warnings
 
 
