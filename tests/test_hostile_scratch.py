@@ -327,6 +327,10 @@ def _job_test(run_dir: Path, name: str = "test_data") -> Path:
 def test_collect_brings_the_jobs_test_apart_from_a_local_test_and_prints_its_dice(cli):
     run_dir = _run(cli.scratch, "r1", experiment="lr $5 and $$")  # '$' starts matplotlib's mathtext
     _job_test(run_dir)
+    scans = _job_test(run_dir, "scans")  # a test of 3D scans has no per-slice mean
+    (scans / "summary.json").write_text(json.dumps({"scans": 1, "dice_per_class": {"csf": float("nan")},
+                                                    "mean_dice": 0.25}))
+    (_job_test(run_dir, "torn") / "summary.json").write_text('{"dice_per_class": {"csf": "high"}}')
     dest = cli.tmp / "collected"
     code, out = cli("collect", "--dest", dest)
     assert code == 0 and "Traceback" not in out, out
@@ -336,6 +340,8 @@ def test_collect_brings_the_jobs_test_apart_from_a_local_test_and_prints_its_dic
     assert (dest / "r1" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "grey matter     0.6250" in out and "mean            0.6250" in out, out
     assert f"overlays (2 PNGs): {job_test / 'png'}" in out, out
+    assert "test on scans:\ntissue            Dice\ncsf                nan\nmean            0.2500\n" in out, out
+    assert f"test on torn: {dest / 'r1' / 'job-test' / 'torn' / 'summary.json'} is damaged" in out, out
     sums = (dest / "r1" / "SHA256SUMS").read_text()
     assert "job-test/test_data/png/s1.png" in sums and "job-test/test_data/per_slice.csv" in sums
     # a local `hpcseg test` of the collected folder writes test/: a second collect leaves it alone
@@ -347,6 +353,7 @@ def test_collect_brings_the_jobs_test_apart_from_a_local_test_and_prints_its_dic
     assert code == 0, out
     assert (local / "summary.json").read_text() == '{"local": true}'
     assert sorted(p.name for p in (job_test / "png").iterdir()) == ["s0.png"]
+    assert "job-test/test_data/png/s1.png" not in (dest / "r1" / "SHA256SUMS").read_text()
 
 
 @pytest.mark.slow

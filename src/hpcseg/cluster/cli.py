@@ -87,10 +87,10 @@ def submit(job_file, data, executor, queue, gpus, cpus, mem_gb, walltime, profil
 
 def _echo_test_results(folders: list[tuple[str, Path]]) -> None:
     """The Dice table of each run's test and where its overlay PNGs are: what a user looks at first."""
-    from .collect import test_results
+    from .collect import dice_lines
 
     for run_id, folder in folders:
-        lines = test_results(folder)
+        lines = dice_lines(folder)
         if lines:
             click.echo(f"\n{run_id}: " + "\n".join(lines))
 

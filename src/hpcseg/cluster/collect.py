@@ -38,7 +38,7 @@ JOB_TEST = "job-test"
 _CHUNK = 1 << 20
 #: every name collect may write (and so remove) in DEST/<run_id>/; a manifest entry of any other name is ignored
 _FIXED = {"best.pt", "job.toml", "metrics.jsonl", "run.json", "curves.png"}
-_TEST_FILE = re.compile(rf"{JOB_TEST}/[^./][^/]*/(summary\.json|per_slice\.csv|png/[^./][^/]*\.png)")
+_TEST_FILE = re.compile(rf"{JOB_TEST}/[^./][^/]*/(summary\.json|per_slice\.csv|per_subject\.csv|png/[^./][^/]*\.png)")
 
 
 def _known(name: str) -> bool:
@@ -170,7 +170,7 @@ def _sources(run: Run) -> dict[str, Path]:
     sources = {"best.pt": run.path / "checkpoints" / "best.pt", "job.toml": run.path / "job.toml",
                "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json"}
     for test in _scan(run.path / "test", dirs=True):
-        for name in ("summary.json", "per_slice.csv"):
+        for name in ("summary.json", "per_slice.csv", "per_subject.csv"):
             sources[f"{JOB_TEST}/{test.name}/{name}"] = test / name
         for png in _scan(test / "png", dirs=False):
             if png.name.endswith(".png"):
@@ -256,22 +256,30 @@ def verify(dest: Path) -> None:
             raise ClusterError(f"{path}: checksum mismatch after copying")
 
 
+def _dice(value) -> bool:
+    return _number(value) or (isinstance(value, float) and math.isnan(value))  # NaN: a tissue absent from the data
+
+
 def _summary_ok(summary) -> bool:
-    """Whether a summary.json holds what the Dice table shows (a damaged one is left out, not trusted)."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
+    """Whether a summary.json holds Dice per tissue and their mean (a damaged one is left out, not trusted)."""
     return isinstance(summary, dict) and isinstance(summary.get("dice_per_class"), dict) \
-        and all(isinstance(k, str) and number(v) for k, v in summary["dice_per_class"].items()) \
-        and number(summary.get("mean_dice")) and number(summary.get("mean_dice_per_slice")) \
-        and isinstance(summary.get("slices"), int)
+        and all(isinstance(k, str) and _dice(v) for k, v in summary["dice_per_class"].items()) \
+        and _dice(summary.get("mean_dice"))
 
 
-def test_results(folder: Path) -> list[str]:
-    """For each test output in `folder` (`<name>/summary.json`, `<name>/png/`): a line naming it, its Dice table
-    (per tissue and mean) and where its overlay PNGs are. Nothing where there is no test."""
+def _dice_table(summary: dict) -> str:
+    """`hpcseg test`'s table for a test of slices; per tissue and mean for another (a folder of 3D scans)."""
     from ..evaluate import format_table
 
+    if _dice(summary.get("mean_dice_per_slice")) and isinstance(summary.get("slices"), int):
+        return format_table(summary)
+    rows = [*summary["dice_per_class"].items(), ("mean", summary["mean_dice"])]
+    return "\n".join([f"{'tissue':<14}{'Dice':>8}", *(f"{k:<14}{v:>8.4f}" for k, v in rows)])
+
+
+def dice_lines(folder: Path) -> list[str]:
+    """For each test output in `folder` (`<name>/summary.json`, `<name>/png/`): a line naming it, its Dice table
+    (per tissue and mean) and where its overlay PNGs are. Nothing where there is no test."""
     lines = []
     for test in _scan(folder, dirs=True):
         try:
@@ -282,7 +290,7 @@ def test_results(folder: Path) -> list[str]:
             lines.append(f"test on {test.name}: {test / 'summary.json'} is damaged")
             continue
         pngs = [p for p in _scan(test / "png", dirs=False) if p.name.endswith(".png")]
-        lines += [f"test on {test.name}:", format_table(summary),
+        lines += [f"test on {test.name}:", _dice_table(summary),
                   f"overlays ({len(pngs)} PNGs): {test / 'png'}"]
     return lines
 
