@@ -53,11 +53,13 @@ def test_dry_run_slurm_script(cli, tiny_data):
 
 def test_local_sweep_says_max_parallel_is_not_applied(cli, tiny_data):
     # the local executor starts one process per element (no job array): --max-parallel cannot hold any back
-    code, out = _dry(cli, "--executor", "local", "--sweep", "train.seed=0,1,2", "--max-parallel", "1", data=tiny_data)
+    code, out = _dry(cli, "--executor", "local", "--gpus", "0", "--sweep", "train.seed=0,1,2", "--max-parallel", "1",
+                     data=tiny_data)
     assert code == 0, out
     assert "hpcseg: warning: --max-parallel 1: the local executor has no job arrays; all 3 runs start at once" in out
     assert out.count("# would submit run") == 3
-    code, out = _dry(cli, "--executor", "local", "--sweep", "train.seed=0,1,2", "--max-parallel", "3", data=tiny_data)
+    code, out = _dry(cli, "--executor", "local", "--gpus", "0", "--sweep", "train.seed=0,1,2", "--max-parallel", "3",
+                     data=tiny_data)
     assert code == 0 and "warning" not in out, out
 
 

@@ -37,7 +37,6 @@ import signal
 import sys
 import time
 import typing as tp
-import uuid
 from pathlib import Path
 
 from submitit.core import core, job_environment, logger, utils
@@ -722,34 +721,10 @@ class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
         self.parameters.clear()
         self.parameters.update(merged)
 
-    def _internal_process_submissions(
-        self, delayed_submissions: tp.List[utils.DelayedSubmission]
-    ) -> tp.List[core.Job[tp.Any]]:
-        if len(delayed_submissions) == 1:
-            return super()._internal_process_submissions(delayed_submissions)
-        # several submissions: one LSF job array, elements 1..n
-        folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        timeout_min = self.parameters.get("timeout_min", 5)
-        pickle_paths = []
-        for delayed in delayed_submissions:
-            pickle_path = folder / f"{uuid.uuid4().hex}.pkl"
-            delayed.set_timeout(timeout_min, self.max_num_timeout)
-            delayed.dump(pickle_path)
-            pickle_paths.append(pickle_path)
-        n = len(delayed_submissions)
-        array_ex = LsfExecutor(self.folder, self.max_num_timeout, self.max_pickle_size_gb, python=self.python)
-        array_ex.update_parameters(**self.parameters)
-        array_ex.parameters["map_count"] = n
-        self._throttle()
-        first_job = array_ex._submit_command(self._submitit_command_str)
-        LsfJob.watcher.unregister_job(first_job.job_id)  # only its elements are tracked
-        jobs: tp.List[core.Job[tp.Any]] = [
-            LsfJob(folder=self.folder, job_id=f"{first_job.job_id}_{i}") for i in range(1, n + 1)
-        ]
-        for job, pickle_path in zip(jobs, pickle_paths):
-            job.paths.move_temporary_file(pickle_path, "submitted_pickle")
-        return jobs
+    def _array_jobs(self, first_job: core.Job[tp.Any], n: int) -> tp.List[core.Job[tp.Any]]:
+        """The elements of an array (LSF numbers them from 1); only they are tracked."""
+        LsfJob.watcher.unregister_job(first_job.job_id)
+        return [LsfJob(folder=self.folder, job_id=f"{first_job.job_id}_{i}") for i in range(1, n + 1)]
 
     @property
     def _submitit_command_str(self) -> str:

@@ -72,16 +72,23 @@ def submit_timeout_s() -> float:
 class BoundedSubmission:
     """Mixin for a submitit executor: its submission command runs through `run_command`, with
     `submit_timeout_s()`, instead of submitit's CommandFunction, which waits for ever on a hanging bsub/sbatch.
-    Otherwise the same steps as submitit's `Executor._submit_command`."""
+    Otherwise the same steps as submitit's `Executor._submit_command`, and a job array is submitted by a copy of
+    this executor (submitit's Slurm array path would use a plain SlurmExecutor). The executor says how its array
+    elements are named (`_array_jobs`) and which parameter holds the walltime (`_timeout_key`)."""
+
+    _timeout_key = "timeout_min"
 
     def _submission_input(self, submission_file_path: Path) -> str | None:
         """Text for the command's standard input (LSF reads the script there); None: none."""
         return None
 
+    def _array_jobs(self, first_job, n: int) -> list:
+        raise NotImplementedError
+
     def _submit_command(self, command: str):
-        tmp_uuid = uuid.uuid4().hex
         from submitit.core import utils
 
+        tmp_uuid = uuid.uuid4().hex
         path = utils.JobPaths.get_first_id_independent_folder(self.folder) / f".submission_file_{tmp_uuid}.sh"
         path.write_text(self._make_submission_file_text(command, tmp_uuid))
         proc = run_command(self._make_submission_command(path), submit_timeout_s(),
@@ -92,3 +99,25 @@ class BoundedSubmission:
         self._write_job_id(job.job_id, tmp_uuid)
         self._set_job_permissions(job.paths.folder)
         return job
+
+    def _internal_process_submissions(self, delayed_submissions: list) -> list:
+        if len(delayed_submissions) == 1:
+            return super()._internal_process_submissions(delayed_submissions)
+        from submitit.core import utils
+
+        folder = utils.JobPaths.get_first_id_independent_folder(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pickle_paths = []
+        for delayed in delayed_submissions:
+            pickle_path = folder / f"{uuid.uuid4().hex}.pkl"
+            delayed.set_timeout(self.parameters.get(self._timeout_key, 5), self.max_num_timeout)
+            delayed.dump(pickle_path)
+            pickle_paths.append(pickle_path)
+        array_ex = type(self)(self.folder, self.max_num_timeout, self.max_pickle_size_gb, python=self.python)
+        array_ex.update_parameters(**self.parameters)
+        array_ex.parameters["map_count"] = len(delayed_submissions)  # the others are not submitted as arrays
+        self._throttle()
+        jobs = self._array_jobs(array_ex._submit_command(self._submitit_command_str), len(delayed_submissions))
+        for job, pickle_path in zip(jobs, pickle_paths):
+            job.paths.move_temporary_file(pickle_path, "submitted_pickle")
+        return jobs

@@ -70,6 +70,8 @@ class Plan:
     val_dir: Path
     test_dir: Path | None
     elements: list[tuple[dict[str, Any], Job]] = field(default_factory=list)  # (sweep values, job)
+    warnings: list[str] = field(default_factory=list)  # printed as `hpcseg: warning:` lines
+    notes: list[str] = field(default_factory=list)  # printed by a dry run above its script
 
 
 # ---------------------------------------------------------------- planning
@@ -169,8 +171,10 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     if opts.data:
         refuse_control("--data", opts.data)
     base = Path(opts.data) if opts.data else Path(".")
-    if opts.data and not base.is_dir():
-        raise ClusterError(f"--data {opts.data}: no such folder")
+    notes: list[str] = []
+    base_missing = bool(opts.data) and not base.is_dir()
+    if base_missing:
+        _unreachable(opts, notes, base.absolute(), f"--data {opts.data}: no such folder")
     folders = {}
     for key in ("train_dir", "val_dir", "test_dir"):
         rel = getattr(job.data, key)
@@ -179,9 +183,9 @@ def plan_submission(opts: SubmitOptions) -> Plan:
             continue
         path = (base / rel).absolute()
         refuse_control(f"data.{key}", path)
-        if not path.is_dir():
+        if not base_missing and not path.is_dir():
             where = f"--data {opts.data}" if opts.data else "the current folder"
-            raise ClusterError(f"data.{key} = {rel!r}: no folder {path} (relative to {where})")
+            _unreachable(opts, notes, path, f"data.{key} = {rel!r}: no folder {path} (relative to {where})")
         folders[key] = path
 
     delay = _signal_delay(executor, profile.signal_delay_s, minutes, "--time" if opts.time else "time")
@@ -195,11 +199,101 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     problem = blocked(scratch)
     if problem:  # a --dry-run that accepts it would promise a submission that cannot happen
         raise ClusterError(f"scratch {problem}")
+    check_data([path for path in folders.values() if path is not None and path.is_dir()])  # last: it reads files
     return Plan(executor=executor, profile=profile, experiment=experiment,
                 scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
                 signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
-                test_dir=folders["test_dir"], elements=elements)
+                test_dir=folders["test_dir"], elements=elements, notes=notes,
+                warnings=_warnings(executor, gpus, "--gpus" if opts.gpus is not None else "gpus", len(elements),
+                                   opts.max_parallel))
+
+
+def _unreachable(opts: SubmitOptions, notes: list[str], path: Path, refusal: str) -> None:
+    """A data folder missing here: a real submission refuses it; a dry run (from a laptop, say, of a cluster path)
+    notes it above the script instead."""
+    if not opts.dry_run:
+        raise ClusterError(refusal)
+    notes.append(f"# note: data folder {path} not reachable from here, not checked")
+
+
+def check_data(folders: list[Path]) -> None:
+    """Refuse what `train` would refuse at the job's start, cheaply: every image paired with its label and every
+    file's header (readable, numeric, 2D, not empty, image and label of one shape); pixel values are read by the
+    job. Raises one DataError, one line per problem."""
+    from ..data import DataError, find_pairs
+
+    problems: list[str] = []
+    for folder in folders:
+        try:
+            pairs = find_pairs(folder)
+        except DataError as err:
+            problems += err.problems
+            continue
+        for pair in pairs:
+            image, label = _slice_shape(pair.image, "image", problems), _slice_shape(pair.label, "label", problems)
+            if image and label and image != label:
+                problems.append(f"{pair.label}: shape {label[0]}x{label[1]} differs from its image {pair.image.name} "
+                                f"({image[0]}x{image[1]})")
+    if problems:
+        raise DataError(problems)
+
+
+def _slice_shape(path: Path, what: str, problems: list[str]) -> tuple[int, ...] | None:
+    """The 2D shape a slice file's header declares (None, with a line in `problems`, where it is no slice)."""
+    from numpy.lib import format as npy
+
+    from ..data import NPY_MAGIC, _describe
+
+    try:
+        if path.name.lower().endswith(".npy"):
+            with open(path, "rb") as handle:  # the header only: faster than loading or mapping the pixels
+                if handle.read(len(NPY_MAGIC)) != NPY_MAGIC:
+                    raise ValueError("not a .npy file (no NumPy header)")
+                handle.seek(0)
+                version = npy.read_magic(handle)
+                read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                shape, _, dtype = read_header(handle)
+        else:
+            import nibabel as nib
+
+            img = nib.load(path)
+            shape, dtype = img.shape, img.get_data_dtype()
+            if len(shape) > 2 and len([n for n in shape if n != 1]) == 2:  # as data.py reads it: extra axes of 1
+                shape = tuple(n for n in shape if n != 1)
+    except Exception as error:  # noqa: BLE001 - any failure to read is one reported problem
+        problems.append(f"{path}: cannot read {what} ({_describe(error, path)})")
+        return None
+    if dtype.kind not in "biuf":
+        problems.append(f"{path}: {what} has non-numeric dtype {dtype}")
+    elif len(shape) != 2 or 0 in shape:
+        problems.append(f"{path}: {what} is {'not 2D' if len(shape) != 2 else 'empty'} (shape {tuple(shape)})")
+    else:
+        return tuple(shape)
+    return None
+
+
+def _gpus_here() -> int:
+    """NVIDIA GPUs of this machine, without importing torch."""
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def _warnings(executor: str, gpus: int, source: str, n: int, max_parallel: int | None) -> list[str]:
+    """What will happen that the options do not say: idle GPUs, a CPU run, a --max-parallel not applied."""
+    warnings = []
+    if executor == "local" and gpus > 0 and _gpus_here() == 0:
+        warnings.append(f"{source} {gpus}: this machine has no GPU; the local job trains on its CPU")
+    elif gpus > 1:
+        warnings.append(f"{source} {gpus}: training uses one GPU (multi-GPU training is not implemented yet); "
+                        f"{gpus - 1} would stay idle")
+    if executor == "local" and max_parallel is not None and max_parallel < n:
+        # no array, so nothing holds elements back: say so rather than let N trainings share the cores unasked
+        warnings.append(f"--max-parallel {max_parallel}: the local executor has no job arrays; all {n} runs start "
+                        "at once")
+    return warnings
 
 
 def _signal_delay(executor: str, asked: int | None, minutes: int, source: str) -> int:
@@ -279,9 +373,7 @@ def _build_executor(plan: Plan, folder: Path, dry_run: bool):
             ex.update_parameters(**params)
         return ex
     if plan.executor == "slurm":
-        from submitit.slurm.slurm import SlurmExecutor
-
-        ex = _executor_class(SlurmExecutor, dry_run)(folder=folder, max_num_timeout=max_timeouts,
+        ex = _executor_class(_slurm_executor_class(), dry_run)(folder=folder, max_num_timeout=max_timeouts,
                                                      python=job_python(setup))
         params: dict[str, Any] = {"job_name": name, "time": plan.minutes, "cpus_per_task": plan.cpus,
                                   "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
@@ -317,10 +409,23 @@ def _build_executor(plan: Plan, folder: Path, dry_run: bool):
 
 
 def _executor_class(base: type, dry_run: bool) -> type:
-    """`base` with a bounded submission command; for a dry run, one that needs no scheduler on this machine."""
-    if dry_run:
-        return type(f"Dry{base.__name__}", (base,), {"affinity": classmethod(lambda c: 2)})
-    return base if issubclass(base, BoundedSubmission) else type(base.__name__, (BoundedSubmission, base), {})
+    """For a dry run, `base` needing no scheduler on this machine."""
+    return type(f"Dry{base.__name__}", (base,), {"affinity": classmethod(lambda c: 2)}) if dry_run else base
+
+
+def _slurm_executor_class() -> type:
+    from submitit.slurm.slurm import SlurmExecutor, SlurmJob
+
+    class BoundedSlurmExecutor(BoundedSubmission, SlurmExecutor):
+        """submitit's Slurm executor with a bounded sbatch."""
+
+        _timeout_key = "time"
+
+        def _array_jobs(self, first_job, n: int) -> list:
+            tasks = list(range(first_job.num_tasks))
+            return [SlurmJob(folder=self.folder, job_id=f"{first_job.job_id}_{a}", tasks=tasks) for a in range(n)]
+
+    return BoundedSlurmExecutor
 
 
 def job_script(plan: Plan, folder: Path, n_elements: int) -> str:
@@ -352,16 +457,16 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     run_ids = [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
     exp_dir = plan.scratch / plan.experiment
     array = n > 1 and plan.executor != "local"  # the local executor has no arrays: one process per element
-    if plan.executor == "local" and opts.max_parallel is not None and opts.max_parallel < n:
-        # no array, so nothing holds elements back: say so rather than let N trainings share the cores unasked
-        print(f"hpcseg: warning: --max-parallel {opts.max_parallel}: the local executor has no job arrays; "
-              f"all {n} runs start at once", file=sys.stderr)
+    for warning in plan.warnings:
+        print(f"hpcseg: warning: {warning}", file=sys.stderr)
     shared = exp_dir / ".arrays" / sweep_id if array else None
 
     if opts.dry_run:
         folder = shared or exp_dir / run_ids[0] / "submitit"
         scripts = [job_script(plan, folder, n)] if plan.executor != "local" or n == 1 else \
             [job_script(plan, exp_dir / rid / "submitit", 1) for rid in run_ids]
+        for note in plan.notes:
+            echo(note)
         for (values, _), rid in zip(plan.elements, run_ids):
             where = f"  {' '.join(f'{k}={v!r}' for k, v in values.items())}" if values else ""
             echo(f"# would submit run {rid} ({plan.executor}){where} -> {exp_dir / rid}")
