@@ -271,3 +271,24 @@ def test_predict_refuses_a_bad_scan_and_writes_nothing(run_and_scans, tmp_path):
         f"volume's faces are non-zero (a skull-stripped scan is 0 outside the brain); run a brain extraction first "
         f"(FSL bet, SynthStrip or HD-BET) and give hpcseg the extracted brain, 0 outside it"]
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_test_reads_other_label_names_and_codes_and_refuses_unmapped_ones(run_and_scans, tmp_path):
+    run, scans = run_and_scans
+    other = tmp_path / "fast"
+    image, labels = P.scan(*P.PERMUTED)
+    P.save(other, "sub-01", *P.PERMUTED, suffix="_seg")
+    nib.save(nib.Nifti1Image(np.choose(labels, [0, 3, 1, 2]).astype(np.uint8), P.PERMUTED[0]),
+             other / "sub-01_T1w_seg.nii.gz")  # another tool's codes: 1 GM, 2 WM, 3 CSF
+    code, output = hpcseg("test", run, "--data", other, "--out", tmp_path / "a", "--label-suffix", "_seg",
+                          "--map", "1=2,2=3,3=1")
+    assert code == 0, output
+    code, output = hpcseg("test", run, "--data", scans, "--out", tmp_path / "b")
+    assert code == 0, output
+    mapped, plain = (json.loads((tmp_path / d / "summary.json").read_text())["dice_per_scan"]["sub-01"] for d in "ab")
+    assert mapped == plain
+    code, output = hpcseg("test", run, "--data", other, "--out", tmp_path / "c", "--label-suffix", "_seg",
+                          "--map", "1=2,2=3")
+    assert code == 2 and output.strip().splitlines()[0].startswith(
+        f"hpcseg: error: {other / 'sub-01_T1w_seg.nii.gz'}: label codes outside the mapping 0=0,1=2,2=3: 3 (")
+    assert not (tmp_path / "c").exists()

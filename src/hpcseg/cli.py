@@ -111,11 +111,15 @@ def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder of slice pairs to test on.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default RUN_DIR/test/<data folder name>).")
-def test(run_dir, data, out_dir) -> None:
-    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`) on the slices in --data."""
+@click.option("--label-suffix", default="_tissue_segmentation", show_default=True,
+              help="3D scans: labels of <scan>_T1w.nii.gz are <scan>_T1w<SUFFIX>.nii.gz (FSL FAST: _seg).")
+@click.option("--map", "mapping", metavar="CODE=CLASS,...", help="3D scans: label codes to classes, as prepare's.")
+def test(run_dir, data, out_dir, label_suffix, mapping) -> None:
+    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`) on the slices or the 3D
+    scans in --data."""
     from .evaluate import test_run
 
-    test_run(run_dir, data, out_dir)
+    test_run(run_dir, data, out_dir, label_suffix=label_suffix, mapping=mapping)
 
 
 @main.command()

@@ -21,7 +21,7 @@ from .metrics import FolderDice, named, nanmean, per_slice_dice
 from .outdir import check_replaceable, replacing
 from .model import build_model
 from .train import BEST, pick_device, set_threads
-from .volumes import is_volume_folder
+from .volumes import LABEL_SUFFIX, is_volume_folder
 
 #: Overlay colours of CSF, grey matter, white matter, and their names in the legend.
 COLOURS = np.array([[0.0, 0.0, 0.0], [0.2, 0.5, 1.0], [1.0, 0.3, 0.2], [1.0, 0.9, 0.2]])
@@ -61,13 +61,13 @@ def load_best_model(run_dir: Path) -> BestModel:
     return BestModel(model, job, best, ckpt.get("epoch"), device)
 
 
-def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print) -> dict:
+def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print, **volume_labels) -> dict:
     """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
     check_replaceable(out_dir, "test", OUTPUTS.__contains__, "summary.json")
     if is_volume_folder(data_dir):
-        return test_volumes(run_dir, data_dir, out_dir, log)
+        return test_volumes(run_dir, data_dir, out_dir, log, **volume_labels)
     best = load_best_model(run_dir)
     job, device = best.job, best.device
     split = load_split(data_dir, job.data.num_classes)
@@ -168,14 +168,17 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict:
-    """`test_run` on a folder of 3D scans with labels (`<scan>_T1w_tissue_segmentation.nii[.gz]`, codes 0-3): Dice
-    per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as `predict` writes them."""
+def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_suffix: str = LABEL_SUFFIX,
+                 mapping: str | None = None) -> dict:
+    """`test_run` on a folder of 3D scans with labels (`<scan>_T1w<label_suffix>.nii[.gz]`, codes by `mapping` as
+    prepare's): Dice per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as
+    `predict` writes them."""
     from . import volumes
     from .predict import _save_nifti, save_views, segment_volume
 
-    scans = volumes.find_volumes(data_dir)
-    volumes.check_scans(scans)
+    codes = volumes.parse_mapping(mapping)
+    scans = volumes.find_volumes(data_dir, label_suffix)
+    volumes.check_scans(scans, codes)
     best = load_best_model(run_dir)
     classes = best.job.data.num_classes
     folder_dice, per_scan = FolderDice(classes), {}
@@ -187,7 +190,7 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dic
         (tmp / "png").mkdir()
         for scan in scans:
             seg = segment_volume(best, scan.image)
-            truth = volumes.map_labels(scan.label, volumes.read_volume(scan.label, "label")[0], volumes.IDENTITY)
+            truth = volumes.map_labels(scan.label, volumes.read_volume(scan.label, "label")[0], codes)
             pred_t, truth_t = (torch.from_numpy(a.astype(np.int64))[None, None] for a in (seg.labels, truth))
             one = FolderDice(classes)
             one.update(pred_t, truth_t)
