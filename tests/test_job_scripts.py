@@ -84,6 +84,7 @@ def _vectors(tmp: Path) -> dict[str, tuple[list[str], str]]:
     return {
         "name": (["--set", f'name="x\\n{INJECTED}\\n#"'], f"name 'x\\n{INJECTED}\\n#': an experiment name"),
         "--name": (["--name", f"x\n{INJECTED}"], f"--name 'x\\n{INJECTED}': an experiment name"),
+        "--sweep": (["--sweep", f'name=ok,"x\\n{INJECTED}"'], f"name 'x\\n{INJECTED}': an experiment name"),
         "--queue": (["--queue", f"gpu\n{INJECTED}"], f"--queue 'gpu\\n{INJECTED}': a queue or partition name"),
         "--scratch": (["--scratch", f"{tmp}/s\n{INJECTED}\n"], f"--scratch '{tmp}/s\\n{INJECTED}\\n': holds the "
                       "control character '\\n'"),
@@ -93,9 +94,9 @@ def _vectors(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize("executor", ["lsf", "slurm"])
-@pytest.mark.parametrize("vector", ["name", "--name", "--queue", "--scratch", "--data"])
+@pytest.mark.parametrize("vector", ["name", "--name", "--sweep", "--queue", "--scratch", "--data"])
 def test_a_newline_never_reaches_a_job_script(cli, tiny_data, schedulers, executor, vector):
-    """--set name=..., --name, --queue, --scratch and --data with a newline: the dry run prints no script with the
+    """--set name=..., --name, a swept name, --queue, --scratch and --data with a newline: the dry run prints no script with the
     injected line but one error line, and a real submission is refused before the scheduler is called, leaving
     no run folder."""
     args, message = _vectors(cli.tmp)[vector]
