@@ -292,3 +292,10 @@ def test_test_reads_other_label_names_and_codes_and_refuses_unmapped_ones(run_an
     assert code == 2 and output.strip().splitlines()[0].startswith(
         f"hpcseg: error: {other / 'sub-01_T1w_seg.nii.gz'}: label codes outside the mapping 0=0,1=2,2=3: 3 (")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_slice_among_scans_is_refused(tmp_path):
+    P.save(tmp_path, "a", *P.RAS)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 1), np.float32), np.eye(4)), tmp_path / "b_T1w.nii.gz")
+    with pytest.raises(DataError, match="b_T1w.nii.gz: a 2D slice \\(shape 8x8x1\\) among 3D scans"):
+        V.check_scans(V.find_volumes(tmp_path, label_suffix=None))

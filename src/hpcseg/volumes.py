@@ -126,8 +126,6 @@ def find_volumes(folder: Path | str, label_suffix: str | None = LABEL_SUFFIX) ->
         if not match:
             continue
         scan = match["scan"]
-        if label_suffix and scan.lower().endswith((IMAGE_SUFFIX + label_suffix).lower()):
-            continue  # a label whose suffix ends in _T1w
         if scan in found:
             problems.append(f"{path}: a second scan named '{scan}' (also {found[scan].name})")
             continue
@@ -265,6 +263,9 @@ def check_scans(scans: list[Volume], mapping: dict[int, int] | None = None) -> N
     for scan in scans:
         try:
             image, img = read_volume(scan.image, "scan")
+            if min(image.shape) < 2:
+                raise DataError([f"{scan.image}: a 2D slice (shape {'x'.join(map(str, img.shape))}) among 3D scans; "
+                                 f"keep slices and scans in separate folders"])
             brain = None
             if scan.label is not None:
                 raw, label_img = read_volume(scan.label, "label")
