@@ -40,7 +40,7 @@ def icbm(folder: Path) -> None:
 
 def spm(folder: Path, ctf: Path) -> None:
     with zipfile.ZipFile(ctf) as z, tempfile.TemporaryDirectory() as tmp:
-        names = ["canonical/avg152T1.nii", "toolbox/OldSeg/csf.nii", "toolbox/OldSeg/grey.nii", "toolbox/OldSeg/white.nii"]
+        names = ["canonical/avg152T1.nii", *(f"toolbox/OldSeg/{t}.nii" for t in ("csf", "grey", "white"))]
         for name in names:
             z.extract(SPM + name, tmp)
         t1, c, g, w = (nib.load(Path(tmp) / SPM / n) for n in names)
@@ -79,7 +79,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.mkdtemp(prefix="volume_check.")))
     args = parser.parse_args()
     results = []
-    for name, build, split in (("icbm", icbm, "training_data"), ("spm", lambda f: spm(f, args.spm_ctf), "validation_data")):
+    sources = (("icbm", icbm, "training_data"), ("spm", lambda f: spm(f, args.spm_ctf), "validation_data"))
+    for name, build, split in sources:
         scans = args.work / name / "scans"
         scans.mkdir(parents=True, exist_ok=True)
         build(scans)

@@ -137,7 +137,8 @@ def test_label_volume_must_lie_on_its_scans_voxels(tmp_path):
         V.check_same_grid(tmp_path / "l.nii.gz", nib.Nifti1Image(np.ones((4, 4, 5)), np.eye(4)),
                           tmp_path / "s.nii.gz", scan)
     with pytest.raises(DataError, match="l.nii.gz: affine differs from its scan s.nii.gz's"):
-        V.check_same_grid(tmp_path / "l.nii.gz", nib.Nifti1Image(np.ones((4, 4, 4)), moved), tmp_path / "s.nii.gz", scan)
+        V.check_same_grid(tmp_path / "l.nii.gz", nib.Nifti1Image(np.ones((4, 4, 4)), moved), tmp_path / "s.nii.gz",
+                          scan)
 
 
 def test_scan_that_is_not_skull_stripped_is_refused():

@@ -108,7 +108,8 @@ def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Folder of slice pairs to test on.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Folder of slice pairs, or of 3D scans with labels, to test on.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Output folder (default RUN_DIR/test/<data folder name>).")
 @click.option("--label-suffix", default="_tissue_segmentation", show_default=True,
@@ -125,11 +126,11 @@ def test(run_dir, data, out_dir, label_suffix, mapping) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Folder of images <id>_T1w.npy / .nii.gz / .nii to segment (label files in it are ignored).")
+              help="Folder of images <id>_T1w.npy / .nii.gz / .nii (2D slices or 3D scans) to segment; labels ignored.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder: <id>_prediction.npy or .nii.gz per image, and predict.json.")
 def predict(run_dir, data, out_dir) -> None:
-    """Segment new scans (slices without labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt)."""
+    """Segment new slices or 3D scans (no labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt)."""
     from .predict import predict_run
 
     predict_run(run_dir, data, out_dir)
