@@ -70,6 +70,7 @@ def test_anisotropic_voxels_are_resampled_to_1mm():
     brain = (a_labels[ja] > 0) | (c_labels[jc] > 0)
     assert (a_labels[ja] == c_labels[jc])[brain].mean() > 0.9
     assert np.abs(a.image[ja] - c.image[jc])[brain].mean() < 0.1
+    assert ((c.image != 0) == (c_labels > 0)).all()  # no halo of interpolated background around the brain
 
 
 @pytest.mark.parametrize("geometry", [P.PERMUTED, P.ANISO], ids=["permuted", "anisotropic"])

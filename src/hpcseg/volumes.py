@@ -12,7 +12,8 @@ to right, whatever the scan's voxel order, voxel size or orientation. They are t
   neighbour. A prediction goes back onto the scan's own voxels by nearest neighbour (exactly, in the first case).
 - Intensity (``RULE``, recorded by ``hpcseg prepare`` in prepare.json and applied again by predict and test): the
   brain is where the scan is non-zero (a skull-stripped scan is exactly 0 outside it); the image is the scan
-  divided by its 99th percentile over the brain, on the scan's own voxels.
+  divided by its 99th percentile over the brain, on the scan's own voxels; a resampled image is 0 where the
+  nearest scan voxel is outside the brain, so the background stays exactly 0.
 
 Files: ``<scan>_T1w.nii[.gz]`` with labels ``<scan>_T1w<label suffix>.nii[.gz]`` (suffix
 ``_tissue_segmentation`` unless told; ``_seg`` for FSL FAST). The subject of a scan is its BIDS ``sub-<label>``
@@ -44,7 +45,8 @@ IDENTITY = {0: 0, 1: 1, 2: 2, 3: 3}
 RULE = {
     "version": 1,
     "brain": "voxels where the scan is non-zero (the scan is skull-stripped: exactly 0 outside the brain)",
-    "image": "scan / its 99th percentile over the brain, on the scan's own voxels",
+    "image": "scan / its 99th percentile over the brain (on the scan's own voxels), resampled linearly, 0 where "
+             "the nearest scan voxel is outside the brain",
     "percentile": PERCENTILE,
     "slices": "coronal, 1 mm pixels, rows top of head down, columns subject's left to right",
     "spacing_mm": 1.0,
@@ -382,9 +384,12 @@ def brain_scale(path: Path, scan: np.ndarray) -> float:
 def cut_scan(path: Path, scan: np.ndarray, affine: np.ndarray) -> Cut:
     """The scan as coronal slices normalised by RULE (float32, 0 outside the brain), with its grid and scale."""
     scale = brain_scale(path, scan)
-    grid = slice_grid(scan != 0, affine)
+    brain = scan != 0
+    grid = slice_grid(brain, affine)
     image = resample(scan, affine, grid.affine, grid.shape, order=1)
-    return Cut(image.astype(np.float32) / np.float32(scale), grid, scale)
+    # Outside the brain stays exactly 0, as in brain2d: no halo of interpolated voxels taken for CSF.
+    inside = resample(brain.view(np.uint8), affine, grid.affine, grid.shape, order=0) > 0
+    return Cut(np.where(inside, image.astype(np.float32) / np.float32(scale), np.float32(0)), grid, scale)
 
 
 def to_scan(slices: np.ndarray, grid: SliceGrid, scan_img) -> np.ndarray:
