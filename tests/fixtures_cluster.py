@@ -69,18 +69,14 @@ class SubmittedJobs:
         self.cancel_argvs: list[list[str]] = []
         self.processes: list[subprocess.Popen] = []
 
-    def record(self, job) -> None:
-        process = getattr(job, "_process", None)
-        if process is not None:  # the local executor: the job is this controller process (and its children)
-            self.processes.append(process)
-            return
-        cancel = getattr(job, "_cancel_command", "")
+    def record(self, cancel: str, job_id: str) -> None:
+        """A scheduler job just submitted, and the command that cancels it (scancel, bkill)."""
         if cancel not in _SUBMITTER:
             return
         cancel_path, submit_path = shutil.which(cancel), shutil.which(_SUBMITTER[cancel])
         # only the scheduler the job went to: a test's fake sbatch must not make the real scancel end an id it made up
         if cancel_path and submit_path and Path(cancel_path).parent == Path(submit_path).parent:
-            self.cancel_argvs.append([cancel_path, str(job.job_id)])
+            self.cancel_argvs.append([cancel_path, str(job_id)])
 
     def end_all(self) -> None:
         """scancel / bkill each scheduler job (a whole array by its first id); kill each local job's process group."""
@@ -111,18 +107,19 @@ def submitted_jobs(monkeypatch):
     from submitit.local.local import LocalJob
 
     jobs = SubmittedJobs()
-    submit_command, local_init = core.PicklingExecutor._submit_command, LocalJob.__init__
+    write_job_id, local_init = core.PicklingExecutor._write_job_id, LocalJob.__init__
 
-    def recording_submit(self, command):  # Slurm, LSF and any other scheduler (LSF's calls this through super())
-        job = submit_command(self, command)
-        jobs.record(job)
-        return job
+    # every scheduler executor (submitit's, hpcseg's own submission path) announces a new job id through this
+    def recording_write_job_id(self, job_id, uid):
+        jobs.record(self.job_class._cancel_command, job_id)
+        write_job_id(self, job_id, uid)
 
     def recording_local_init(self, *args, **kwargs):  # every local executor, hpcseg's detached one included
         local_init(self, *args, **kwargs)
-        jobs.record(self)
+        if self._process is not None:  # the job is this controller process (and its children)
+            jobs.processes.append(self._process)
 
-    monkeypatch.setattr(core.PicklingExecutor, "_submit_command", recording_submit)
+    monkeypatch.setattr(core.PicklingExecutor, "_write_job_id", recording_write_job_id)
     monkeypatch.setattr(LocalJob, "__init__", recording_local_init)
     try:
         yield jobs

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import types
 import typing as tp
 from pathlib import Path
 
@@ -174,12 +173,12 @@ def test_an_unusable_slurm_skips_the_tests_but_fails_them_under_ci(fake_slurm, m
 
 def test_a_job_is_cancelled_only_through_the_scheduler_it_was_submitted_to(fake_slurm, tmp_path):
     jobs = SubmittedJobs()
-    jobs.record(types.SimpleNamespace(_cancel_command="scancel", job_id="4242"))
+    jobs.record("scancel", "4242")
     jobs.end_all()
     assert fake_slurm.calls.read_text().splitlines() == ["scancel 4242"]
     # a fake sbatch beside no scancel: the real scancel must not cancel the id the fake made up
     (tmp_path / "bin" / "scancel").unlink()
-    jobs.record(types.SimpleNamespace(_cancel_command="scancel", job_id="4243"))
+    jobs.record("scancel", "4243")
     assert jobs.cancel_argvs == []
 
 
