@@ -62,7 +62,7 @@ def test_submit_status_collect_cancel_fail_sweep(backend, cli, tiny_data):
     code, out = cli("collect", "good", "--dest", dest)
     assert code == 0, out
     names = _check_sums(dest / good_id)
-    assert {"best.pt", "job.toml", "metrics.jsonl", "curves.png", "test/test_data/summary.json"} <= set(names)
+    assert {"best.pt", "job.toml", "metrics.jsonl", "curves.png", "job-test/test_data/summary.json"} <= set(names)
     assert (dest / good_id / "curves.png").read_bytes()[:4] == b"\x89PNG"
     code, out = cli("collect", good_id, "--dest", dest)
     assert code == 0 and "0 files copied" in out, out
