@@ -1,0 +1,176 @@
+"""The process group of a data-parallel run: which rank this process is, and the group it trains in.
+
+The launcher says who a process is: torchrun (`torch.distributed.run`, and `hpcseg train --procs N`) sets RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a cluster job's tasks get the same
+variables from submitit's environment (`export_submitit_environment`). Without them the run is one process and
+no group is made: today's single-process training, untouched. The group uses NCCL on CUDA and gloo on the CPU,
+with a bounded timeout (HPCSEG_DIST_TIMEOUT_S, default 300 s) so that a dead rank ends the job with one line
+instead of holding the others until the walltime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+
+from .errors import UserError
+
+TIMEOUT_ENV = "HPCSEG_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 300.0
+_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+class DistributedError(UserError):
+    """The launcher's environment is wrong, or a rank of the group stopped answering."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Who this process is in the run: its global rank of `world`, and its rank among the `local_world`
+    processes of its machine (which GPU it takes)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 alone writes the run folder's files and logs."""
+        return self.rank == 0
+
+
+def ranks_from_env(environ: Mapping[str, str] = os.environ) -> Ranks:
+    """torchrun's variables, checked; none set means one process."""
+    if "WORLD_SIZE" not in environ:
+        return Ranks()
+    values = {}
+    for name in _RANK_VARS:
+        text = environ.get(name, "1" if name == "LOCAL_WORLD_SIZE" else "0")
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise DistributedError(f"environment variable {name}={text!r}: not an integer") from None
+    rank, world, local_rank, local_world = (values[name] for name in _RANK_VARS)
+    if world < 1 or not 0 <= rank < world or not 0 <= local_rank < max(local_world, 1):
+        raise DistributedError(f"environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}, "
+                               f"LOCAL_WORLD_SIZE={local_world} do not fit together")
+    if world > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
+        raise DistributedError(f"environment: WORLD_SIZE={world} without MASTER_ADDR and MASTER_PORT "
+                               "(start the processes with torchrun or hpcseg train --procs)")
+    return Ranks(rank, world, local_rank, local_world)
+
+
+def timeout_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long a rank waits for the others (start-up and every collective) before the run stops."""
+    text = environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 86_400.0:
+        raise DistributedError(f"environment variable {TIMEOUT_ENV}={text!r}: expected seconds in 1..86400")
+    return value
+
+
+def export_submitit_environment() -> Ranks:
+    """In a submitit job of several tasks, set torchrun's variables from submitit's environment (rank from the
+    task, master address from the job's first host, port from the job id) and return this task's ranks."""
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # CUDA_VISIBLE_DEVICES stays as the scheduler set it: the local rank picks the GPU (`device_for`)
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return ranks_from_env()
+
+
+def device_for(ranks: Ranks) -> torch.device | None:
+    """The GPU of this rank when several ranks share a machine's GPUs; None leaves the choice to the caller."""
+    if ranks.world == 1 or not torch.cuda.is_available():
+        return None
+    index = ranks.local_rank % torch.cuda.device_count()  # one visible GPU per task (a bound job): index 0
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+class Group:
+    """The running group's collectives, as the training loop uses them. One process: each is the identity."""
+
+    def __init__(self, ranks: Ranks, device: torch.device) -> None:
+        self.ranks = ranks
+        self.device = device  # NCCL reduces CUDA tensors only
+
+    @property
+    def active(self) -> bool:
+        return self.ranks.world > 1
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of `value` over the ranks (a new tensor, on `value`'s device)."""
+        if not self.active:
+            return value
+        total = value.detach().to(self.device).clone()
+        with lost_ranks_stop_the_run(self.ranks):
+            torch.distributed.all_reduce(total)
+        return total.to(value.device)
+
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's `flag` is set: every rank gets the same answer, so they all act at the same step."""
+        if not self.active:
+            return flag
+        return bool(self.sum(torch.tensor([int(flag)], device=self.device)).item())
+
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """Every rank's `value` (same shape on all), stacked in rank order on the CPU."""
+        if not self.active:
+            return value.detach().cpu().unsqueeze(0)
+        local = value.detach().to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.ranks.world)]
+        with lost_ranks_stop_the_run(self.ranks):
+            torch.distributed.all_gather(parts, local)
+        return torch.stack([p.cpu() for p in parts])
+
+    def barrier(self) -> None:
+        if self.active:
+            with lost_ranks_stop_the_run(self.ranks):
+                torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def lost_ranks_stop_the_run(ranks: Ranks) -> Iterator[None]:
+    """A collective that fails (a rank died, or did not answer within the timeout) becomes one line."""
+    try:
+        yield
+    except (RuntimeError, torch.distributed.DistError) as err:  # gloo's lost peer is a plain RuntimeError
+        detail = " ".join(str(err).split())[:200]
+        raise DistributedError(f"rank {ranks.rank} of {ranks.world}: lost the other ranks ({detail}); the run "
+                               "stops: a dead or stuck rank, see its log") from None
+
+
+@contextlib.contextmanager
+def process_group(ranks: Ranks, device: torch.device) -> Iterator[Group]:
+    """The group of `ranks.world` processes for training on `device` (NCCL on CUDA, gloo on the CPU), destroyed
+    at the end; with one process nothing is set up."""
+    if ranks.world == 1:
+        yield Group(ranks, device)
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    seconds = timeout_s()
+    try:
+        torch.distributed.init_process_group(backend, rank=ranks.rank, world_size=ranks.world,
+                                             timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError, torch.distributed.DistError) as err:
+        detail = " ".join(str(err).split())[:200]
+        raise DistributedError(f"rank {ranks.rank} of {ranks.world}: could not join the other ranks at "
+                               f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                               f"{seconds:g} s ({detail})") from None
+    try:
+        yield Group(ranks, device)
+    finally:
+        torch.distributed.destroy_process_group()
