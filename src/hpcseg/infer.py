@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import numpy as np
@@ -12,14 +11,7 @@ from torch import nn
 
 from .jobfile import InferConfig, Job
 from .model import MIN_SIZE
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast on CUDA as the job asks; CPU runs in fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+from .precision import autocast  # noqa: F401 - also imported from here by train and the benchmarks
 
 
 def shape_groups(images: list[np.ndarray]) -> list[list[int]]:

@@ -95,7 +95,9 @@ class TrainConfig:
     seed: int = _spec(0, lo=0, hi=2**31 - 1)
     val_interval: int = _spec(10, lo=1, hi=1_000_000, help="validate every N epochs (and after the last)")
     early_stop: int = _spec(20, lo=0, hi=1_000_000, help="validation rounds without improvement; 0: never stop")
-    precision: str = _spec("bf16", choices=("bf16", "fp16", "fp32"), help="autocast dtype on CUDA; CPU runs fp32")
+    precision: str = _spec("auto", choices=("auto", "bf16", "fp16", "fp32"),
+                           help="autocast dtype on CUDA; auto: bf16 where the card has it, else fp16 with a "
+                                "gradient scaler; CPU runs fp32")
     compile: bool = _spec(False, help="torch.compile the model; falls back with one line where it fails")
     compile_mode: str = _spec("default", choices=("default", "reduce-overhead", "max-autotune"),
                               help="torch.compile mode; reduce-overhead replays CUDA graphs (small batches on a GPU)")

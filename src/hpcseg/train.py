@@ -28,6 +28,8 @@ from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
 from .model import MIN_SIZE, build_loss, build_model, build_optimizer
 from .outdir import blocked
+from .phases import Phases
+from .precision import choose_precision, make_scaler, restore_scaler, scaler_state
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
 
@@ -87,21 +89,28 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     mid-epoch and raises `Preempted`; resuming continues that epoch exactly where it stopped.
     """
     run_dir = Path(run_dir)
+    phases = Phases()
     last = _check_run_dir(job, run_dir, resume)  # the checkpoint to resume from, read once
     # both splits checked before anything is written, every bad file of either named at once
-    train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
+    with phases("data"):
+        train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
     with writing(run_dir, "writing the run; once there is space, continue it with --resume"):
-        return _train(job, train_split, val_split, run_dir, last, progress, log, warning)
+        return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases)
 
 
-def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning) -> dict:
+def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning,
+           phases: Phases | None = None) -> dict:
     resume = last is not None
+    phases = phases or Phases()
+    setup_started = time.perf_counter()
     remove_stale_temporaries(*(run_dir / name for name in WRITTEN))  # left by a kill during a save
     if not resume:  # what an attempt that saved no `last` left: it starts over
         _clear_attempt(run_dir)
     device = pick_device()
+    precision = choose_precision(job.train.precision, device)  # job.toml keeps "auto"; train.json the choice
+    scaler = make_scaler(precision, device)
     set_threads(job.train.threads)
     torch.manual_seed(job.train.seed)
     generator = torch.Generator(device=device).manual_seed(job.train.seed)
@@ -113,11 +122,14 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
     state, partial = LoopState(), None
     if resume:
         state, partial = _restore(last, model, optimizer, generator, device, run_dir / LAST)
+        restore_scaler(scaler, (last.get("amp") or {}).get("scaler"))
         _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
-    record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute())}
-    atomic_write_text(run_dir / RECORD, json.dumps(record, indent=2) + "\n", "data record")
+    run_record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "precision": precision}
+    atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
     step_model = maybe_compile(model, job, log)
 
     images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
@@ -125,31 +137,36 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                   for g in shape_groups(val_split.images)]
     params = augment_params(job)
     n, batch = images.shape[0], job.train.batch_size
-    from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+    phases.seconds["setup"] += time.perf_counter() - setup_started
+    with phases("tensorboard"):
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
     bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress)
     last_epoch = state.epoch if state.stopped_early else job.train.epochs  # a resumed early stop stays stopped
     to_go = (f"epochs {state.epoch + 1}..{last_epoch}" if state.epoch < last_epoch else
              f"nothing to do: stopped early at epoch {state.epoch}" if state.stopped_early else
              f"nothing to do: {state.epoch} of {job.train.epochs} epochs done (raise train.epochs to go on)")
-    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}")
+    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}, "
+        f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
 
     try:  # a Ctrl-C, a full disk or a divergence still ends the progress bar's line and flushes TensorBoard
         last_saved = time.monotonic()
         for epoch in range(state.epoch + 1, last_epoch + 1):
             started = time.perf_counter()
             partial = partial or new_epoch(n, device, generator)
-            with warning.deferred() if warning else contextlib.nullcontext():
+            with warning.deferred() if warning else contextlib.nullcontext(), phases("train"):
                 stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
-                                          generator, partial, stop=warning.requested if warning else None)
+                                          generator, partial, stop=warning.requested if warning else None,
+                                          scaler=scaler)
+                loss_sum = partial["loss_sum"].item()  # the one host synchronisation of the epoch
             if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
-                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial),
-                                run_dir / LAST)
+                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial,
+                                            scaler=scaler), run_dir / LAST)
                 log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
                 raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
-            loss_sum, partial = partial["loss_sum"], None
-            train_loss = loss_sum.item() / n  # the one host synchronisation of the epoch
+            partial = None
+            train_loss = loss_sum / n
             if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics line
                 raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
                                     f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
@@ -160,28 +177,35 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
 
             validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
             if validating:
-                dice, example = validate(model, val_groups, job)
-                record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
+                with phases("validate"):
+                    dice, example = validate(model, val_groups, job)
+                    record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
                 improved = record["val_mean_dice"] > state.best_dice
                 state.stale_rounds = 0 if improved else state.stale_rounds + 1
                 if improved:
                     state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
-                    save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+                    with phases("checkpoint"):
+                        save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
                 state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
-                _log_validation(writer, record, example, epoch, job)
+                with phases("tensorboard"):
+                    _log_validation(writer, record, example, epoch, job)
 
             state.epoch = epoch
             record["seconds"] = time.perf_counter() - started
             # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops, redoes
-            _append_jsonl(run_dir / "metrics.jsonl", record)
-            _write_progress(run_dir, job, state, record["seconds"], finished=False)
+            with phases("records"):
+                _append_jsonl(run_dir / "metrics.jsonl", record)
+                _write_progress(run_dir, job, state, record["seconds"], finished=False)
             # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state, so
             # a job may save by the clock instead (the warning signal still saves, mid-epoch, above)
             if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
-                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch), run_dir / LAST)
+                with phases("checkpoint"):
+                    save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch, scaler=scaler),
+                                    run_dir / LAST)
                 last_saved = time.monotonic()
-            writer.add_scalar("loss/train", train_loss, epoch)
-            writer.add_scalar("lr", record["lr"], epoch)
+            with phases("tensorboard"):
+                writer.add_scalar("loss/train", train_loss, epoch)
+                writer.add_scalar("lr", record["lr"], epoch)
             bar.update(record, state)
             if state.stopped_early:
                 log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
@@ -191,9 +215,14 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
             writer.close()
         bar.close()
         raise
-    writer.close()
+    with phases("tensorboard"):
+        writer.close()
     bar.close()
     _write_progress(run_dir, job, state, None, finished=True)
+    # this attempt's wall time by phase, for the user and the benchmarks
+    run_record["phases_s"] = phases.summary()
+    atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
+    log(phases.line())
     summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
     log(f"done: {state.epoch} epoch{'s' if state.epoch != 1 else ''}, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
@@ -207,11 +236,12 @@ def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
 
 
 def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
-                    stop=None) -> bool:
+                    stop=None, scaler=None) -> bool:
     """One pass over the resident training tensors in the order `epoch["order"]`, from step `epoch["step"]`.
 
     Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
-    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end.
+    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end. With `scaler` (fp16), the loss
+    is scaled before backward and a step whose gradients overflowed is skipped, as torch's GradScaler does.
     """
     model.train()
     n, batch = images.shape[0], job.train.batch_size
@@ -228,8 +258,13 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
             logits = model(x)
         loss = loss_fn(logits.float(), y.long())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * index.numel()
         epoch["step"] = step + 1
         if stop is not None and epoch["step"] < steps and stop():
@@ -264,9 +299,10 @@ def _log_validation(writer, record: dict, example: tuple, epoch: int, job: Job) 
         writer.add_image("val/prediction", (pred.float() / scale).cpu(), epoch)
 
 
-def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: int, partial: dict | None = None) -> dict:
-    """`best` holds the weights and what they scored; `last` also the optimiser and every random state, and
-    `partial` an epoch stopped part-way (its order, steps done and loss so far)."""
+def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: int, partial: dict | None = None,
+                scaler=None) -> dict:
+    """`best` holds the weights and what they scored; `last` also the optimiser, every random state, fp16's
+    gradient scaler, and `partial` an epoch stopped part-way (its order, steps done and loss so far)."""
     ckpt = {"model": model.state_dict(), "job": job.to_dict(), "epoch": epoch, "loop": asdict(state),
             "hpcseg_version": __version__}
     if partial is not None:
@@ -274,6 +310,8 @@ def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: 
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()
         ckpt["rng"] = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+        if scaler is not None:  # plain floats and ints: the scale and its growth count, so resume stays exact
+            ckpt["amp"] = {"precision": "fp16", "scaler": scaler_state(scaler)}
         if torch.cuda.is_available():
             ckpt["rng"]["cuda"] = torch.cuda.get_rng_state()
     return ckpt
