@@ -182,6 +182,32 @@ def test_a_full_disk_while_test_writes_its_output_is_one_line_and_leaves_nothing
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_while_predict_writes_its_output_is_one_line_and_keeps_the_previous_output(
+        trained, tiny_data, tmp_path, monkeypatch):
+    import hpcseg.predict as Pr
+
+    out = tmp_path / "out"
+    assert hpcseg("predict", trained, "--data", tiny_data / "test_data", "--out", out)[0] == 0
+    before = {name: (out / name).read_bytes() for name in files(out)}
+    written = []
+
+    def short_save(path, array):  # the second prediction meets a full disk half-way
+        written.append(path)
+        if len(written) == 2:
+            path.write_bytes(b"\x93NUMPY half")
+            raise OSError("30976 requested and 16256 written")
+        real_save(path, array)
+
+    real_save = np.save
+    monkeypatch.setattr(Pr.np, "save", short_save)
+    code, output = hpcseg("predict", trained, "--data", tiny_data / "test_data", "--out", out)
+    line = one_error_line(code, output)
+    assert line.startswith(f"{out}: no space left on device (filesystem ") and line.endswith(
+        "; writing the predictions; the previous output is intact)"), line
+    assert {name: (out / name).read_bytes() for name in files(out)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_write_failures_name_the_reason_and_leave_other_errors_alone(tmp_path):
     for err, reason in [(OSError(errno.EROFS, "x"), "read-only file system"),
                         (OSError(errno.EDQUOT, "x"), "disk quota exceeded"),

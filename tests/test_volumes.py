@@ -275,6 +275,39 @@ def test_predict_refuses_a_bad_scan_and_writes_nothing(run_and_scans, tmp_path):
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("command", ["predict", "test"])
+def test_a_full_disk_while_writing_predictions_of_scans_is_one_line_and_leaves_nothing(run_and_scans, tmp_path,
+                                                                                       monkeypatch, command):
+    import errno
+
+    run, scans = run_and_scans
+    real = nib.Nifti1Image.to_filename
+
+    def half_written(self, filename, **kwargs):  # the second scan's volume meets a full disk half-way
+        if "sub-02" in str(filename):
+            Path(filename).write_bytes(b"\x1f\x8b half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, filename, **kwargs)
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", half_written)
+    out = tmp_path / "out"
+    code, output = hpcseg(command, run, "--data", scans, "--out", out)
+    assert code == 2 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("hpcseg: error: ")]
+    what = "predictions" if command == "predict" else "test output"
+    assert errors == [f"hpcseg: error: {out}: no space left on device (filesystem {_mount(tmp_path)}; writing the "
+                      f"{what}; nothing was written)"], output
+    assert list(tmp_path.iterdir()) == []  # no half-written file, no temporary folder
+
+
+def _mount(path):
+    import os
+
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
 def test_test_reads_other_label_names_and_codes_and_refuses_unmapped_ones(run_and_scans, tmp_path):
     run, scans = run_and_scans
     other = tmp_path / "fast"

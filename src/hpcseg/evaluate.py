@@ -185,7 +185,9 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
     rows = io.StringIO()
     table = csv.writer(rows)
     table.writerow(["scan", "subject", *TISSUES, "mean"])
-    with replacing(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
+    intact = "the previous output is intact" if out_dir.exists() else "nothing was written"
+    # a bad scan met half-way, or a full disk (one line), leaves nothing written
+    with writing(out_dir, f"writing the test output; {intact}"), replacing(out_dir) as tmp:
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
         for scan in scans:

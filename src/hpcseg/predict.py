@@ -11,14 +11,17 @@ A folder of 3D scans (`<scan>_T1w.nii[.gz]`) is cut into coronal slices and norm
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from . import volumes
 from .data import load_images
+from .atomic import writing
 from .evaluate import load_best_model
 from .infer import predict_slices
 from .outdir import check_replaceable, replacing
@@ -52,7 +55,7 @@ def predict_run(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict
               for i, slice_id in enumerate(scans.ids)}
     summary = {"run": str(run_dir), "checkpoint": str(best.path), "checkpoint_epoch": best.epoch, "data": str(data_dir),
                "slices": len(scans), "voxels_per_class": counts}
-    with replacing(out_dir) as tmp:
+    with _writing_output(out_dir) as tmp:
         for i, slice_id in enumerate(scans.ids):
             if i in nifti:
                 _save_nifti(tmp / f"{slice_id}_prediction.nii.gz", predictions[i], nifti[i], classes)
@@ -62,6 +65,14 @@ def predict_run(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> dict
     log(f"predicted {len(scans)} slice(s) with {best.path} (epoch {best.epoch})")
     log(f"wrote {out_dir}")
     return summary
+
+
+@contextlib.contextmanager
+def _writing_output(out_dir: Path) -> Iterator[Path]:
+    """`replacing(out_dir)` with a full disk (or quota) as one line naming `out_dir`: never half-written."""
+    intact = "the previous output is intact" if out_dir.exists() else "nothing was written"
+    with writing(out_dir, f"writing the predictions; {intact}"), replacing(out_dir) as tmp:
+        yield tmp
 
 
 def _nifti_source(path: Path):
@@ -110,7 +121,7 @@ def predict_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> 
     best = load_best_model(run_dir)
     classes = best.job.data.num_classes
     counts = {}
-    with replacing(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
+    with _writing_output(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
         for scan in scans:
             seg = segment_volume(best, scan.image)
             _save_nifti(tmp / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
