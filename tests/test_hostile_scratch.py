@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hpcseg.cluster import runs as runs_module
-from hpcseg.cluster.status import my_user
+from hpcseg.cluster.runs import my_user
 
 
 def _run(scratch: Path, folder: str, executor: str = "local", job_id: str = "1", experiment: str = "exp",

@@ -7,19 +7,36 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from ..errors import run_command
 from ..outdir import blocked
+from .backends import BACKENDS, executor_names
 from .runs import CANCELLED, ClusterError, NotTrusted, find_one_run, find_runs, open_owned, scratches_to_search
 
 _SCRATCH_HELP = "scratch folder holding <experiment>/<run_id>/ (default: $HPCSEG_SCRATCH, else ./hpcseg-scratch " \
                 "and the scratch folders earlier submits used)"
+
+
+class _ExecutorChoice(click.Choice):
+    """--executor's values, read from the backends table whenever they are used."""
+
+    def __init__(self) -> None:
+        super().__init__(executor_names())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return executor_names()
+
+    @choices.setter
+    def choices(self, value) -> None:  # click's __init__ sets it; the table stays the source
+        pass
+
+
+_AUTO_ORDER = ", ".join(f"{b.title} where {b.detect} exists" for b in BACKENDS.values() if b.detect)
 
 
 def _poll_interval() -> float:
@@ -36,8 +53,8 @@ def _poll_interval() -> float:
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="data folder holding the job's training/validation "
               "(and test) folders; default: the current folder")
-@click.option("--executor", type=click.Choice(["auto", "local", "slurm", "lsf"]), default=None,
-              help="where to run: auto picks LSF where bsub exists, Slurm where sbatch exists, else this machine")
+@click.option("--executor", type=_ExecutorChoice(), default=None, help="where to run: auto picks the first "
+              f"scheduler whose command is here ({_AUTO_ORDER}), else this machine")
 @click.option("--queue", help="queue (LSF) or partition (Slurm)")
 @click.option("--gpus", type=int, help="GPUs per job")
 @click.option("--cpus", type=int, help="CPU cores per job")
@@ -224,52 +241,33 @@ def cancel(selectors, scratch) -> None:
 def _cancel_groups(by_exec: dict[str, list], refused: list[str]) -> None:
     """Cancel each executor's runs; a run that is not cancelled gets a line in `refused`."""
     from ..errors import CommandError
-    from .runs import mark_cancelled
-    from .status import job_owners, local_alive, my_user, scheduler_timeout_s
+    from .runs import mark_cancelled, my_user
+    from .status import scheduler_timeout_s
 
+    me = my_user()
     for executor, group in by_exec.items():
-        ids = [r.job_id for r in group]
-        if executor in ("slurm", "lsf"):
-            # a run.json names a job id; the scheduler must say the job is this user's before it is cancelled
-            me = my_user()
-            try:
-                owners, why = job_owners(executor, ids, scheduler_timeout_s()), None
-            except CommandError as err:
-                owners, why = {}, f"the scheduler could not say whose it is ({err})"
-            mine = []
-            for r in group:
-                owner = owners.get(r.job_id)
-                if owner == me:
-                    mine.append(r)
-                    continue
-                reason = why or (f"{executor} does not list it" if owner is None else f"{executor} says it is {owner}'s")
-                refused.append(f"{r.run_id}: not cancelled: job {r.job_id} is not confirmed as yours ({me}): {reason}")
-            group, ids = mine, [r.job_id for r in mine]
-            if not group:
-                continue
-            if executor == "slurm":
-                run_command(["scancel", *ids], 30)
-            else:
-                from .lsf import cancel_lsf
-
-                try:
-                    cancel_lsf(ids)
-                except ClusterError:
-                    raise
-                except Exception as err:  # the plugin's own error already names bkill
-                    raise ClusterError(" ".join(str(err).split())[:300]) from None
-        elif executor == "local":
-            for r in group:
-                if local_alive(r.job_id, str(r.submitit_dir)):  # a process of this user running this run
-                    try:
-                        os.kill(int(r.job_id), signal.SIGINT)
-                    except ProcessLookupError:
-                        pass
-        else:  # a run.json from another tool or version: nothing here knows how to cancel it
+        backend = BACKENDS.get(executor)
+        if backend is None:  # a run.json from another tool or version: nothing here knows how to cancel it
             refused += [f"{r.run_id}: not cancelled: its run.json names executor {executor!r}, which hpcseg does "
                         f"not know (job id {r.job_id})" for r in group]
             continue
+        # a run.json names a job id; the scheduler must say the job is this user's before it is cancelled
+        try:
+            owners, why = backend.job_owners(group, scheduler_timeout_s()), None
+        except CommandError as err:
+            owners, why = {}, f"the scheduler could not say whose it is ({err})"
+        mine = []
         for r in group:
+            owner = owners.get(r.job_id)
+            if owner == me:
+                mine.append(r)
+                continue
+            reason = why or (f"{executor} does not list it" if owner is None else f"{executor} says it is {owner}'s")
+            refused.append(f"{r.run_id}: not cancelled: job {r.job_id} is not confirmed as yours ({me}): {reason}")
+        if not mine:
+            continue
+        backend.cancel(mine, 30)
+        for r in mine:
             mark_cancelled(r.path / CANCELLED)
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
 

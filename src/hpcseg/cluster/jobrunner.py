@@ -22,22 +22,10 @@ from typing import Any
 import submitit
 
 from ..atomic import atomic_write_text
+from .backends import job_id_here
 from .runs import ATTEMPTS, OUTCOME, append_jsonl
 
 LAST = Path("checkpoints") / "last.pt"
-
-_JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "LSB_JOBID", "SUBMITIT_LOCAL_JOB_ID")
-
-
-def _scheduler_job_id() -> str | None:
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    for var in _JOB_ID_VARS[1:]:
-        if os.environ.get(var):
-            index = os.environ.get("LSB_JOBINDEX", "0") if var == "LSB_JOBID" else "0"
-            return os.environ[var] + (f"[{index}]" if index not in ("", "0") else "")
-    return None
-
 
 def write_outcome(run_dir: Path, state: str, **extra: Any) -> None:
     record = {"state": state, "time": time.time(), **extra}
@@ -61,7 +49,7 @@ class JobRunner(submitit.helpers.Checkpointable):
         run_dir = Path(self.run_dir)
         resume = (run_dir / LAST).exists()
         attempt = {"event": "start", "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
-                   "job_id": _scheduler_job_id(), "resume": resume}
+                   "job_id": job_id_here(), "resume": resume}
         append_jsonl(run_dir / ATTEMPTS, attempt)
         (run_dir / OUTCOME).unlink(missing_ok=True)  # running again: an earlier outcome no longer holds
         print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",

@@ -42,7 +42,7 @@ from pathlib import Path
 from submitit.core import core, job_environment, logger, utils
 
 from ..errors import CommandError, run_command
-from .scripts import CONTROL, BoundedSubmission
+from .scripts import CONTROL, BoundedSubmission, dry_run_class, job_python, submission_text
 
 __all__ = [
     "LsfExecutor",
@@ -756,3 +756,59 @@ class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
     @classmethod
     def affinity(cls) -> int:
         return -1 if shutil.which("bsub") is None else 2
+
+
+# ------------------------------------------------------------------------------ hpcseg's backend
+
+
+#: hpcseg's states (status.STATES) of the normalised LSF states that differ
+_HPCSEG_STATE = {"SUSPENDED": "PENDING"}
+
+
+def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dict[str, str], tp.List[str]]:
+    """hpcseg's state of each run's job, from one bjobs call (see backends.py)."""
+    infos = query_lsf([r.job_id for r in runs], timeout_s=timeout_s)
+    return {str(k): _HPCSEG_STATE.get(v.state, v.state) for k, v in infos.items()}, []
+
+
+def job_owners(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Dict[str, str]:
+    """{job id: user} from one bjobs call; a job bjobs does not find is absent (its non-zero exit is no error)."""
+    parents = sorted({_main_id(r.job_id) for r in runs})
+    proc = run_command(["bjobs", "-noheader", "-o", "jobid user delimiter=','", *parents], timeout_s, check=False)
+    users = dict(line.strip().split(",", 1) for line in proc.stdout.splitlines() if line.count(",") == 1)
+    return {r.job_id: users[_main_id(r.job_id)].strip() for r in runs if _main_id(r.job_id) in users}
+
+
+def cancel(runs: tp.Sequence[tp.Any], timeout_s: float) -> None:
+    cancel_lsf([r.job_id for r in runs], timeout_s)
+
+
+def job_id_from_env(environ: tp.Mapping[str, str]) -> tp.Optional[str]:
+    """``12345``, or ``12345[3]`` for an array element, as LSF names it."""
+    if not environ.get("LSB_JOBID"):
+        return None
+    index = environ.get("LSB_JOBINDEX", "0")
+    return environ["LSB_JOBID"] + (f"[{index}]" if index not in ("", "0") else "")
+
+
+def build_executor(plan: tp.Any, folder: Path, dry_run: bool = False) -> LsfExecutor:
+    """The LSF executor for hpcseg's submission plan (submit.Plan): one job or an array."""
+    setup = list(plan.profile.setup)
+    ex = dry_run_class(LsfExecutor, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
+                                             python=job_python(setup))
+    params: tp.Dict[str, tp.Any] = {
+        "job_name": plan.experiment, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
+        "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
+    if plan.queue:
+        params["queue"] = plan.queue
+        queue = plan.profile.queues.get(plan.queue)
+        if queue is not None and queue.extra:
+            params["additional_parameters"] = dict(queue.extra)
+    if setup:
+        params["setup"] = setup
+    ex.update_parameters(**params)
+    return ex
+
+
+def job_script(plan: tp.Any, folder: Path, n_elements: int) -> str:
+    return submission_text(build_executor(plan, folder, dry_run=True), n_elements)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..jobfile import JobError, parse_walltime
+from .backends import BACKENDS, executor_names
 from .runs import ClusterError
 from .scripts import check_queue_name, refuse_control
 
@@ -21,8 +22,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-EXECUTORS = ("auto", "local", "slurm", "lsf")
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,9 @@ class Profile:
         if queue is None:
             return
         if not self.queues:
-            if self.executor == "local":
-                raise ClusterError(f"{source} {queue}: profile '{self.name}' runs jobs on this machine and has no queues")
+            if self.executor in BACKENDS and not BACKENDS[self.executor].queues:
+                raise ClusterError(f"{source} {queue}: profile '{self.name}' uses the {self.executor} executor, "
+                                   "which has no queues")
             return
         q = self.queues.get(queue)
         if q is None:
@@ -131,8 +131,8 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
     if unknown:
         raise ClusterError(f"{path}: unknown key '{unknown[0]}'")
     executor = _expect(path, "executor", tree.get("executor", "auto"), (str,), "a string")
-    if executor not in EXECUTORS:
-        raise ClusterError(f"{path}: executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+    if executor not in executor_names():
+        raise ClusterError(f"{path}: executor: {executor!r} is not one of {', '.join(executor_names())}")
     setup = _expect(path, "setup", tree.get("setup", []), (list,), "a list of shell lines")
     for i, line in enumerate(setup):
         _expect(path, "setup", line, (str,), "a list of shell lines")

@@ -22,7 +22,7 @@ import datetime as _dt
 import errno
 import json
 import os
-import re
+import pwd
 import secrets
 import stat
 import subprocess
@@ -35,6 +35,7 @@ from typing import IO, Any, Iterable
 
 from ..atomic import atomic_write_text
 from ..errors import ClusterError  # noqa: F401 - re-exported: the cluster modules import it from here
+from .backends import BACKENDS
 
 RUN_RECORD = "run.json"
 OUTCOME = "outcome.json"
@@ -44,8 +45,6 @@ PROGRESS = "progress.json"
 DEFAULT_SCRATCH = "hpcseg-scratch"
 #: The most a run's JSON record (run.json, progress.json, ...) may hold: more is damage, not a record.
 MAX_RECORD_BYTES = 1 << 20
-#: A job id as each executor writes it: Slurm `123` or `123_4`, LSF the same (submitit's form), local a pid.
-JOB_ID_SYNTAX = {"slurm": re.compile(r"\d+(_\d+)?"), "lsf": re.compile(r"\d+(_\d+)?"), "local": re.compile(r"\d+")}
 
 
 # ---------------------------------------------------------------- scratch
@@ -120,6 +119,14 @@ class NotTrusted(Exception):
 
 def my_uid() -> int:
     return os.geteuid()
+
+
+def my_user() -> str:
+    """This user's name as schedulers report a job's owner (from the user id, not from $USER)."""
+    try:
+        return pwd.getpwuid(my_uid()).pw_name
+    except KeyError:
+        return str(my_uid())
 
 
 def _ownership_problem(st: os.stat_result) -> str | None:
@@ -349,8 +356,8 @@ def _check_record(run: Run) -> None:
     for key, expected in (("run_id", run.path.name), ("experiment", run.path.parent.name)):
         if key in record and record[key] != expected:
             drop(key, f"is not its folder's name {expected!r}")
-    syntax = JOB_ID_SYNTAX.get(record.get("executor"))
-    if record.get("job_id") is not None and syntax and not syntax.fullmatch(record["job_id"]):
+    backend = BACKENDS.get(record.get("executor"))
+    if record.get("job_id") is not None and backend and not backend.valid_job_id(record["job_id"]):
         drop("job_id", f"is not a {record['executor']} job id")
     if record.get("submitit_dir") is not None:
         where = PurePath(record["submitit_dir"])

@@ -121,3 +121,15 @@ class BoundedSubmission:
         for job, pickle_path in zip(jobs, pickle_paths):
             job.paths.move_temporary_file(pickle_path, "submitted_pickle")
         return jobs
+
+
+def dry_run_class(base: type, dry_run: bool) -> type:
+    """For a dry run, the executor class `base` needing no scheduler on this machine."""
+    return type(f"Dry{base.__name__}", (base,), {"affinity": classmethod(lambda c: 2)}) if dry_run else base
+
+
+def submission_text(executor, n_elements: int) -> str:
+    """The job script a scheduler executor would submit for one job or an array of `n_elements` (dry runs)."""
+    if n_elements > 1:
+        executor.parameters["map_count"] = n_elements
+    return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")

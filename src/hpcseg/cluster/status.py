@@ -11,14 +11,14 @@ its error is in each affected run's `scheduler_error`.
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
-from ..errors import CommandError, run_command
-from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, my_uid, read_owned
+from ..errors import CommandError
+from .backends import BACKENDS
+from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -33,134 +33,8 @@ def scheduler_timeout_s() -> float:
         return 10.0
 
 
-def my_user() -> str:
-    """This user's name as schedulers report a job's owner (from the user id, not from $USER)."""
-    try:
-        return pwd.getpwuid(my_uid()).pw_name
-    except KeyError:
-        return str(my_uid())
-
-
 #: exit codes in `<submitit_dir>/<job_id>_exitcode` of a job that was killed on request (128 + SIGINT, SIGTERM)
 CANCEL_EXIT_CODES = (130, 143)
-
-
-# ---------------------------------------------------------------- Slurm
-
-_SLURM_MAP = {
-    "PENDING": "PENDING", "CONFIGURING": "PENDING", "SUSPENDED": "PENDING", "RESV_DEL_HOLD": "PENDING",
-    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
-    "COMPLETED": "COMPLETED",
-    "FAILED": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
-    "DEADLINE": "FAILED", "SPECIAL_EXIT": "FAILED",
-    "CANCELLED": "CANCELLED", "REVOKED": "CANCELLED",
-    "TIMEOUT": "TIMEOUT",
-    "PREEMPTED": "REQUEUED", "REQUEUED": "REQUEUED", "REQUEUE_FED": "REQUEUED", "REQUEUE_HOLD": "REQUEUED",
-    "RESIZING": "RUNNING",
-}
-_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
-
-
-def _expand_slurm_id(job_id: str) -> list[str]:
-    """'12_[0-2,5%2]' -> ['12_0', '12_1', '12_2', '12_5']; other ids unchanged."""
-    m = _RANGE.match(job_id)
-    if not m:
-        return [job_id]
-    out = []
-    for part in m.group(2).split("%")[0].split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-def _parse_slurm_lines(text: str) -> dict[str, str]:
-    """`JobID|Field` lines -> {job id: the field's first word} (array ranges expanded, job steps left out)."""
-    states: dict[str, str] = {}
-    for line in text.splitlines():
-        job_id, _, state = line.strip().partition("|")
-        if not job_id or "." in job_id:
-            continue
-        raw = state.split()[0] if state.split() else ""
-        for jid in _expand_slurm_id(job_id):
-            states[jid] = raw
-    return states
-
-
-def _sacct_or_squeue(parents: list[str], field: tuple[str, str], timeout_s: float) -> tuple[dict[str, str], str]:
-    """One sacct call for `field` (sacct's name, squeue's %-letter) of the jobs `parents`; where sacct is
-    unavailable, one squeue call. Returns ({job id: value}, source)."""
-    try:
-        out = run_command(["sacct", "-n", "-P", "-X", "-o", f"JobID,{field[0]}", "-j", ",".join(parents)],
-                          timeout_s).stdout
-        return _parse_slurm_lines(out), "sacct"
-    except CommandError as sacct_err:
-        try:
-            out = run_command(["squeue", "-h", "-r", "--states=all", "-u", my_user(), "-o", f"%i|{field[1]}"],
-                              timeout_s).stdout
-        except CommandError as squeue_err:
-            raise CommandError(f"{sacct_err}; {squeue_err}") from None
-        wanted = set(parents)
-        return {k: v for k, v in _parse_slurm_lines(out).items() if k.split("_")[0] in wanted}, "squeue"
-
-
-def query_slurm(job_ids: list[str], timeout_s: float) -> tuple[dict[str, str], str]:
-    """Raw Slurm state per job id ('123' or '123_4'), from ONE sacct call; where sacct is unavailable
-    (accounting disabled, command missing), from one squeue call. Returns (states, source)."""
-    return _sacct_or_squeue(sorted({j.split("_")[0] for j in job_ids}), ("State", "%T"), timeout_s)
-
-
-# ---------------------------------------------------------------- LSF
-
-
-def query_lsf_states(job_ids: list[str], timeout_s: float) -> dict[str, str]:
-    from .lsf import query_lsf
-
-    try:
-        infos = query_lsf(job_ids, timeout_s=timeout_s)
-    except Exception as err:  # bjobs failed, hung, or printed what the plugin cannot read
-        message = " ".join(str(err).split())[:200]
-        raise CommandError(message if message.startswith("bjobs") else f"bjobs: {message}") from None
-    return {str(k): v.state for k, v in infos.items()}
-
-
-def job_owners(executor: str, job_ids: list[str], timeout_s: float) -> dict[str, str]:
-    """The user who owns each job as the scheduler reports it ({job id: user}); jobs it does not know are
-    absent. Raises CommandError where the scheduler cannot be asked."""
-    parents = sorted({j.split("_")[0] for j in job_ids})
-    if executor == "slurm":
-        users, _ = _sacct_or_squeue(parents, ("User", "%u"), timeout_s)
-    else:  # lsf: bjobs exits non-zero when some job is not found, which only leaves that job unconfirmed
-        proc = run_command(["bjobs", "-noheader", "-o", "jobid user delimiter=','", *parents], timeout_s,
-                           check=False)
-        users = dict(line.strip().split(",", 1) for line in proc.stdout.splitlines() if line.count(",") == 1)
-    by_parent = {k.split("_")[0]: v.strip() for k, v in users.items()}
-    return {j: by_parent[j.split("_")[0]] for j in job_ids if j.split("_")[0] in by_parent}
-
-
-_LSF_MAP = {"SUSPENDED": "PENDING"}
-
-
-# ---------------------------------------------------------------- local
-
-
-def local_alive(pid_text: str | None, folder: str) -> bool:
-    """Whether the local job's controller process is still running (not a zombie, a process of this user, and
-    really that job's: its command line names the run's submitit folder)."""
-    if not pid_text or not pid_text.isdigit():
-        return False
-    try:
-        if os.stat(f"/proc/{pid_text}").st_uid != my_uid():
-            return False
-        with open(f"/proc/{pid_text}/stat", "rb") as fh:
-            stat = fh.read().decode(errors="replace")
-        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
-            return False
-        with open(f"/proc/{pid_text}/cmdline", "rb") as fh:
-            cmdline = fh.read().decode(errors="replace")
-    except OSError:
-        return False
-    return "submitit.local._local" in cmdline and folder in cmdline
 
 
 # ---------------------------------------------------------------- merging
@@ -243,7 +117,7 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
         error = f"the job exited with code {code} without writing its outcome (see hpcseg logs --err)"
     elif sched_failed:
         state = "UNKNOWN"
-    elif run.executor == "local":  # the process is gone and left nothing: it was killed
+    elif run.executor in BACKENDS and BACKENDS[run.executor].runs_here:  # gone, left nothing: it was killed
         state = "FAILED"
         error = "the job's process ended without writing its outcome"
     elif now - float(run.record.get("submit_time") or 0) < GRACE_S and not attempts:
@@ -277,30 +151,18 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
         # runs whose outcome is written need no scheduler: ask only about the others
         return [r for r in runs if r.executor == executor and r.job_id and not (r.path / OUTCOME).exists()]
 
-    slurm_runs = unfinished("slurm")
-    if slurm_runs:
+    for name, backend in BACKENDS.items():
+        asked = unfinished(name)
+        if not asked:
+            continue
         try:
-            states, source = query_slurm([r.job_id for r in slurm_runs], timeout_s)
-            for r in slurm_runs:
-                raw = states.get(r.job_id)
-                sched[r.run_id] = _SLURM_MAP.get(raw, "UNKNOWN") if raw else None
-            if source != "sacct":
-                warnings.append("sacct unavailable: Slurm states from squeue and the runs' own files")
+            states, notes = backend.query_states(asked, timeout_s)
         except CommandError as err:
-            warnings.append(f"Slurm: {err}")
-            failed.update((r.run_id, str(err)) for r in slurm_runs)
-    lsf_runs = unfinished("lsf")
-    if lsf_runs:
-        try:
-            states = query_lsf_states([r.job_id for r in lsf_runs], timeout_s)
-            for r in lsf_runs:
-                raw = states.get(r.job_id)
-                sched[r.run_id] = _LSF_MAP.get(raw, raw) if raw else None
-        except CommandError as err:
-            warnings.append(f"LSF: {err}")
-            failed.update((r.run_id, str(err)) for r in lsf_runs)
-    for r in unfinished("local"):
-        sched[r.run_id] = "RUNNING" if local_alive(r.job_id, str(r.submitit_dir)) else None
+            warnings.append(f"{backend.title}: {err}")
+            failed.update((r.run_id, str(err)) for r in asked)
+            continue
+        warnings += notes
+        sched.update((r.run_id, states.get(r.job_id)) for r in asked)
     statuses = [merge(r, sched.get(r.run_id), r.run_id in failed, now) for r in runs]
     for s in statuses:
         s.scheduler_error = failed.get(s.run_id)

@@ -13,9 +13,7 @@ import itertools
 import math
 import os
 import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +23,8 @@ from typing import Any
 from .. import __version__
 from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
 from .profiles import Profile, fmt_minutes, load_profile
-from .scripts import BoundedSubmission, check_name, check_queue_name, job_python, refuse_control
+from . import backends
+from .scripts import check_name, check_queue_name, refuse_control
 from ..atomic import atomic_write_text
 from ..outdir import blocked
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
@@ -79,13 +78,7 @@ class Plan:
 
 def pick_executor(requested: str | None, profile: Profile) -> str:
     choice = requested or profile.executor or "auto"
-    if choice != "auto":
-        return choice
-    if shutil.which("bsub"):
-        return "lsf"
-    if shutil.which("sbatch"):
-        return "slurm"
-    return "local"
+    return backends.detect() if choice == "auto" else choice
 
 
 def split_values(text: str) -> list[str]:
@@ -160,9 +153,9 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     queue = opts.queue or profile.queue
     if queue is not None:
         check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
-    if executor == "local" and opts.queue and not profile.queues:
-        raise ClusterError(f"--queue {opts.queue}: the local executor has no queues")
-    if executor == "local":
+    if not backends.BACKENDS[executor].queues:
+        if opts.queue and not profile.queues:
+            raise ClusterError(f"--queue {opts.queue}: the {executor} executor has no queues")
         queue = None
     profile.check_queue(queue, minutes, gpus, source="--queue" if opts.queue else f"{profile.path}: queue")
     if opts.max_parallel is not None and opts.max_parallel < 1:
@@ -206,7 +199,7 @@ def plan_submission(opts: SubmitOptions) -> Plan:
                 signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
                 test_dir=folders["test_dir"], elements=elements, notes=notes,
                 warnings=_warnings(executor, gpus, "--gpus" if opts.gpus is not None else "gpus", len(elements),
-                                   opts.max_parallel))
+                                   opts.max_parallel) + _small_batch_warnings(executor, gpus, elements))
 
 
 def _unreachable(opts: SubmitOptions, notes: list[str], path: Path, refusal: str) -> None:
@@ -284,27 +277,47 @@ def _gpus_here() -> int:
 def _warnings(executor: str, gpus: int, source: str, n: int, max_parallel: int | None) -> list[str]:
     """What will happen that the options do not say: idle GPUs, a CPU run, a --max-parallel not applied."""
     warnings = []
-    if executor == "local" and gpus > 0 and _gpus_here() == 0:
-        warnings.append(f"{source} {gpus}: this machine has no GPU; the local job trains on its CPU")
+    backend = backends.BACKENDS[executor]
+    if backend.runs_here and gpus > 0 and _gpus_here() == 0:
+        warnings.append(f"{source} {gpus}: this machine has no GPU; the {executor} job trains on its CPU")
     elif gpus > 1:
         warnings.append(f"{source} {gpus}: training uses one GPU (multi-GPU training is not implemented yet); "
                         f"{gpus - 1} would stay idle")
-    if executor == "local" and max_parallel is not None and max_parallel < n:
+    if not backend.arrays and max_parallel is not None and max_parallel < n:
         # no array, so nothing holds elements back: say so rather than let N trainings share the cores unasked
-        warnings.append(f"--max-parallel {max_parallel}: the local executor has no job arrays; all {n} runs start "
-                        "at once")
+        warnings.append(f"--max-parallel {max_parallel}: the {executor} executor has no job arrays; all {n} runs "
+                        "start at once")
     return warnings
+
+
+#: Below this batch a GPU waits on kernel launches more than it computes (H200, exercise-improved: batch 2 trained
+#: 125 samples/s, batch 32 1,659); jobs/gpu.toml trains at 32.
+GPU_MIN_BATCH = 16
+
+
+def _small_batch_warnings(executor: str, gpus: int, elements: list[tuple[dict[str, Any], Job]]) -> list[str]:
+    """One line when a job that will train on a GPU asks for a batch too small to keep it busy."""
+    if gpus < 1 or (executor == "local" and _gpus_here() == 0):  # a CPU run: small batches are right there
+        return []
+    small = sorted({job.train.batch_size for _, job in elements if job.train.batch_size < GPU_MIN_BATCH})
+    if not small:
+        return []
+    return [f"train.batch_size {', '.join(map(str, small))}: leaves the GPU mostly idle (on an H200 batch 2 trains "
+            f"125 samples/s, batch 32 1,659); use jobs/gpu.toml or --set train.batch_size=32 (optim.lr follows "
+            f"optim.lr_scaling)"]
 
 
 def _signal_delay(executor: str, asked: int | None, minutes: int, source: str) -> int:
     """Seconds between the warning signal and the walltime: as asked (else the executor's default), but at most
-    half the walltime, so that the warning never comes at the start; LSF counts it in whole minutes (-wt)."""
-    delay = asked if asked is not None else {"lsf": 300, "slurm": 120}.get(executor, 60)
-    unit = 60 if executor == "lsf" else 1
+    half the walltime, so that the warning never comes at the start; in the backend's unit (LSF: whole minutes)."""
+    backend = backends.BACKENDS[executor]
+    delay = asked if asked is not None else backend.signal_delay_s
+    unit = backend.signal_unit_s
     delay = min(unit * math.ceil(max(delay, 1) / unit), unit * (minutes * 60 // 2 // unit))
     if delay < unit:
         raise ClusterError(f"{source} {fmt_minutes(minutes)}: too short for a warning signal before the walltime "
-                           f"(LSF warns in whole minutes, at most half the walltime ahead); give at least 00:02")
+                           f"({backend.title} warns in whole minutes, at most half the walltime ahead); give at least "
+                           f"{fmt_minutes(2 * math.ceil(unit / 60))}")
     return delay
 
 
@@ -320,125 +333,20 @@ def _scratch_source(opts: SubmitOptions, profile: Profile) -> str:
 # ---------------------------------------------------------------- executors
 
 
-def _local_executor_class():
-    import submitit
-    from submitit.local.local import LocalExecutor, LocalJob
-
-    class DetachedLocalExecutor(LocalExecutor):
-        """submitit's local executor, with the job's controller detached from the submitting command (own
-        session, no inherited terminal or pipes), so `hpcseg submit` returns at once and the job outlives it."""
-
-        def _submit_command(self, command: str) -> LocalJob:
-            env = dict(os.environ)
-            env.update(
-                SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_COMMAND=command,
-                SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 5))),
-                SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
-                SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
-                SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="1" if self.parameters.get("setup") else "",
-            )
-            if self.parameters.get("gpus_per_node") is not None:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(self.parameters["gpus_per_node"]))
-            cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
-            setup = list(self.parameters.get("setup") or ())
-            if setup:
-                cmd = " && ".join(setup + [f"{job_python(setup)} {shlex.join(cmd[1:])}"])
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / "controller.log", "ab") as log:
-                process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
-            return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=[0])
-
-    del submitit
-    return DetachedLocalExecutor
-
-
-def build_executor(plan: Plan, folder: Path, n_elements: int, dry_run: bool = False):
+def build_executor(plan: Plan, folder: Path, dry_run: bool = False):
+    """The backend's submitit executor for `plan`, for one job or a job array in `folder`."""
     try:
-        return _build_executor(plan, folder, dry_run)
+        return backends.BACKENDS[plan.executor].build_executor(plan, folder, dry_run)
     except ValueError as err:  # a scheduler plugin's own parameter checks: one line, as every refusal
         raise ClusterError(f"--executor {plan.executor}: {' '.join(str(err).split())}") from None
 
 
-def _build_executor(plan: Plan, folder: Path, dry_run: bool):
-    name = plan.experiment
-    setup = list(plan.profile.setup)
-    max_timeouts = plan.profile.max_requeues
-    if plan.executor == "local":
-        ex = _local_executor_class()(folder=folder, max_num_timeout=max_timeouts) if not dry_run else None
-        params = {"timeout_min": plan.minutes, "signal_delay_s": plan.signal_delay_s}
-        if setup:
-            params["setup"] = setup
-        if ex is not None:
-            ex.update_parameters(**params)
-        return ex
-    if plan.executor == "slurm":
-        ex = _executor_class(_slurm_executor_class(), dry_run)(folder=folder, max_num_timeout=max_timeouts,
-                                                     python=job_python(setup))
-        params: dict[str, Any] = {"job_name": name, "time": plan.minutes, "cpus_per_task": plan.cpus,
-                                  "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
-                                  else f"{int(plan.mem_gb * 1024)}MB",
-                                  "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
-        if plan.queue:
-            params["partition"] = plan.queue
-        if plan.gpus:
-            params["gpus_per_node"] = plan.gpus
-        if setup:
-            params["setup"] = setup
-        ex.update_parameters(**params)
-        return ex
-    if plan.executor == "lsf":
-        try:
-            from .lsf import LsfExecutor
-        except ImportError as err:
-            raise ClusterError(f"--executor lsf: the LSF plugin is not available ({err})") from None
-        ex = _executor_class(LsfExecutor, dry_run)(folder=folder, max_num_timeout=max_timeouts,
-                                                   python=job_python(setup))
-        params = {"job_name": name, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
-                  "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
-        if plan.queue:
-            params["queue"] = plan.queue
-            extra = plan.profile.queues.get(plan.queue)
-            if extra is not None and extra.extra:
-                params["additional_parameters"] = dict(extra.extra)
-        if setup:
-            params["setup"] = setup
-        ex.update_parameters(**params)
-        return ex
-    raise ClusterError(f"--executor {plan.executor}: not one of auto, local, slurm, lsf")
-
-
-def _executor_class(base: type, dry_run: bool) -> type:
-    """For a dry run, `base` needing no scheduler on this machine."""
-    return type(f"Dry{base.__name__}", (base,), {"affinity": classmethod(lambda c: 2)}) if dry_run else base
-
-
-def _slurm_executor_class() -> type:
-    from submitit.slurm.slurm import SlurmExecutor, SlurmJob
-
-    class BoundedSlurmExecutor(BoundedSubmission, SlurmExecutor):
-        """submitit's Slurm executor with a bounded sbatch."""
-
-        _timeout_key = "time"
-
-        def _array_jobs(self, first_job, n: int) -> list:
-            tasks = list(range(first_job.num_tasks))
-            return [SlurmJob(folder=self.folder, job_id=f"{first_job.job_id}_{a}", tasks=tasks) for a in range(n)]
-
-    return BoundedSlurmExecutor
-
-
 def job_script(plan: Plan, folder: Path, n_elements: int) -> str:
     """The script that would be submitted (for --dry-run)."""
-    ex = build_executor(plan, folder, n_elements, dry_run=True)
-    if plan.executor == "local":
-        setup = "".join(f"{line}\n" for line in plan.profile.setup)
-        return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
-                f"walltime {fmt_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
-                f"{job_python(plan.profile.setup)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
-    if n_elements > 1:
-        ex.parameters["map_count"] = n_elements
-    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+    try:
+        return backends.BACKENDS[plan.executor].job_script(plan, folder, n_elements)
+    except ValueError as err:
+        raise ClusterError(f"--executor {plan.executor}: {' '.join(str(err).split())}") from None
 
 
 # ---------------------------------------------------------------- submitting
@@ -456,14 +364,14 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     sweep_id = new_run_id()
     run_ids = [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
     exp_dir = plan.scratch / plan.experiment
-    array = n > 1 and plan.executor != "local"  # the local executor has no arrays: one process per element
+    array = n > 1 and backends.BACKENDS[plan.executor].arrays  # else one job per element
     for warning in plan.warnings:
         print(f"hpcseg: warning: {warning}", file=sys.stderr)
     shared = exp_dir / ".arrays" / sweep_id if array else None
 
     if opts.dry_run:
         folder = shared or exp_dir / run_ids[0] / "submitit"
-        scripts = [job_script(plan, folder, n)] if plan.executor != "local" or n == 1 else \
+        scripts = [job_script(plan, folder, n)] if array or n == 1 else \
             [job_script(plan, exp_dir / rid / "submitit", 1) for rid in run_ids]
         for note in plan.notes:
             echo(note)
@@ -508,12 +416,12 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             make_private_dir(shared)
             for run in runs:
                 os.symlink(os.path.relpath(shared, run.path), run.path / "submitit")
-            ex = build_executor(plan, shared, n)
+            ex = build_executor(plan, shared)
             jobs = ex.submit_array(runners)
         else:
             jobs = []
             for run, runner in zip(runs, runners):
-                ex = build_executor(plan, run.path / "submitit", 1)
+                ex = build_executor(plan, run.path / "submitit")
                 jobs.append(ex.submit(runner))
         for run, job in zip(runs, jobs):
             run.record["job_id"] = str(job.job_id)

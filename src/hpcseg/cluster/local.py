@@ -1,0 +1,113 @@
+"""This machine as an hpcseg backend (see backends.py): submitit's local executor, detached from the submitting
+command; a job is its controller process, whose pid is the job id."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from .runs import my_uid, my_user
+from .scripts import job_python
+
+
+def _executor_class() -> type:
+    from submitit.local.local import LocalExecutor, LocalJob
+
+    class DetachedLocalExecutor(LocalExecutor):
+        """submitit's local executor, with the job's controller detached from the submitting command (own
+        session, no inherited terminal or pipes), so `hpcseg submit` returns at once and the job outlives it."""
+
+        def _submit_command(self, command: str) -> LocalJob:
+            env = dict(os.environ)
+            env.update(
+                SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_COMMAND=command,
+                SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 5))),
+                SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
+                SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
+                SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="1" if self.parameters.get("setup") else "",
+            )
+            if self.parameters.get("gpus_per_node") is not None:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(self.parameters["gpus_per_node"]))
+            cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
+            setup = list(self.parameters.get("setup") or ())
+            if setup:
+                cmd = " && ".join(setup + [f"{job_python(setup)} {shlex.join(cmd[1:])}"])
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.folder / "controller.log", "ab") as log:
+                process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+            return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=[0])
+
+    return DetachedLocalExecutor
+
+
+def build_executor(plan, folder: Path, dry_run: bool = False):
+    """The detached local executor (None for a dry run: job_script describes what it would start)."""
+    if dry_run:
+        return None
+    ex = _executor_class()(folder=folder, max_num_timeout=plan.profile.max_requeues)
+    params: dict[str, Any] = {"timeout_min": plan.minutes, "signal_delay_s": plan.signal_delay_s}
+    if plan.profile.setup:
+        params["setup"] = list(plan.profile.setup)
+    ex.update_parameters(**params)
+    return ex
+
+
+def job_script(plan, folder: Path, n_elements: int) -> str:
+    from .profiles import fmt_minutes
+
+    setup = "".join(f"{line}\n" for line in plan.profile.setup)
+    return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
+            f"walltime {fmt_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
+            f"{job_python(plan.profile.setup)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
+
+
+# ---------------------------------------------------------------- the running jobs
+
+
+def alive(pid_text: str | None, folder: str) -> bool:
+    """Whether the local job's controller process is still running (not a zombie, a process of this user, and
+    really that job's: its command line names the run's submitit folder)."""
+    if not pid_text or not pid_text.isdigit():
+        return False
+    try:
+        if os.stat(f"/proc/{pid_text}").st_uid != my_uid():
+            return False
+        with open(f"/proc/{pid_text}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+        if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
+            return False
+        with open(f"/proc/{pid_text}/cmdline", "rb") as fh:
+            cmdline = fh.read().decode(errors="replace")
+    except OSError:
+        return False
+    return "submitit.local._local" in cmdline and folder in cmdline
+
+
+def query_states(runs: list, timeout_s: float) -> tuple[dict[str, str], list[str]]:
+    """RUNNING for each run whose controller process is alive; the others are gone (ended)."""
+    return {r.job_id: "RUNNING" for r in runs if alive(r.job_id, str(r.submitit_dir))}, []
+
+
+def job_owners(runs: list, timeout_s: float) -> dict[str, str]:
+    """This user for each live job: `alive` accepts only this user's processes."""
+    return {r.job_id: my_user() for r in runs if alive(r.job_id, str(r.submitit_dir))}
+
+
+def cancel(runs: list, timeout_s: float) -> None:
+    """SIGINT to each job's controller (submitit's local controller ends the training on it)."""
+    for r in runs:
+        if alive(r.job_id, str(r.submitit_dir)):  # checked again: the pid must still be this run's
+            try:
+                os.kill(int(r.job_id), signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+
+def job_id_from_env(environ: Mapping[str, str]) -> str | None:
+    return environ.get("SUBMITIT_LOCAL_JOB_ID") or None

@@ -1,0 +1,137 @@
+"""Slurm as an hpcseg backend (see backends.py): submitit's Slurm executor with a bounded sbatch, and the
+states and owners of many jobs from one sacct call (one squeue call where accounting is off)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import CommandError, run_command
+from .runs import my_user
+from .scripts import BoundedSubmission, dry_run_class, job_python, submission_text
+
+#: Slurm's job states -> hpcseg's (status.STATES)
+STATE_MAP = {
+    "PENDING": "PENDING", "CONFIGURING": "PENDING", "SUSPENDED": "PENDING", "RESV_DEL_HOLD": "PENDING",
+    "RUNNING": "RUNNING", "COMPLETING": "RUNNING", "STAGE_OUT": "RUNNING", "SIGNALING": "RUNNING",
+    "COMPLETED": "COMPLETED",
+    "FAILED": "FAILED", "NODE_FAIL": "FAILED", "OUT_OF_MEMORY": "FAILED", "BOOT_FAIL": "FAILED",
+    "DEADLINE": "FAILED", "SPECIAL_EXIT": "FAILED",
+    "CANCELLED": "CANCELLED", "REVOKED": "CANCELLED",
+    "TIMEOUT": "TIMEOUT",
+    "PREEMPTED": "REQUEUED", "REQUEUED": "REQUEUED", "REQUEUE_FED": "REQUEUED", "REQUEUE_HOLD": "REQUEUED",
+    "RESIZING": "RUNNING",
+}
+_RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
+
+
+# ---------------------------------------------------------------- sacct / squeue
+
+
+def _expand_slurm_id(job_id: str) -> list[str]:
+    """'12_[0-2,5%2]' -> ['12_0', '12_1', '12_2', '12_5']; other ids unchanged."""
+    m = _RANGE.match(job_id)
+    if not m:
+        return [job_id]
+    out = []
+    for part in m.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def _parse_slurm_lines(text: str) -> dict[str, str]:
+    """`JobID|Field` lines -> {job id: the field's first word} (array ranges expanded, job steps left out)."""
+    states: dict[str, str] = {}
+    for line in text.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if not job_id or "." in job_id:
+            continue
+        raw = state.split()[0] if state.split() else ""
+        for jid in _expand_slurm_id(job_id):
+            states[jid] = raw
+    return states
+
+
+def _sacct_or_squeue(job_ids: list[str], field: tuple[str, str], timeout_s: float) -> tuple[dict[str, str], str]:
+    """One sacct call for `field` (sacct's name, squeue's %-letter) of the jobs (arrays asked by their parent
+    id); where sacct is unavailable (accounting disabled, command missing), one squeue call. Returns
+    ({job id: value}, source)."""
+    parents = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = run_command(["sacct", "-n", "-P", "-X", "-o", f"JobID,{field[0]}", "-j", ",".join(parents)],
+                          timeout_s).stdout
+        return _parse_slurm_lines(out), "sacct"
+    except CommandError as sacct_err:
+        try:
+            out = run_command(["squeue", "-h", "-r", "--states=all", "-u", my_user(), "-o", f"%i|{field[1]}"],
+                              timeout_s).stdout
+        except CommandError as squeue_err:
+            raise CommandError(f"{sacct_err}; {squeue_err}") from None
+        wanted = set(parents)
+        return {k: v for k, v in _parse_slurm_lines(out).items() if k.split("_")[0] in wanted}, "squeue"
+
+
+def query_states(runs: list, timeout_s: float) -> tuple[dict[str, str], list[str]]:
+    raw, source = _sacct_or_squeue([r.job_id for r in runs], ("State", "%T"), timeout_s)
+    states = {r.job_id: STATE_MAP.get(raw[r.job_id], "UNKNOWN") for r in runs if raw.get(r.job_id)}
+    notes = [] if source == "sacct" else ["sacct unavailable: Slurm states from squeue and the runs' own files"]
+    return states, notes
+
+
+def job_owners(runs: list, timeout_s: float) -> dict[str, str]:
+    users, _ = _sacct_or_squeue([r.job_id for r in runs], ("User", "%u"), timeout_s)
+    by_parent = {k.split("_")[0]: v.strip() for k, v in users.items()}
+    return {r.job_id: by_parent[r.job_id.split("_")[0]] for r in runs if r.job_id.split("_")[0] in by_parent}
+
+
+def cancel(runs: list, timeout_s: float) -> None:
+    run_command(["scancel", *[r.job_id for r in runs]], timeout_s)
+
+
+def job_id_from_env(environ: Mapping[str, str]) -> str | None:
+    if environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    return environ.get("SLURM_JOB_ID") or None
+
+
+# ---------------------------------------------------------------- executor
+
+
+def _executor_class() -> type:
+    from submitit.slurm.slurm import SlurmExecutor, SlurmJob
+
+    class BoundedSlurmExecutor(BoundedSubmission, SlurmExecutor):
+        """submitit's Slurm executor with a bounded sbatch."""
+
+        _timeout_key = "time"
+
+        def _array_jobs(self, first_job, n: int) -> list:
+            tasks = list(range(first_job.num_tasks))
+            return [SlurmJob(folder=self.folder, job_id=f"{first_job.job_id}_{a}", tasks=tasks) for a in range(n)]
+
+    return BoundedSlurmExecutor
+
+
+def build_executor(plan, folder: Path, dry_run: bool = False):
+    setup = list(plan.profile.setup)
+    ex = dry_run_class(_executor_class(), dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
+                                                   python=job_python(setup))
+    params: dict[str, Any] = {"job_name": plan.experiment, "time": plan.minutes, "cpus_per_task": plan.cpus,
+                              "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
+                              else f"{int(plan.mem_gb * 1024)}MB",
+                              "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
+    if plan.queue:
+        params["partition"] = plan.queue
+    if plan.gpus:
+        params["gpus_per_node"] = plan.gpus
+    if setup:
+        params["setup"] = setup
+    ex.update_parameters(**params)
+    return ex
+
+
+def job_script(plan, folder: Path, n_elements: int) -> str:
+    return submission_text(build_executor(plan, folder, dry_run=True), n_elements)
