@@ -22,6 +22,8 @@ from .atomic import atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import load_splits
+from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
+from .distributed import Group, Ranks, device_for, process_group, ranks_from_env
 from .errors import UserError
 from .infer import autocast, predict_labels, shape_groups, stack
 from .jobfile import Job, JobError, job_from_dict
@@ -59,17 +61,26 @@ class LoopState:
     stopped_early: bool = False
 
 
-def pick_device() -> torch.device:
-    """CUDA where present, with cuDNN's autotuner on (training crops have one shape, validation a few), else CPU."""
+def pick_device(ranks: Ranks = Ranks()) -> torch.device:
+    """CUDA where present, with cuDNN's autotuner on (training crops have one shape, validation a few), else CPU;
+    with several ranks on a machine, this rank's GPU."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     torch.backends.cudnn.benchmark = True
-    return torch.device("cuda")
+    return device_for(ranks) or torch.device("cuda")
 
 
-def set_threads(requested: int) -> None:
+def set_threads(requested: int, processes: int = 1) -> None:
+    """`requested` threads, or by default the cores available shared among this machine's training processes."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(requested or available)
+    torch.set_num_threads(requested or max(1, available // processes))
+
+
+class _NoWriter:
+    """TensorBoard's writer on ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def augment_params(job: Job) -> AugmentParams | None:
@@ -86,51 +97,76 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`.
 
     With `warning` (a scheduler's signal), the loop stops after the step in which the signal came, saves `last`
-    mid-epoch and raises `Preempted`; resuming continues that epoch exactly where it stopped.
+    mid-epoch and raises `Preempted`; resuming continues that epoch exactly where it stopped. A signal during an
+    epoch's records and saves waits for them: the loop stops once `last` holds the epoch.
+
+    Started as several processes (torchrun's or submitit's environment: see distributed.py), each rank trains its
+    share of every batch of one DistributedDataParallel model, and rank 0 alone logs and writes the run folder.
     """
     run_dir = Path(run_dir)
     phases = Phases()
+    ranks = ranks_from_env()
+    if not ranks.leader:
+        log, progress = (lambda *args, **kwargs: None), False
     last = _check_run_dir(job, run_dir, resume)  # the checkpoint to resume from, read once
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):
         train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
-    with writing(run_dir, "writing the run; once there is space, continue it with --resume"):
-        return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases)
+    # every rank has checked the run folder and the data when the group forms, before rank 0 writes anything
+    with process_group(ranks, pick_device(ranks)) as group, \
+            writing(run_dir, "writing the run; once there is space, continue it with --resume"):
+        return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases, group)
 
 
 def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning,
-           phases: Phases | None = None) -> dict:
+           phases: Phases | None = None, group: Group | None = None) -> dict:
     resume = last is not None
     phases = phases or Phases()
+    group = group or Group(Ranks(), pick_device())
+    ranks, device, leader = group.ranks, group.device, group.ranks.leader
     setup_started = time.perf_counter()
-    remove_stale_temporaries(*(run_dir / name for name in WRITTEN))  # left by a kill during a save
-    if not resume:  # what an attempt that saved no `last` left: it starts over
+    if leader:
+        remove_stale_temporaries(*(run_dir / name for name in WRITTEN))  # left by a kill during a save
+    if leader and not resume:  # what an attempt that saved no `last` left: it starts over
         _clear_attempt(run_dir)
-    device = pick_device()
     precision = choose_precision(job.train.precision, device)  # job.toml keeps "auto"; train.json the choice
     scaler = make_scaler(precision, device)
-    set_threads(job.train.threads)
-    torch.manual_seed(job.train.seed)
-    generator = torch.Generator(device=device).manual_seed(job.train.seed)
+    set_threads(job.train.threads, ranks.local_world)
+    torch.manual_seed(job.train.seed)  # the same initial weights on every rank
+    generator = torch.Generator(device=device).manual_seed(job.train.seed)  # the epochs' order: the same on all
     model = build_model(job).to(device)
+    augment_rng = seed_ranks(job.train.seed, ranks, generator)  # crops and augmentation (and dropout): per rank
     if job.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(job.optim, model, job.train.batch_size, device)
+    # the learning-rate rule holds for the global batch, all ranks' batches together
+    optimizer = build_optimizer(job.optim, model, job.train.batch_size * ranks.world, device)
     loss_fn = build_loss(job.loss)
     state, partial = LoopState(), None
     if resume:
         state, partial = _restore(last, model, optimizer, generator, device, run_dir / LAST)
         restore_scaler(scaler, (last.get("amp") or {}).get("scaler"))
-        _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
+        restore_rank_states(last, group, augment_rng, run_dir / LAST, log)
+        if partial is not None and not leader:  # rank 0's part-done epoch holds the loss summed over the ranks
+            partial["loss_sum"] = torch.zeros_like(partial["loss_sum"])
+        if leader:
+            _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   "precision": precision}
-    atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
-    step_model = maybe_compile(model, job, log)
+    if leader:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
+        atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
+    step_model = maybe_compile(wrap_model(model, group), job, log)  # DDP with several ranks; `model` is saved
+
+    def save_last(epoch: int, partial: dict | None = None) -> None:
+        """`last`, written by rank 0; with several ranks a collective (it gathers their random states)."""
+        ckpt = _checkpoint(job, model, optimizer, generator, state, epoch, partial, scaler=scaler)
+        add_rank_states(ckpt, group, augment_rng)
+        if leader:
+            save_checkpoint(ckpt, run_dir / LAST)
 
     images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     val_groups = [(stack(val_split.images, g, torch.float32, device), stack(val_split.labels, g, torch.uint8, device))
@@ -141,75 +177,87 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
     with phases("tensorboard"):
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None) if leader \
+            else _NoWriter()
     bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress)
     last_epoch = state.epoch if state.stopped_early else job.train.epochs  # a resumed early stop stays stopped
     to_go = (f"epochs {state.epoch + 1}..{last_epoch}" if state.epoch < last_epoch else
              f"nothing to do: stopped early at epoch {state.epoch}" if state.stopped_early else
              f"nothing to do: {state.epoch} of {job.train.epochs} epochs done (raise train.epochs to go on)")
-    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}, "
-        f"precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
+    per_rank = f" per rank x {ranks.world} ranks" if group.active else ""
+    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}"
+        f"{per_rank}, precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
+    stop = (lambda: group.any(warning.requested())) if warning else None  # all ranks stop at the same step
 
     try:  # a Ctrl-C, a full disk or a divergence still ends the progress bar's line and flushes TensorBoard
         last_saved = time.monotonic()
-        for epoch in range(state.epoch + 1, last_epoch + 1):
-            started = time.perf_counter()
-            partial = partial or new_epoch(n, device, generator)
-            with warning.deferred() if warning else contextlib.nullcontext(), phases("train"):
-                stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
-                                          generator, partial, stop=warning.requested if warning else None,
-                                          scaler=scaler)
-                loss_sum = partial["loss_sum"].item()  # the one host synchronisation of the epoch
-            if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
-                save_checkpoint(_checkpoint(job, model, optimizer, generator, state, state.epoch, partial,
-                                            scaler=scaler), run_dir / LAST)
-                log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
-                raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
-            partial = None
-            train_loss = loss_sum / n
-            if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics line
-                raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
-                                    f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
-                                    f"train.precision = \"fp32\"")
-            train_seconds = time.perf_counter() - started
-            record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                      "samples_per_s": n / train_seconds}
+        # the warning only stops the loop where `last` holds the state: after a step, or after an epoch's saves
+        with warning.deferred() if warning else contextlib.nullcontext():
+            for epoch in range(state.epoch + 1, last_epoch + 1):
+                started = time.perf_counter()
+                partial = partial or new_epoch(n, device, generator)
+                with phases("train"):
+                    stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
+                                              augment_rng, partial, stop=stop, scaler=scaler, ranks=ranks)
+                    loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
+                if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
+                    save_last(state.epoch, partial)
+                    log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
+                    raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
+                partial = None
+                train_loss = loss_sum / n
+                if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics
+                    raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
+                                        f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
+                                        f"train.precision = \"fp32\"")
+                train_seconds = time.perf_counter() - started
+                record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                          "samples_per_s": n / train_seconds}
 
-            validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
-            if validating:
-                with phases("validate"):
-                    dice, example = validate(model, val_groups, job)
-                    record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
-                improved = record["val_mean_dice"] > state.best_dice
-                state.stale_rounds = 0 if improved else state.stale_rounds + 1
-                if improved:
-                    state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
+                validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
+                if validating:
+                    with phases("validate"):
+                        dice, example = validate(model, val_groups, job, group)
+                        record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
+                    improved = record["val_mean_dice"] > state.best_dice
+                    state.stale_rounds = 0 if improved else state.stale_rounds + 1
+                    if improved:
+                        state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
+                        if leader:
+                            with phases("checkpoint"):
+                                save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+                    state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
+                    with phases("tensorboard"):
+                        _log_validation(writer, record, example, epoch, job)
+
+                state.epoch = epoch
+                record["seconds"] = time.perf_counter() - started
+                # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops
+                if leader:
+                    with phases("records"):
+                        _append_jsonl(run_dir / "metrics.jsonl", record)
+                        _write_progress(run_dir, job, state, record["seconds"], finished=False)
+                # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state,
+                # so a job may save by the clock instead (the warning signal still saves, mid-epoch, above); the
+                # ranks agree, as the save gathers their random states
+                saving = group.any(validating or state.stopped_early
+                                   or time.monotonic() - last_saved >= job.train.checkpoint_every_s)
+                if saving:
                     with phases("checkpoint"):
-                        save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
-                state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
+                        save_last(epoch)
+                    last_saved = time.monotonic()
                 with phases("tensorboard"):
-                    _log_validation(writer, record, example, epoch, job)
-
-            state.epoch = epoch
-            record["seconds"] = time.perf_counter() - started
-            # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops, redoes
-            with phases("records"):
-                _append_jsonl(run_dir / "metrics.jsonl", record)
-                _write_progress(run_dir, job, state, record["seconds"], finished=False)
-            # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state, so
-            # a job may save by the clock instead (the warning signal still saves, mid-epoch, above)
-            if validating or state.stopped_early or time.monotonic() - last_saved >= job.train.checkpoint_every_s:
-                with phases("checkpoint"):
-                    save_checkpoint(_checkpoint(job, model, optimizer, generator, state, epoch, scaler=scaler),
-                                    run_dir / LAST)
-                last_saved = time.monotonic()
-            with phases("tensorboard"):
-                writer.add_scalar("loss/train", train_loss, epoch)
-                writer.add_scalar("lr", record["lr"], epoch)
-            bar.update(record, state)
-            if state.stopped_early:
-                log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
-                break
+                    writer.add_scalar("loss/train", train_loss, epoch)
+                    writer.add_scalar("lr", record["lr"], epoch)
+                bar.update(record, state)
+                if stop is not None and stop():  # the warning came after the epoch's last step: save it, requeue
+                    if not saving:
+                        save_last(epoch)
+                    log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
+                    raise Preempted(f"stopped after epoch {epoch}")
+                if state.stopped_early:
+                    log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
+                    break
     except BaseException:
         with contextlib.suppress(Exception):  # a full disk fails this too; the error above is the one to show
             writer.close()
@@ -218,10 +266,11 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
     with phases("tensorboard"):
         writer.close()
     bar.close()
-    _write_progress(run_dir, job, state, None, finished=True)
-    # this attempt's wall time by phase, for the user and the benchmarks
-    run_record["phases_s"] = phases.summary()
-    atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
+    if leader:
+        _write_progress(run_dir, job, state, None, finished=True)
+        # this attempt's wall time by phase, for the user and the benchmarks
+        run_record["phases_s"] = phases.summary()
+        atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
     log(phases.line())
     summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
@@ -236,19 +285,20 @@ def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
 
 
 def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
-                    stop=None, scaler=None) -> bool:
+                    stop=None, scaler=None, ranks: Ranks = Ranks()) -> bool:
     """One pass over the resident training tensors in the order `epoch["order"]`, from step `epoch["step"]`.
 
     Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
     `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end. With `scaler` (fp16), the loss
-    is scaled before backward and a step whose gradients overflowed is skipped, as torch's GradScaler does.
+    is scaled before backward and a step whose gradients overflowed is skipped, as torch's GradScaler does. With
+    several `ranks`, a step is one global batch and this rank trains its part of it (dataparallel.rank_batch).
     """
     model.train()
     n, batch = images.shape[0], job.train.batch_size
-    order, steps = epoch["order"], math.ceil(n / batch)
+    order, steps = epoch["order"], steps_per_epoch(n, batch, ranks.world)
     while epoch["step"] < steps:
         step = epoch["step"]
-        index = order[step * batch : (step + 1) * batch]
+        index, counted = rank_batch(order, step, batch, ranks)
         x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
         if params is not None:
             x, y = augment_batch(x, y, params, generator)
@@ -265,7 +315,7 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * index.numel()
+        epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * counted
         epoch["step"] = step + 1
         if stop is not None and epoch["step"] < steps and stop():
             return True
@@ -273,15 +323,23 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
 
 
 @torch.no_grad()
-def validate(model, val_groups, job: Job) -> tuple[torch.Tensor, tuple]:
-    """Dice of each tissue over all validation pixels, and the first slice's (image, label, prediction)."""
+def validate(model, val_groups, job: Job, group: Group | None = None) -> tuple[torch.Tensor, tuple]:
+    """Dice of each tissue over all validation pixels, and the first slice's (image, label, prediction). With
+    several ranks each predicts every N-th slice and their counts are summed: each slice is predicted once."""
     folder_dice = FolderDice(job.data.num_classes, device=val_groups[0][0].device)
     example = None
+    sharded = group is not None and group.active
     for images, labels in val_groups:
+        if sharded:
+            images, labels = images[group.ranks.rank :: group.ranks.world], labels[group.ranks.rank :: group.ranks.world]
+            if images.shape[0] == 0:
+                continue
         pred = predict_labels(model, images, job.infer, job.train.precision)
         folder_dice.update(pred, labels)
         if example is None:
             example = (images[0], labels[0], pred[0])
+    if sharded:
+        folder_dice.counts = group.sum(folder_dice.counts)
     return folder_dice.dice(), example
 
 
