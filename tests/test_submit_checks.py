@@ -125,10 +125,33 @@ def test_gpus_that_will_not_be_used_are_said(cli, tiny_data, monkeypatch, execut
     from hpcseg.cluster import submit
 
     monkeypatch.setattr(submit, "_gpus_here", lambda: here)
-    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, "--gpus", gpus, "--dry-run")
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, "--gpus", gpus, "--dry-run",
+                    "--set", "train.batch_size=32")  # a batch that keeps a GPU busy: only the GPU count is in question
     assert code == 0, out
     warnings = [line for line in out.splitlines() if line.startswith("hpcseg: warning:")]
     assert warnings == ([f"hpcseg: warning: {warning}"] if warning else []), out
+
+
+SMALL_BATCH = ("leaves the GPU mostly idle (on an H200 batch 2 trains 125 samples/s, batch 32 1,659); use "
+               "jobs/gpu.toml or --set train.batch_size=32 (optim.lr follows optim.lr_scaling)")
+
+
+@pytest.mark.parametrize("job, options, here, warned", [
+    (JOB_FILE, ["--executor", "lsf", "--gpus", "1"], 0, "2"),  # the shipped recipe on a GPU queue
+    (JOB_FILE, ["--executor", "slurm", "--sweep", "train.batch_size=4,8,16,32"], 0, "4, 8"),  # once per sweep
+    (JOB_FILE, ["--executor", "local", "--gpus", "1"], 1, "2"),
+    (JOB_FILE, ["--executor", "local", "--gpus", "1"], 0, None),  # trains on this machine's CPU
+    (JOB_FILE, ["--executor", "lsf", "--gpus", "0"], 0, None),
+    (JOB_FILE.parent / "gpu.toml", ["--executor", "lsf"], 0, None),  # the GPU default
+])
+def test_a_batch_too_small_for_the_gpu_is_said_once(cli, tiny_data, monkeypatch, job, options, here, warned):
+    from hpcseg.cluster import submit
+
+    monkeypatch.setattr(submit, "_gpus_here", lambda: here)
+    code, out = cli("submit", job, "--data", tiny_data, *options, "--dry-run")
+    assert code == 0, out
+    warnings = [line for line in out.splitlines() if line.startswith("hpcseg: warning: train.batch_size")]
+    assert warnings == ([f"hpcseg: warning: train.batch_size {warned}: {SMALL_BATCH}"] if warned else []), out
 
 
 @pytest.mark.parametrize("executor, command", [("lsf", "bsub"), ("slurm", "sbatch")])
@@ -139,7 +162,8 @@ def test_a_hanging_scheduler_command_is_bounded(cli, tiny_data, tmp_path, monkey
     _shim(tmp_path / "bin", command, "exec sleep 60")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("HPCSEG_SUBMIT_TIMEOUT_S", "1")
-    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, *sweep)
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, *sweep,
+                    "--set", "train.batch_size=16")  # a GPU's batch: no warning line before the error
     assert code == 2 and out.splitlines() == [f"hpcseg: error: {command} did not answer within 1 s (the scheduler "
                                               "may be overloaded or down); nothing was changed by hpcseg"], out
     assert not cli.scratch.exists() or not any(cli.scratch.rglob("*")), sorted(cli.scratch.rglob("*"))
