@@ -72,26 +72,41 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def stacked(self, min_size: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def stacked_shape(self, min_size: tuple[int, int] = (1, 1)) -> tuple[int, int, int, int]:
+        """The shape (N, 1, Hm, Wm) of :meth:`stacked`'s images and labels."""
+        min_h, min_w = (int(v) for v in min_size)
+        return (len(self.ids), 1, max([min_h, *(img.shape[0] for img in self.images)]),
+                max([min_w, *(img.shape[1] for img in self.images)]))
+
+    def stacked(self, min_size: tuple[int, int] = (1, 1),
+                folder: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All slices in three tensors: images float32 (N, 1, Hm, Wm), labels uint8 (N, 1, Hm, Wm), sizes int64 (N, 2).
 
         Every slice is zero-padded at the bottom and right to the common size ``Hm, Wm``: the largest height and
         width over the slices, and at least ``min_size`` (e.g. the training crop). ``sizes`` holds each slice's
-        own ``(H, W)``, so padding can be cut off again after inference.
+        own ``(H, W)``, so padding can be cut off again after inference. With ``folder``, images and labels are
+        memory-mapped files there (``images.npy``, ``labels.npy``), for splits larger than the host's memory.
         """
         import torch
 
-        min_h, min_w = (int(v) for v in min_size)
-        n = len(self.ids)
+        n, _, hm, wm = shape = self.stacked_shape(min_size)
         sizes = np.array([img.shape for img in self.images], dtype=np.int64).reshape(n, 2)
-        hm = max([min_h, *sizes[:, 0].tolist()])
-        wm = max([min_w, *sizes[:, 1].tolist()])
-        images = np.zeros((n, 1, hm, wm), dtype=np.float32)
-        labels = np.zeros((n, 1, hm, wm), dtype=np.uint8)
+        if folder is None:
+            images = np.zeros(shape, dtype=np.float32)
+            labels = np.zeros(shape, dtype=np.uint8)
+        else:  # new files read back as zeros: only the slices are written
+            folder.mkdir(parents=True, exist_ok=True)
+            images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.float32, shape=shape)
+            labels = np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.uint8, shape=shape)
         for k, (img, lab) in enumerate(zip(self.images, self.labels)):
             h, w = img.shape
             images[k, 0, :h, :w] = img
             labels[k, 0, :h, :w] = lab
+        if folder is not None:  # written to disk, then mapped copy-on-write: tensors need writable arrays
+            images.flush(), labels.flush()
+            del images, labels
+            images = np.load(folder / "images.npy", mmap_mode="c")
+            labels = np.load(folder / "labels.npy", mmap_mode="c")
         return torch.from_numpy(images), torch.from_numpy(labels), torch.from_numpy(sizes)
 
 

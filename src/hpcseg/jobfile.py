@@ -59,6 +59,12 @@ class DataConfig:
     val_dir: str = _spec("validation_data", help="validation folder, relative to --data")
     test_dir: str = _spec("", help="test folder run after training by cluster jobs; empty: none")
     num_classes: int = _spec(4, lo=2, hi=255)
+    device_memory_gb: float = _spec(0.0, lo=0.0, hi=1e6,
+                                    help="most device memory the splits may take, else they stay in host memory and "
+                                         "batches are copied; 0: half the device's free memory")
+    host_memory_gb: float = _spec(0.0, lo=0.0, hi=1e6,
+                                  help="most host memory splits off the device may take, else they are memory-mapped "
+                                       ".npy files in the run folder; 0: half the memory available")
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,13 @@ import torch
 from . import __version__
 from .atomic import atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
+from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .distributed import Group, Ranks, device_for, process_group, ranks_from_env
 from .errors import UserError
-from .infer import autocast, predict_labels, shape_groups, stack
+from .infer import autocast, predict_labels
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
 from .model import MIN_SIZE, build_loss, build_model, build_optimizer
@@ -168,9 +169,12 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
         if leader:
             save_checkpoint(ckpt, run_dir / LAST)
 
-    images, labels, sizes = (t.to(device) for t in train_split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
-    val_groups = [(stack(val_split.images, g, torch.float32, device), stack(val_split.labels, g, torch.uint8, device))
-                  for g in shape_groups(val_split.images)]
+    # on the device where the splits fit, else in host memory (or memory-mapped files) with batches copied over
+    placement = place(split_bytes(train_split, val_split, (MIN_SIZE, MIN_SIZE)), device, job.data.device_memory_gb,
+                      job.data.host_memory_gb, run_dir, ranks.rank, ranks.local_world)
+    log(placement.line)
+    images, labels, sizes = training_tensors(train_split, placement, device, (MIN_SIZE, MIN_SIZE))
+    val_groups = validation_groups(val_split, placement, device, job.infer.batch_size * job.infer.sw_batch_size)
     params = augment_params(job)
     n, batch = images.shape[0], job.train.batch_size
     phases.seconds["setup"] += time.perf_counter() - setup_started
@@ -198,7 +202,8 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                 partial = partial or new_epoch(n, device, generator)
                 with phases("train"):
                     stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
-                                              augment_rng, partial, stop=stop, scaler=scaler, ranks=ranks)
+                                              augment_rng, partial, stop=stop, scaler=scaler, ranks=ranks,
+                                              resident=placement.resident)
                     loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
                 if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
                     save_last(state.epoch, partial)
@@ -262,10 +267,12 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
         with contextlib.suppress(Exception):  # a full disk fails this too; the error above is the one to show
             writer.close()
         bar.close()
+        release(placement)
         raise
     with phases("tensorboard"):
         writer.close()
     bar.close()
+    release(placement)
     if leader:
         _write_progress(run_dir, job, state, None, finished=True)
         # this attempt's wall time by phase, for the user and the benchmarks
@@ -285,8 +292,9 @@ def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
 
 
 def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
-                    stop=None, scaler=None, ranks: Ranks = Ranks()) -> bool:
-    """One pass over the resident training tensors in the order `epoch["order"]`, from step `epoch["step"]`.
+                    stop=None, scaler=None, ranks: Ranks = Ranks(), resident: bool = True) -> bool:
+    """One pass over the training tensors in the order `epoch["order"]`, from step `epoch["step"]`: resident on the
+    device, or (not `resident`) on the host, each batch's slices copied over as batches.HostBatches does.
 
     Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
     `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end. With `scaler` (fp16), the loss
@@ -296,10 +304,12 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
     model.train()
     n, batch = images.shape[0], job.train.batch_size
     order, steps = epoch["order"], steps_per_epoch(n, batch, ranks.world)
+    host = None if resident else HostBatches((images, labels, sizes), order,
+                                             lambda order, step: rank_batch(order, step, batch, ranks)[0], steps)
     while epoch["step"] < steps:
         step = epoch["step"]
         index, counted = rank_batch(order, step, batch, ranks)
-        x, y = crop_batch(images, labels, sizes, index, tuple(job.train.crop), generator)
+        x, y = crop_batch(*(host(step) if host else (images, labels, sizes, index)), tuple(job.train.crop), generator)
         if params is not None:
             x, y = augment_batch(x, y, params, generator)
         if job.train.channels_last:
@@ -326,7 +336,8 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
 def validate(model, val_groups, job: Job, group: Group | None = None) -> tuple[torch.Tensor, tuple]:
     """Dice of each tissue over all validation pixels, and the first slice's (image, label, prediction). With
     several ranks each predicts every N-th slice and their counts are summed: each slice is predicted once."""
-    folder_dice = FolderDice(job.data.num_classes, device=val_groups[0][0].device)
+    device = next(model.parameters()).device
+    folder_dice = FolderDice(job.data.num_classes, device=device)
     example = None
     sharded = group is not None and group.active
     for images, labels in val_groups:
@@ -334,6 +345,8 @@ def validate(model, val_groups, job: Job, group: Group | None = None) -> tuple[t
             images, labels = images[group.ranks.rank :: group.ranks.world], labels[group.ranks.rank :: group.ranks.world]
             if images.shape[0] == 0:
                 continue
+        # groups kept in host memory come over one at a time (a no-op for resident ones)
+        images, labels = images.to(device), labels.to(device)
         pred = predict_labels(model, images, job.infer, job.train.precision)
         folder_dice.update(pred, labels)
         if example is None:

@@ -1,0 +1,188 @@
+"""Where the training and validation slices live during training, and how each batch reaches the model.
+
+Splits that fit stay resident on the training device (the fast path: batches are cropped there, no copies). Splits
+that do not stay in host memory, or in memory-mapped .npy files in the run folder when they exceed the host's
+memory too; each batch's whole slices are gathered there, staged in pinned memory and copied asynchronously
+(non_blocking, on a side stream, the next batch while the model trains on this one), then cropped and augmented on
+the device. The crop draws the same random numbers from the same generator, so both paths train the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import Split
+
+GB = 1e9
+#: Without a job's cap, splits stay on the device while they take at most this share of its free memory (the rest is
+#: the model's, its activations' and the optimiser's), and in host memory while they take at most this share of it.
+DEVICE_SHARE, HOST_SHARE = 0.5, 0.5
+#: The run folder's memory-mapped splits, removed when training ends (and when it starts: a killed attempt's).
+MAPPED = ".slices"
+
+
+@dataclass
+class Placement:
+    """Where the splits live: `where` is "device", "host" or "mapped"; `line` says so once in the training log."""
+
+    where: str
+    line: str
+    folder: Path | None = None  # the memory-mapped files (where == "mapped")
+
+    @property
+    def resident(self) -> bool:
+        return self.where == "device"
+
+
+def split_bytes(train_split: Split, val_split: Split, min_size: tuple[int, int]) -> int:
+    """Bytes of both splits as training holds them: stacked and padded images (float32) and labels (uint8)."""
+    n, _, h, w = train_split.stacked_shape(min_size)
+    return n * h * w * 5 + sum(image.size * 5 for image in val_split.images)
+
+
+def host_memory_available() -> int:
+    """Bytes this process may still use: the host's available memory, or less under a cgroup limit (a batch job's)."""
+    try:
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(available, _cgroup_room() or available)
+
+
+def _cgroup_room() -> int | None:
+    """memory.max - memory.current of the tightest cgroup (v2) above this process, or None where there is none."""
+    try:
+        path = next(line[3:].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return None
+    folder, rooms = Path("/sys/fs/cgroup") / path.lstrip("/"), []
+    for level in (folder, *folder.parents):
+        try:
+            limit = (level / "memory.max").read_text().strip()
+            if limit != "max":
+                rooms.append(int(limit) - int((level / "memory.current").read_text()))
+        except (OSError, ValueError):
+            pass
+        if level == Path("/sys/fs/cgroup"):
+            break
+    return max(0, min(rooms)) if rooms else None
+
+
+def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: float, run_dir: Path,
+          rank: int = 0, local_ranks: int = 1) -> Placement:
+    """Where splits of `nbytes` go: the device while they fit `device_cap_gb` (0: half its free memory), else host
+    memory while they fit `host_cap_gb` (0: half the memory available, shared by the node's `local_ranks`
+    processes, each holding its copy), else memory-mapped files in `run_dir`, one folder per rank."""
+    size = f"{nbytes / GB:.2g} GB"
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget, of = (device_cap_gb * GB, f"cap data.device_memory_gb = {device_cap_gb:g}") if device_cap_gb else \
+            (DEVICE_SHARE * free, f"{total / GB:.3g} GB, {free / GB:.3g} GB free")
+    else:  # the CPU trains on host memory: resident unless a cap says otherwise
+        budget, of = (device_cap_gb * GB, f"cap data.device_memory_gb = {device_cap_gb:g}") if device_cap_gb else \
+            (float("inf"), "host memory")
+    if nbytes <= budget:
+        return Placement("device", f"data: resident on {device.type} ({size}; {of})")
+    staged = "batches staged in pinned memory" if device.type == "cuda" else "batches copied to the device"
+    room = host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
+    why = f"more than the device's {budget / GB:.2g} GB for data"
+    if nbytes <= room:
+        return Placement("host", f"data: host memory, {size} ({why}; {staged})")
+    folder = run_dir / MAPPED / f"rank{rank}"
+    return Placement("mapped", f"data: memory-mapped .npy files in {folder}, {size} ({why} and than the host's "
+                               f"{room / GB:.2g} GB; {staged})", folder)
+
+
+def training_tensors(split: Split, placement: Placement, device: torch.device,
+                     min_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training split's images, labels and sizes (Split.stacked) where `placement` keeps them."""
+    if placement.where == "mapped":
+        shutil.rmtree(placement.folder, ignore_errors=True)
+        return split.stacked(min_size=min_size, folder=placement.folder / "training")
+    tensors = split.stacked(min_size=min_size)
+    return tuple(t.to(device) for t in tensors) if placement.resident else tensors
+
+
+def validation_groups(split: Split, placement: Placement, device: torch.device,
+                      chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The validation slices as (images float32, labels uint8) of one shape each: whole shape groups on the device,
+    else chunks of `chunk` slices (a multiple of the inference batch, so the model sees the same batches) that
+    validation copies to the device one at a time."""
+    from .infer import shape_groups, stack
+
+    groups = []
+    for k, group in enumerate(shape_groups(split.images)):
+        if placement.resident:
+            groups.append((stack(split.images, group, torch.float32, device),
+                           stack(split.labels, group, torch.uint8, device)))
+            continue
+        images, labels = _stack_host(split.images, group, np.float32), _stack_host(split.labels, group, np.uint8)
+        if placement.where == "mapped":
+            images, labels = (_mapped(array, placement.folder / f"validation-{k}-{name}.npy")
+                              for array, name in ((images, "images"), (labels, "labels")))
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        groups += [(images[i : i + chunk], labels[i : i + chunk]) for i in range(0, len(group), chunk)]
+    return groups
+
+
+def _stack_host(arrays: list[np.ndarray], index: list[int], dtype) -> np.ndarray:
+    return np.stack([arrays[i] for i in index]).astype(dtype, copy=False)[:, None]
+
+
+def _mapped(array: np.ndarray, path: Path) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, array)
+    return np.load(path, mmap_mode="c")
+
+
+def release(placement: Placement) -> None:
+    """Remove the memory-mapped files of a finished (or stopped) training."""
+    if placement.folder is not None:
+        shutil.rmtree(placement.folder, ignore_errors=True)
+        with contextlib.suppress(OSError):  # other ranks' folders may still be there
+            placement.folder.parent.rmdir()
+
+
+class HostBatches:
+    """Batches of host-resident slices for `crop_batch`: each step's whole slices gathered on the host into pinned
+    memory and copied to the device asynchronously, on a side stream, one step ahead.
+
+    `index_of(order, step)` picks a step's slices from the epoch's order; it is applied to a host copy of the order
+    (made once per epoch), so no step waits for the device. `batches(step)` returns (images, labels, sizes, index)
+    on the device, index being 0..B-1 into the gathered slices: `crop_batch` then draws exactly what it draws from
+    the resident split, and crops the same pixels."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], order: torch.Tensor, index_of, steps: int):
+        self.tensors, self.index_of, self.steps, self.device = tensors, index_of, steps, order.device
+        self.order = order.cpu()  # the epoch's one copy to the host
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _start(self, step: int) -> tuple[torch.Tensor, ...]:
+        index = self.index_of(self.order, step)
+        pinned = self.stream is not None
+        staged = [torch.index_select(t, 0, index, out=torch.empty((len(index), *t.shape[1:]), dtype=t.dtype,
+                                                                    pin_memory=pinned)) for t in self.tensors]
+        if self.stream is None:
+            return tuple(t.to(self.device) for t in staged)
+        # a pinned buffer goes back to torch's host cache only once its copy is done: reusing it is safe
+        with torch.cuda.stream(self.stream):
+            return tuple(t.to(self.device, non_blocking=True) for t in staged)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        on_device = self.pending.pop(step, None) or self._start(step)
+        if self.stream is not None:  # the training stream waits for the copy, and owns its result from here
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            for t in on_device:
+                t.record_stream(current)
+        if step + 1 < self.steps:
+            self.pending = {step + 1: self._start(step + 1)}
+        return (*on_device, torch.arange(len(on_device[0]), device=self.device))

@@ -1,0 +1,132 @@
+"""Where the splits live during training: resident on the device, or in host memory / memory-mapped files with
+each batch copied over. On the CPU both "device" and "host" are the CPU, but the code paths differ: they must
+train the same weights bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures_cluster import TINY
+from test_pipeline import JOB
+
+import hpcseg.train as T
+from hpcseg.augment import crop_batch
+from hpcseg.batches import MAPPED, HostBatches, place
+from hpcseg.checkpoint import load_checkpoint
+from hpcseg.data import load_split, save_slice
+from hpcseg.dataparallel import rank_batch
+from hpcseg.distributed import Ranks
+from hpcseg.jobfile import load_job
+
+#: Slices of several sizes (one smaller than the 32 x 32 crop), five of them: batches of 2 leave a short last one.
+TRAIN_SHAPES = [(40, 36), (32, 48), (30, 30), (44, 40), (36, 36)]
+VAL_SHAPES = [(40, 36), (40, 36), (40, 36), (36, 44)]
+FORCE_HOST = "data.device_memory_gb=1e-9"
+FORCE_MAPPED = "data.host_memory_gb=1e-9"
+
+
+def _write(folder, shapes, seed):
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(shapes):
+        label = np.zeros((h, w), np.uint8)
+        label[4:-4, 4:-4] = 1 + (np.arange(w - 8) * 3 // (w - 8))[None, :]
+        image = label * 0.3 + rng.normal(0, 0.05, (h, w))
+        save_slice(folder, f"s{i:02d}", image, label)
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    _write(root / "training_data", TRAIN_SHAPES, 0)
+    _write(root / "validation_data", VAL_SHAPES, 1)
+    return root
+
+
+def _train(data, out, *sets):
+    job = load_job(JOB, [*TINY, "train.epochs=2", "train.batch_size=2", "infer.batch_size=1", "infer.sw_batch_size=1",
+                         *sets])
+    lines = []
+    T.train(job, data / "training_data", data / "validation_data", out, progress=False, log=lines.append)
+    weights = load_checkpoint(out / "checkpoints" / "last.pt")["model"]
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "samples_per_s")}
+               for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return lines, weights, metrics
+
+
+def _same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_host_and_mapped_splits_train_the_same_weights_as_resident_ones(mixed_data, tmp_path):
+    resident_log, resident, resident_metrics = _train(mixed_data, tmp_path / "resident")
+    host_log, host, host_metrics = _train(mixed_data, tmp_path / "host", FORCE_HOST)
+    mapped_log, mapped, mapped_metrics = _train(mixed_data, tmp_path / "mapped", FORCE_HOST, FORCE_MAPPED)
+
+    # the choice, once each, in the training log
+    assert [line for line in resident_log if line.startswith("data: ")] == [
+        f"data: resident on cpu ({resident_log_size(resident_log)}; host memory)"]
+    assert [line for line in host_log if line.startswith("data: ")] == [
+        f"data: host memory, {resident_log_size(resident_log)} (more than the device's 1e-09 GB for data; batches "
+        f"copied to the device)"]
+    [line] = [line for line in mapped_log if line.startswith("data: ")]
+    assert line.startswith(f"data: memory-mapped .npy files in {tmp_path / 'mapped' / MAPPED / 'rank0'}, ")
+
+    _same_weights(resident, host)
+    _same_weights(resident, mapped)
+    assert host_metrics == resident_metrics == mapped_metrics  # losses and validation Dice too
+    assert not (tmp_path / "mapped" / MAPPED).exists()  # the mapped copy goes when training ends
+
+
+def resident_log_size(log):
+    [line] = [line for line in log if line.startswith("data: resident")]
+    return line[len("data: resident on cpu (") :].split(";")[0]
+
+
+def test_a_host_run_stopped_mid_epoch_resumes_to_the_resident_runs_weights(mixed_data, tmp_path, monkeypatch):
+    _, resident, _ = _train(mixed_data, tmp_path / "resident")
+    real, calls = T.train_one_epoch, []
+
+    def stopped_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            kwargs["stop"] = lambda: True  # the scheduler's warning, after epoch 2's first step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "train_one_epoch", stopped_in_epoch_2)
+    with pytest.raises(T.Preempted):
+        _train(mixed_data, tmp_path / "host", FORCE_HOST)
+    assert load_checkpoint(tmp_path / "host" / "checkpoints" / "last.pt")["partial"]["step"] == 1
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    job = load_job(JOB, [*TINY, "train.epochs=2", "train.batch_size=2", "infer.batch_size=1", "infer.sw_batch_size=1",
+                         FORCE_HOST])
+    T.train(job, mixed_data / "training_data", mixed_data / "validation_data", tmp_path / "host", resume=True,
+            progress=False, log=lambda *a: None)
+    _same_weights(resident, load_checkpoint(tmp_path / "host" / "checkpoints" / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_host_batches_crop_what_the_resident_split_crops(mixed_data, world):
+    images, labels, sizes = load_split(mixed_data / "training_data", 4).stacked(min_size=(32, 32))
+    order = torch.randperm(len(sizes), generator=torch.Generator().manual_seed(3))
+    batch, steps = 2, -(-len(sizes) // (2 * world))
+    for rank in range(world):
+        ranks = Ranks(rank=rank, world=world, local_rank=rank, local_world=world)
+        host = HostBatches((images, labels, sizes), order, lambda o, s: rank_batch(o, s, batch, ranks)[0], steps)
+        resident_rng, host_rng = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        for step in range(steps):
+            index, _ = rank_batch(order, step, batch, ranks)
+            want = crop_batch(images, labels, sizes, index, (32, 32), resident_rng)
+            got = crop_batch(*host(step), (32, 32), host_rng)
+            assert all(torch.equal(a, b) for a, b in zip(want, got)), (rank, step)
+
+
+def test_splits_stay_on_the_device_while_they_fit_its_cap(tmp_path):
+    cpu = torch.device("cpu")
+    assert place(10**9, cpu, 0.0, 0.0, tmp_path).where == "device"  # no cap: the CPU trains from host memory
+    assert place(10**9, cpu, 1.0, 0.0, tmp_path).where == "device"
+    assert place(10**9 + 1, cpu, 1.0, 0.0, tmp_path).where == "host"
+    assert place(10**9 + 1, cpu, 1.0, 1.0, tmp_path).where == "mapped"
+    assert place(10**9 + 1, cpu, 1.0, 1.0, tmp_path, rank=1).folder == tmp_path / MAPPED / "rank1"
