@@ -69,7 +69,9 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job key, e.g. train.epochs=3.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> None:
+@click.option("--procs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Data-parallel training processes on this machine (gloo on the CPU, one GPU each on CUDA).")
+def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs) -> None:
     """Train JOB_FILE into the run folder --out (JOB_FILE defaults to the run's job.toml with --resume)."""
     from .jobfile import load_job
 
@@ -90,7 +92,17 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume) -> Non
     else:
         folders = data_dirs(job, data, train_dir, val_dir)
     try:
-        run_training(job, *folders, run_dir, resume=resume)
+        if procs == 1:
+            run_training(job, *folders, run_dir, resume=resume)
+        else:
+            from .launch import RankFailedError, train_processes
+
+            try:
+                train_processes(procs, job, *folders, run_dir, resume)
+            except RankFailedError as err:
+                if err.already_shown:  # the rank printed its own error line
+                    sys.exit(err.exit_code)
+                raise UserError(f"{err}; {_resume_hint(run_dir, given)}") from None
     except KeyboardInterrupt:
         click.echo(f"hpcseg: interrupted; {_resume_hint(run_dir, given)}", err=True)
         sys.exit(130)

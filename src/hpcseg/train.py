@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import atomic_write_text, remove_stale_temporaries, writing
+from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -35,8 +35,8 @@ from .phases import Phases
 from .precision import choose_precision, make_scaler, restore_scaler, scaler_state
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
+from .runfiles import BEST, LAST
 
-LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
 #: The data folders a run was started with, so that `--resume` needs no `--data`.
 RECORD = "train.json"
 #: What training writes into a run folder, atomically (a kill during a write leaves a temporary beside it).
@@ -77,8 +77,8 @@ def set_threads(requested: int, processes: int = 1) -> None:
     torch.set_num_threads(requested or max(1, available // processes))
 
 
-class _NoWriter:
-    """TensorBoard's writer on ranks other than 0: they write nothing."""
+class _Silent:
+    """TensorBoard's writer and the progress bar on ranks other than 0: they write nothing."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
@@ -182,8 +182,8 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None) if leader \
-            else _NoWriter()
-    bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress)
+            else _Silent()
+    bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress) if leader else _Silent()
     last_epoch = state.epoch if state.stopped_early else job.train.epochs  # a resumed early stop stays stopped
     to_go = (f"epochs {state.epoch + 1}..{last_epoch}" if state.epoch < last_epoch else
              f"nothing to do: stopped early at epoch {state.epoch}" if state.stopped_early else
@@ -480,11 +480,8 @@ def _epoch_of(line: str) -> int | None:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     # a full disk may leave half a line, which resume drops (see _truncate_metrics)
-    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"), \
-            open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"):
+        append_jsonl(path, record)
 
 
 def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | None, finished: bool) -> None:

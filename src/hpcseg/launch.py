@@ -1,0 +1,72 @@
+"""`hpcseg train --procs N`: start N training processes on this machine with PyTorch's own launcher.
+
+This is what `torchrun --standalone --nproc-per-node N` does (torch.distributed's elastic launcher, called here
+as a function): it sets each process's RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT, and when one process
+dies it stops the others, so the command ends with the reason instead of leaving ranks waiting. Each process
+runs `hpcseg.train.train`, which forms the process group from those variables (gloo on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bool) -> None:
+    """One rank: train, and print a user error as the command line does (exit 2, no traceback)."""
+    from .distributed import ranks_from_env
+    from .jobfile import job_from_dict
+    from .train import train
+
+    try:
+        train(job_from_dict(job, source=str(Path(run_dir) / "job.toml")), Path(train_dir), Path(val_dir),
+              Path(run_dir), resume=resume)
+    except UserError as err:
+        # every rank checks the same data and run folder: rank 0 says what is wrong, once; a lost rank says so
+        if ranks_from_env().leader or type(err).__name__ == "DistributedError":
+            err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Path, resume: bool) -> None:
+    """Train `job` in `procs` processes; a failed rank is one line naming it and how it ended."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
+    args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume)
+    # the launcher logs a failed rank as a traceback; the one line below says it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, _rank_main)(*args)
+    except ChildFailedError as err:
+        raise RankFailedError(_describe(err.failures)) from None
+
+
+class RankFailedError(UserError):
+    """A training process ended with an error or was killed; the launcher stopped the others."""
+
+    def __init__(self, message: str | None) -> None:
+        super().__init__(message or "")
+        self.already_shown = message is None
+
+
+def _describe(failures: dict) -> str | None:
+    """The line for the rank whose failure stopped the run; None where every failed rank printed its own error
+    (exit 2) or was interrupted."""
+    unexplained = {rank: f for rank, f in failures.items() if f.exitcode not in (UserError.exit_code, 130)}
+    if not unexplained:
+        return None
+    rank, failure = min(unexplained.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp, item[0]))
+    code = failure.exitcode
+    how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_
+           else f"exited with code {code}")
+    return f"training process of rank {rank} (pid {failure.pid}) {how}; the other ranks were stopped"
