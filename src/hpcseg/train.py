@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
+from .atomic import atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -35,8 +35,8 @@ from .phases import Phases
 from .precision import choose_precision, make_scaler, restore_scaler, scaler_state
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
-from .runfiles import BEST, LAST
 
+LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
 #: The data folders a run was started with, so that `--resume` needs no `--data`.
 RECORD = "train.json"
 #: What training writes into a run folder, atomically (a kill during a write leaves a temporary beside it).
@@ -480,8 +480,11 @@ def _epoch_of(line: str) -> int | None:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     # a full disk may leave half a line, which resume drops (see _truncate_metrics)
-    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"):
-        append_jsonl(path, record)
+    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"), \
+            open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | None, finished: bool) -> None:
