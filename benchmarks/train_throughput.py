@@ -11,8 +11,11 @@ Variants (``--variants``, comma separated):
   mask on every device (hpcseg uses torch's fused dropout off the CPU: this measures that choice on a GPU);
 * suffixes ``-cl`` (channels-last), ``-co`` (``torch.compile``), ``-ro`` (compile with CUDA graphs).
 
-Every round runs every variant for the same number of training samples (``--samples``), in alternating order
-(reversed every other round) so that a change in the machine's load hits all of them alike. An exercise round
+Every round runs every variant for the same number of training samples (``--samples``), or, bounded by time,
+for the same seconds (``--seconds`` per variant per round, or ``--time-budget-s`` for the whole run from process
+start: what is left after start-up and warm-up is shared out), in alternating order (reversed every other round)
+so that a change in the machine's load hits all of them alike. Each round's result is printed (flushed) as soon
+as it is measured, and each variant's median and ratio as soon as its last round is done. An exercise round
 starts a fresh DataLoader iterator, as each of its epochs does (worker start-up included; ``--samples 180`` is
 one epoch of brain2d). Reported: samples/s per round, the median per variant, and the ratio to ``ex`` (median of
 the per-round ratios). Peak memory: the process's VmHWM during the variant's rounds (reset before each round
@@ -24,6 +27,7 @@ alone in a fresh process for two batches and reports its own peak.
 
 Quick run (about 2 min on 2 CPU cores):  python benchmarks/train_throughput.py --quick
 Full run:                                 python benchmarks/train_throughput.py
+On a GPU, in at most a minute:            python benchmarks/train_throughput.py --variants ex,b2,b64,b128,b256 --time-budget-s 60
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ import exercise_loop as ex  # noqa: E402
 from hpcseg.data import load_split  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
+from hpcseg.phases import process_age_s  # noqa: E402
+from hpcseg.precision import choose_precision, make_scaler  # noqa: E402
 from hpcseg.train import augment_params, maybe_compile, new_epoch, train_one_epoch  # noqa: E402
 
 JOB = C.REPO / "jobs" / "exercise-improved.toml"
@@ -57,7 +63,7 @@ JOB = C.REPO / "jobs" / "exercise-improved.toml"
 class Variant:
     name: str
     batch: int
-    run: object = None  # callable(samples) -> dict
+    run: object = None  # callable(samples=None, seconds=None) -> dict
     rounds: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)
 
@@ -71,6 +77,13 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=None, help="training samples per variant per round (default 180, --quick 16)")
     p.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3, --quick 2)")
     p.add_argument("--warmup-samples", type=int, default=None, help="samples per variant before measuring (default: 2 batches)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="measure each variant for this many seconds per round instead of --samples")
+    p.add_argument("--time-budget-s", type=float, default=None,
+                   help="the whole run's seconds from process start; the time left after warm-up is shared out "
+                        "as --seconds (which it overrides)")
+    p.add_argument("--warmup-s", type=float, default=1.0,
+                   help="when bounded by time: warm each variant up for at least 2 batches and this many seconds")
     p.add_argument("--crop", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes: --samples 16 --rounds 2")
@@ -82,6 +95,7 @@ def parse_args(argv=None):
     p.add_argument("--no-append", action="store_true", help="print JSON only; do not touch RESULTS.md")
     args = p.parse_args(argv)
     args.samples = args.samples or (16 if args.quick else 180)
+    args.timed = args.seconds is not None or args.time_budget_s is not None
     args.rounds = args.rounds or (2 if args.quick else 3)
     return args
 
@@ -127,8 +141,16 @@ def exercise_variant(args, device) -> Variant:
         v.memory["workers_uss_mib"] = round(sum(x.get("uss", 0) for x in smaps) / 1024, 1)
         v.memory["workers"] = len(workers)
 
-    def run(samples: int) -> dict:
-        return ex.train_steps(model, optimizer, loss_fn, loader, device, max_steps=math.ceil(samples / 2), probe=probe)
+    def run(samples: int | None = None, seconds: float | None = None) -> dict:
+        if seconds is None:
+            return ex.train_steps(model, optimizer, loss_fn, loader, device, max_steps=math.ceil(samples / 2), probe=probe)
+        # epochs as the exercise runs them (a fresh iterator each, workers started again) until the time is up
+        deadline, out = time.perf_counter() + seconds, None
+        while out is None or time.perf_counter() < deadline:
+            part = ex.train_steps(model, optimizer, loss_fn, loader, device, deadline=deadline, probe=probe)
+            out = part if out is None else {k: out[k] + part[k] for k in ("steps", "samples", "loss_sum", "seconds")} | {
+                "first_batch_s": out["first_batch_s"]}
+        return out
 
     v.run = run
     return v
@@ -145,40 +167,58 @@ def hpcseg_variant(spec, batch, fp32, dropout, extra, args, device, tensors) -> 
     if job.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(job.optim, model, batch, device)
+    scaler = make_scaler(choose_precision(job.train.precision, device), device)  # fp16 (a V100) trains scaled
     step_model = maybe_compile(model, job, print)
     loss_fn, params = build_loss(job.loss), augment_params(job)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images, labels, sizes = tensors
     n = images.shape[0]
     v = Variant(spec, batch)
+    v.chunk = None
 
-    def run(samples: int) -> dict:
-        # whole batches only, so every variant trains on the same number of samples
-        chunks, left = [], samples
-        while left > 0:
-            take = min(left, n - n % batch)
-            idx = torch.randperm(n, device=device, generator=generator)[:take]
-            chunks.append((images[idx], labels[idx], sizes[idx]))
-            left -= take
+    def draw(samples: int) -> tuple:
+        # whole batches of slices in random order, epoch after epoch: a batch larger than the split (256 of
+        # brain2d's 179) draws each slice more than once instead of finding no whole batch (which never ended)
+        need = math.ceil(samples / batch) * batch
+        idx = torch.cat([torch.randperm(n, device=device, generator=generator) for _ in range(math.ceil(need / n))])[:need]
+        return images[idx], labels[idx], sizes[idx]
+
+    def train_chunk(imgs, labs, szs) -> float:
+        epoch = new_epoch(imgs.shape[0], device, generator)
+        train_one_epoch(step_model, optimizer, loss_fn, imgs, labs, szs, job, params, generator, epoch, scaler=scaler)
+        return epoch["loss_sum"].item()  # waits for the device: the chunk's time is its own
+
+    def run(samples: int | None = None, seconds: float | None = None) -> dict:
+        if seconds is None:  # the same number of samples for every variant
+            chunk = draw(samples)
+            started = time.perf_counter()
+            total = train_chunk(*chunk)
+            return {"steps": math.ceil(chunk[0].shape[0] / batch), "samples": chunk[0].shape[0], "loss_sum": total,
+                    "seconds": time.perf_counter() - started}
+        # bounded by time: chunks of about a quarter second (from the rate seen so far), each waited for
+        size = v.chunk or 2 * batch
+        chunk, done, steps, total = draw(size), 0, 0, 0.0
         started = time.perf_counter()
-        total = 0.0
-        for imgs, labs, szs in chunks:
-            epoch = new_epoch(imgs.shape[0], device, generator)
-            train_one_epoch(step_model, optimizer, loss_fn, imgs, labs, szs, job, params, generator, epoch)
-            total += epoch["loss_sum"].item()
-        return {"steps": sum(math.ceil(c[0].shape[0] / batch) for c in chunks), "samples": samples,
-                "loss_sum": total, "seconds": time.perf_counter() - started}
+        while True:
+            total += train_chunk(*chunk)
+            done, steps = done + chunk[0].shape[0], steps + math.ceil(chunk[0].shape[0] / batch)
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                break
+        v.chunk = min(4096, max(batch, round(done / elapsed * 0.25 / batch) * batch))
+        return {"steps": steps, "samples": done, "loss_sum": total, "seconds": elapsed}
+
 
     v.run = run
     return v
 
 
-def measure(v: Variant, samples: int, device) -> dict:
+def measure(v: Variant, samples: int | None, device, seconds: float | None = None) -> dict:
     before = C.proc_status_kib("self", "VmRSS")
     C.reset_peak_rss()
     C.reset_gpu_peak(device)
     gpu_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    out = v.run(samples)
+    out = v.run(samples, seconds)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     m = v.memory
@@ -220,23 +260,46 @@ def main(argv=None) -> dict:
         tensors = tuple(t.to(device) for t in split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     variants = [exercise_variant(args, device) if spec == "ex" else hpcseg_variant(spec, b, f, t, o, args, device, tensors)
                 for spec, b, f, t, o in parsed]
-    print(f"# {len(variants)} variants x {args.rounds} rounds x {samples} samples on {device} "
-          f"({info['gpu'] or info['cpu']}, {info['cores']} cores)", file=sys.stderr, flush=True)
+    what = "samples" if not args.timed else "s"
+    print(f"# {len(variants)} variants x {args.rounds} rounds x {samples if not args.timed else args.seconds or 'budget'} "
+          f"{what} on {device} ({info['gpu'] or info['cpu']}, {info['cores']} cores)", file=sys.stderr, flush=True)
 
     warm = args.warmup_samples
-    for v in variants:  # warm-up: allocator, cuDNN/oneDNN kernels, worker start
-        v.run(warm if warm is not None else 2 * v.batch)
+    for v in variants:  # warm-up: allocator, cuDNN/oneDNN kernels (cuDNN's autotuner tries each shape), worker start
+        started = time.perf_counter()
+        if args.timed:
+            v.run(seconds=args.warmup_s)
+        else:
+            v.run(warm if warm is not None else 2 * v.batch)
+        print(f"warm-up {v.name:>14}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    seconds = args.seconds
+    if args.time_budget_s is not None:  # what is left, less a few seconds for the report, shared out
+        left = args.time_budget_s - (process_age_s() or 0.0) - 3.0
+        seconds = max(0.5, left / (args.rounds * len(variants)))
+        print(f"# {left:.1f} s left of --time-budget-s {args.time_budget_s:g}: {seconds:.2f} s per variant per round",
+              file=sys.stderr, flush=True)
+    args.seconds = seconds
+    base = next((v for v in variants if v.name == "ex"), None)
     for r in range(args.rounds):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
-            out = measure(v, samples, device)
+            out = measure(v, None if args.timed else samples, device, seconds)
             v.rounds.append(out)
-            print(f"round {r + 1}/{args.rounds} {v.name:>14}: {out['samples_per_s']:7.2f} samples/s "
-                  f"({out['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            ratio = ""
+            if base is not None and v is not base and len(base.rounds) > r:
+                ratio = f", x{out['samples_per_s'] / base.rounds[r]['samples_per_s']:.2f} ex"
+            print(f"round {r + 1}/{args.rounds} {v.name:>14}: {out['samples_per_s']:8.2f} samples/s "
+                  f"({out['samples']} samples in {out['seconds']:.1f} s{ratio})", file=sys.stderr, flush=True)
+            if r == args.rounds - 1:  # this variant's result, as soon as it has it
+                median = statistics.median(o["samples_per_s"] for o in v.rounds)
+                line = f"result {v.name}: median {median:.2f} samples/s at batch {v.batch}"
+                if base is not None and v is not base and len(base.rounds) == args.rounds:
+                    line += f", x{statistics.median(a['samples_per_s'] / b['samples_per_s'] for a, b in zip(v.rounds, base.rounds)):.2f} the exercise loop"
+                print(line, file=sys.stderr, flush=True)
 
-    base = next((v for v in variants if v.name == "ex"), None)
     result = {"benchmark": "train_throughput", "date": C.now(), "command": C.command_line(), "machine": info,
-              "device": str(device), "samples_per_round": samples, "rounds": args.rounds, "crop": args.crop,
+              "device": str(device), "samples_per_round": None if args.timed else samples,
+              "seconds_per_round": seconds, "rounds": args.rounds, "crop": args.crop,
               "data": str(args.data), "variants": {}}
     for v in variants:
         rates = [o["samples_per_s"] for o in v.rounds]
@@ -260,7 +323,8 @@ def main(argv=None) -> dict:
             entry["isolated_memory"] = isolated_memory(args, device, name, entry["batch"])
     C.emit(result, info, args.json)
     if not args.no_append:
-        lines = [f"- Device {device}; {samples} samples per variant per round, {args.rounds} rounds, alternating "
+        per_round = f"{seconds:.2f} s" if args.timed else f"{samples} samples"
+        lines = [f"- Device {device}; {per_round} per variant per round, {args.rounds} rounds, alternating "
                  f"(order reversed every other round); load average at end {info['loadavg_end']}", "",
                  "| variant | batch | median samples/s | ratio to ex (median of rounds) | peak RSS MiB (before) |"
                  + (" GPU peak MiB |" if device.type == "cuda" else " workers USS / PSS MiB |"),
