@@ -127,7 +127,7 @@ def _fail_writes_to(monkeypatch, prefix, error):
 
 
 def test_a_full_disk_on_the_progress_file_metrics_or_a_fresh_run_is_one_line(tiny_data, tmp_path, monkeypatch):
-    import hpcseg.train as T
+    import hpcseg.atomic as A  # metrics.jsonl lines are appended by atomic.append_jsonl
 
     _fail_writes_to(monkeypatch, ".progress.json.", ENOSPC)
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", tmp_path / "a", *SETS)
@@ -156,7 +156,8 @@ def test_a_full_disk_on_the_progress_file_metrics_or_a_fresh_run_is_one_line(tin
             self.handle.write(text[:5])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(T, "open", lambda path, mode="r": FullFile(real_open(path, mode)), raising=False)
+    monkeypatch.setattr(A, "open", lambda path, mode="r": FullFile(real_open(path, mode))
+                        if str(path).endswith("metrics.jsonl") else real_open(path, mode), raising=False)
     run = tmp_path / "c"
     code, output = hpcseg("train", JOB, "--data", tiny_data, "--out", run, *SETS)
     assert one_error_line(code, output).startswith(f"{run / 'metrics.jsonl'}: no space left on device (filesystem ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import tempfile
@@ -114,3 +115,11 @@ def atomic_write_bytes(path: Path | str, data: bytes, what: str = "file") -> Non
 
 def atomic_write_text(path: Path | str, text: str, what: str = "file") -> None:
     atomic_write_bytes(path, text.encode(), what)
+
+
+def append_jsonl(path: Path | str, record: dict) -> None:
+    """Append `record` as one JSON line, on disk before returning (a job may be killed right after)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -5,14 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+from .durations import clock
 
 
 class EpochProgress:
@@ -40,7 +33,7 @@ class EpochProgress:
         dice = "-" if self.last_dice is None else f"{self.last_dice:.3f}"
         best = f" (best {state.best_dice:.3f} @ {state.best_epoch})" if state.best_epoch else ""
         line = (f"\repoch {record['epoch']}/{self.epochs} [{'#' * filled}{'.' * (width - filled)}] "
-                f"loss {record['train_loss']:.4f} dice {dice}{best} {per_epoch:.1f} s/epoch ETA {format_duration(eta)}")
+                f"loss {record['train_loss']:.4f} dice {dice}{best} {per_epoch:.1f} s/epoch ETA {clock(eta)}")
         self.stream.write(line.ljust(100))
         self.stream.flush()
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .atomic import atomic_write_text, remove_stale_temporaries, writing
+from . import __version__, volumes
+from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
@@ -35,8 +35,8 @@ from .phases import Phases
 from .precision import choose_precision, make_scaler, restore_scaler, scaler_state
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
+from .runfiles import BEST, LAST
 
-LAST, BEST = "checkpoints/last.pt", "checkpoints/best.pt"
 #: The data folders a run was started with, so that `--resume` needs no `--data`.
 RECORD = "train.json"
 #: What training writes into a run folder, atomically (a kill during a write leaves a temporary beside it).
@@ -155,7 +155,9 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
             _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "precision": precision}
+                  "precision": precision,
+                  # the scans' intensity rule of data from `hpcseg prepare`: predict and test apply it to new scans
+                  "normalisation": volumes.prepared_rule(train_split.folder.parent)}
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
@@ -230,7 +232,8 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                         state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
                         if leader:
                             with phases("checkpoint"):
-                                save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+                                save_checkpoint({**_checkpoint(job, model, None, None, state, epoch),
+                                                 "normalisation": run_record["normalisation"]}, run_dir / BEST)
                     state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
                     with phases("tensorboard"):
                         _log_validation(writer, record, example, epoch, job)
@@ -480,11 +483,8 @@ def _epoch_of(line: str) -> int | None:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     # a full disk may leave half a line, which resume drops (see _truncate_metrics)
-    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"), \
-            open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    with writing(path, f"appending epoch {record['epoch']}'s line; resume with --resume once there is space"):
+        append_jsonl(path, record)
 
 
 def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | None, finished: bool) -> None:

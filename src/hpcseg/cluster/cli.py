@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..outdir import blocked
+from ..runfiles import BEST
 from .backends import BACKENDS, executor_names
 from .runs import CANCELLED, ClusterError, NotTrusted, find_one_run, find_runs, open_owned, scratches_to_search
 
@@ -181,7 +182,7 @@ def collect(selectors, dest, top, scratch) -> None:
         runs = pick_top([(r, dice.get(str(r.path))) for r in runs], top)
     done, skipped, failed = 0, [], 0
     for run in runs:
-        if run.trusted and not os.path.lexists(run.path / "checkpoints" / "best.pt"):
+        if run.trusted and not os.path.lexists(run.path / BEST):
             skipped.append(run.run_id)
             continue
         try:

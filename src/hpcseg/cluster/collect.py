@@ -29,6 +29,7 @@ import stat
 from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write_text
+from ..runfiles import BEST
 from .runs import ClusterError, NotTrusted, Run, folder_problem, open_owned, read_owned
 
 MANIFEST = ".collect.json"
@@ -167,7 +168,7 @@ def _own_folders(dest: Path, name: str, create: bool) -> bool:
 
 def _sources(run: Run) -> dict[str, Path]:
     """{name in DEST/<run_id>/: file in the run folder} of everything collect copies (links left out)."""
-    sources = {"best.pt": run.path / "checkpoints" / "best.pt", "job.toml": run.path / "job.toml",
+    sources = {"best.pt": run.path / BEST, "job.toml": run.path / "job.toml",
                "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json"}
     for test in _scan(run.path / "test", dirs=True):
         for name in ("summary.json", "per_slice.csv", "per_subject.csv"):
@@ -225,7 +226,7 @@ def _collect_into(run: Run, dest: Path) -> dict:
         entries[name] = {"sha256": sha, "source": key}
         copied.append(name)
     if "best.pt" not in entries:
-        raise ClusterError(f"{run.run_id}: no best checkpoint yet ({run.path / 'checkpoints' / 'best.pt'})")
+        raise ClusterError(f"{run.run_id}: no best checkpoint yet ({run.path / BEST})")
     # training curves: redrawn only when metrics.jsonl changed
     metrics_entry = entries.get("metrics.jsonl")
     old_png = manifest.get("curves.png")

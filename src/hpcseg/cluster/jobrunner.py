@@ -21,11 +21,10 @@ from typing import Any
 
 import submitit
 
-from ..atomic import atomic_write_text
+from ..atomic import append_jsonl, atomic_write_text
+from ..runfiles import LAST
 from .backends import job_id_here
-from .runs import ATTEMPTS, OUTCOME, append_jsonl
-
-LAST = Path("checkpoints") / "last.pt"
+from .runs import ATTEMPTS, OUTCOME
 
 def write_outcome(run_dir: Path, state: str, **extra: Any) -> None:
     record = {"state": state, "time": time.time(), **extra}

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..durations import hours_minutes
 from .runs import my_uid, my_user
 from .scripts import job_python
 
@@ -59,11 +60,9 @@ def build_executor(plan, folder: Path, dry_run: bool = False):
 
 
 def job_script(plan, folder: Path, n_elements: int) -> str:
-    from .profiles import fmt_minutes
-
     setup = "".join(f"{line}\n" for line in plan.profile.setup)
     return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
-            f"walltime {fmt_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
+            f"walltime {hours_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
             f"{job_python(plan.profile.setup)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
 
 

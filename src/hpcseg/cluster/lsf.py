@@ -41,6 +41,7 @@ from pathlib import Path
 
 from submitit.core import core, job_environment, logger, utils
 
+from ..durations import hours_minutes
 from ..errors import CommandError, run_command
 from .scripts import CONTROL, BoundedSubmission, dry_run_class, job_python, submission_text
 
@@ -466,8 +467,8 @@ def _mem_per_core(mem_gb: float, cores: int) -> str:
 
 
 def _minutes(value: float) -> str:
-    total = max(1, math.ceil(value))
-    return f"{total // 60}:{total % 60:02d}"
+    """bsub's -W: whole minutes, rounded up, at least 1."""
+    return hours_minutes(max(1, math.ceil(value)), hour_digits=1)
 
 
 def _warning_signal() -> str:

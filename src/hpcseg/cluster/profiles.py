@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..durations import hours_minutes
 from ..jobfile import JobError, parse_walltime
 from .backends import BACKENDS, executor_names
 from .runs import ClusterError
@@ -64,15 +65,11 @@ class Profile:
             raise ClusterError(f"{source} {queue}: unknown queue for profile '{self.name}' "
                                f"(known: {', '.join(sorted(self.queues))})")
         if q.max_time_min is not None and minutes > q.max_time_min:
-            raise ClusterError(f"--time {fmt_minutes(minutes)}: above the {fmt_minutes(q.max_time_min)} limit of "
+            raise ClusterError(f"--time {hours_minutes(minutes)}: above the {hours_minutes(q.max_time_min)} limit of "
                                f"queue {queue} (profile '{self.name}')")
         if q.max_gpus is not None and gpus > q.max_gpus:
             raise ClusterError(f"--gpus {gpus}: queue {queue} has at most {q.max_gpus} GPUs per node "
                                f"(profile '{self.name}')")
-
-
-def fmt_minutes(minutes: int) -> str:
-    return f"{minutes // 60:02d}:{minutes % 60:02d}"
 
 
 NO_PROFILE = Profile(name="(none)")

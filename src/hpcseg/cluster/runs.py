@@ -25,7 +25,6 @@ import os
 import pwd
 import secrets
 import stat
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import IO, Any, Iterable
 
 
 from ..atomic import atomic_write_text
-from ..errors import ClusterError  # noqa: F401 - re-exported: the cluster modules import it from here
+from ..errors import ClusterError, CommandError, run_command  # ClusterError: the cluster modules import it from here
 from .backends import BACKENDS
 
 RUN_RECORD = "run.json"
@@ -194,14 +193,13 @@ def git_commit(folder: Path | None = None) -> str | None:
     """The commit of the code's git checkout (with `+dirty` when it has local changes), or None."""
     folder = folder or Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=False)
+        head = run_command(["git", "-C", str(folder), "rev-parse", "HEAD"], 5, check=False)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=False)
+        dirty = run_command(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"], 5,
+                            check=False)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.TimeoutExpired):
+    except CommandError:  # no git here, or it hangs: the record goes without a commit
         return None
 
 
@@ -319,13 +317,6 @@ def write_record(run: Run) -> None:
 
 def mark_cancelled(path: Path) -> None:
     atomic_write_text(path, json.dumps({"time": time.time(), "by": os.environ.get("USER", "")}) + "\n")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def load_run(path: Path) -> Run | None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from ..durations import clock
 from ..errors import CommandError
 from .backends import BACKENDS
 from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
@@ -185,17 +186,6 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f}d ago"
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
-
-
 def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
     header = ["RUN", "EXPERIMENT", "EXECUTOR", "JOB", "STATE", "EPOCH", "BEST DICE", "UPDATED", "LEFT"]
@@ -205,7 +195,7 @@ def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
         best = f"{s.best_dice:.4f} ({s.best_epoch})" if s.best_dice is not None else "-"
         updated = _age(now - s.updated) if s.updated else "-"
         rows.append([s.run_id, s.experiment, s.executor, s.job_id or "-", s.state, epoch, best, updated,
-                     _duration(s.time_left_s) if s.state not in TERMINAL else "-"])
+                     clock(s.time_left_s) if s.time_left_s is not None and s.state not in TERMINAL else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     for s in statuses:

@@ -22,10 +22,11 @@ from typing import Any
 
 from .. import __version__
 from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
-from .profiles import Profile, fmt_minutes, load_profile
+from .profiles import Profile, load_profile
 from . import backends
 from .scripts import check_name, check_queue_name, refuse_control
 from ..atomic import atomic_write_text
+from ..durations import hours_minutes
 from ..outdir import blocked
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
                    resolve_scratch, write_record)
@@ -315,9 +316,9 @@ def _signal_delay(executor: str, asked: int | None, minutes: int, source: str) -
     unit = backend.signal_unit_s
     delay = min(unit * math.ceil(max(delay, 1) / unit), unit * (minutes * 60 // 2 // unit))
     if delay < unit:
-        raise ClusterError(f"{source} {fmt_minutes(minutes)}: too short for a warning signal before the walltime "
+        raise ClusterError(f"{source} {hours_minutes(minutes)}: too short for a warning signal before the walltime "
                            f"({backend.title} warns in whole minutes, at most half the walltime ahead); give at least "
-                           f"{fmt_minutes(2 * math.ceil(unit / 60))}")
+                           f"{hours_minutes(2 * math.ceil(unit / 60))}")
     return delay
 
 
@@ -402,7 +403,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 "command_line": command_line(), "job_file": str(Path(opts.job_file).absolute()),
                 "profile": plan.profile.name, "queue": plan.queue,
                 "resources": {"gpus": plan.gpus, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
-                              "time": fmt_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
+                              "time": hours_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
                 "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
                          "test_dir": str(plan.test_dir) if plan.test_dir else None},
                 "epochs": job.train.epochs, "submitit_dir": str(submitit_dir),
