@@ -298,7 +298,8 @@ GPU_MIN_BATCH = 16
 
 def _small_batch_warnings(executor: str, gpus: int, elements: list[tuple[dict[str, Any], Job]]) -> list[str]:
     """One line when a job that will train on a GPU asks for a batch too small to keep it busy."""
-    if gpus < 1 or (executor == "local" and _gpus_here() == 0):  # a CPU run: small batches are right there
+    on_this_cpu = backends.BACKENDS[executor].runs_here and _gpus_here() == 0
+    if gpus < 1 or on_this_cpu:  # a CPU run: small batches are right there
         return []
     small = sorted({job.train.batch_size for _, job in elements if job.train.batch_size < GPU_MIN_BATCH})
     if not small:
