@@ -43,7 +43,8 @@ from submitit.core import core, job_environment, logger, utils
 
 from ..durations import hours_minutes
 from ..errors import CommandError, run_command
-from .scripts import CONTROL, BoundedSubmission, dry_run_class, job_python, submission_text
+from .scripts import (CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python,
+                      submission_text)
 
 __all__ = [
     "LsfExecutor",
@@ -63,9 +64,6 @@ __all__ = [
 BJOBS_FORMAT = "jobid jobindex stat exit_code delimiter=','"
 #: normalised states that mean the job is over
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
-#: exit codes of jobs ended by bkill (128 + SIGINT, 128 + SIGTERM)
-CANCEL_EXIT_CODES = (130, 143)
-EXIT_CODE_SUFFIX = "_exitcode"
 
 _NOT_FOUND = re.compile(r"Job <([^>]+)> is not found")
 _ALREADY_GONE = re.compile(r"Job <[^>]+>: (Job has already finished|No matching job found)")

@@ -24,6 +24,11 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
 #: queue (LSF) and partition (Slurm) names
 QUEUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: exit codes of a job killed on request (128 + SIGINT, 128 + SIGTERM: bkill, hpcseg cancel)
+CANCEL_EXIT_CODES = (130, 143)
+#: `<submitit folder>/<job id><EXIT_CODE_SUFFIX>`: where a batch script that outlives the scheduler's memory of
+#: the job (LSF's) writes the job's exit code
+EXIT_CODE_SUFFIX = "_exitcode"
 #: a setup line that activates a Python environment (venv, virtualenv, conda, mamba)
 _ACTIVATES = re.compile(r"(^|[;&|({]\s*)(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
 

@@ -20,6 +20,7 @@ from ..durations import clock
 from ..errors import CommandError
 from .backends import BACKENDS
 from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
+from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -32,10 +33,6 @@ def scheduler_timeout_s() -> float:
         return float(os.environ.get("HPCSEG_SCHEDULER_TIMEOUT_S", "10"))
     except ValueError:
         return 10.0
-
-
-#: exit codes in `<submitit_dir>/<job_id>_exitcode` of a job that was killed on request (128 + SIGINT, SIGTERM)
-CANCEL_EXIT_CODES = (130, 143)
 
 
 # ---------------------------------------------------------------- merging
@@ -66,11 +63,11 @@ class RunStatus:
 
 
 def exit_code(run: Run) -> int | None:
-    """The exit code the LSF batch script wrote to `<submitit_dir>/<job_id>_exitcode`, or None."""
+    """The exit code the batch script wrote to `<submitit_dir>/<job_id>_exitcode` (LSF's does), or None."""
     if not run.job_id:
         return None
     try:
-        text = read_owned(run.submitit_dir / f"{run.job_id}_exitcode", 64).decode(errors="replace").strip()
+        text = read_owned(run.submitit_dir / f"{run.job_id}{EXIT_CODE_SUFFIX}", 64).decode(errors="replace").strip()
     except (NotTrusted, OSError):
         return None
     return int(text) if re.fullmatch(r"-?\d{1,4}", text) else None
