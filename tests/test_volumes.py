@@ -334,3 +334,104 @@ def test_a_slice_among_scans_is_refused(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((8, 8, 1), np.float32), np.eye(4)), tmp_path / "b_T1w.nii.gz")
     with pytest.raises(DataError, match="b_T1w.nii.gz: a 2D slice \\(shape 8x8x1\\) among 3D scans"):
         V.check_scans(V.find_volumes(tmp_path, label_suffix=None))
+
+
+# ------------------------------------------------------------------------------------ the run's normalisation rule
+
+
+@pytest.fixture(scope="module")
+def run_on_a_rule(run_and_scans, tmp_path_factory):
+    """A run trained on scans prepared with a non-default rule (each scan / its 50th percentile over the brain)."""
+    _, scans = run_and_scans
+    root = tmp_path_factory.mktemp("rule")
+    code, output = hpcseg("prepare", scans, "--out", root / "data", "--fractions", "0.5,0.5,0", "--percentile", "50")
+    assert code == 0, output
+    args = ["train", JOB, "--data", root / "data", "--out", root / "run", "--set", "train.epochs=1"]
+    for s in [*TINY, "infer.roi=[176,176]"]:
+        args += ["--set", s]
+    code, output = hpcseg(*args)
+    assert code == 0, output
+    return root / "run", root / "data"
+
+
+def _percentiles_cut_with(monkeypatch):
+    """The percentile of every scan that predict or test cuts."""
+    seen, real = [], V.cut_scan
+
+    def cut_scan(path, scan, affine, percentile=V.PERCENTILE):
+        seen.append(percentile)
+        return real(path, scan, affine, percentile)
+
+    monkeypatch.setattr(V, "cut_scan", cut_scan)
+    return seen
+
+
+def test_predict_and_test_apply_the_rule_the_run_was_trained_with(run_on_a_rule, run_and_scans, tmp_path,
+                                                                 monkeypatch):
+    import shutil
+
+    run, data = run_on_a_rule
+    _, scans = run_and_scans
+    assert json.loads((data / "prepare.json").read_text())["normalisation"] == V.rule(50.0)
+    assert json.loads((run / "train.json").read_text())["normalisation"] == V.rule(50.0)
+    # as prepare cut the training slices: a prepared slice is the scan's plane divided by the 50th percentile
+    manifest = list(csv.DictReader((data / "manifest.csv").open()))
+    first = manifest[0]
+    scan, img = V.read_volume(scans / f"{first['scan']}_T1w.nii.gz")
+    cut = V.cut_scan(scans / "x", scan, img.affine, 50.0)
+    j = int(first["id"].split("-cor")[1])
+    np.testing.assert_array_equal(np.load(data / first["split"] / f"{first['id']}_T1w.npy"), cut.image[j])
+
+    seen = _percentiles_cut_with(monkeypatch)
+    code, output = hpcseg("predict", run, "--data", scans, "--out", tmp_path / "p")
+    assert code == 0 and "note:" not in output, output
+    assert json.loads((tmp_path / "p" / "predict.json").read_text())["normalisation"] == V.rule(50.0)
+    code, output = hpcseg("test", run, "--data", scans, "--out", tmp_path / "t")
+    assert code == 0 and "note:" not in output, output
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["normalisation"] == V.rule(50.0)
+    assert seen == [50.0] * 4  # two scans, predicted and tested
+
+    # a collected run (best.pt alone) carries its rule in the checkpoint
+    collected = tmp_path / "collected"
+    collected.mkdir()
+    shutil.copy(run / "checkpoints" / "best.pt", collected / "best.pt")
+    seen.clear()
+    assert hpcseg("predict", collected, "--data", scans, "--out", tmp_path / "c")[0] == 0
+    assert seen == [50.0, 50.0]
+
+    # a checkpoint from before hpcseg recorded the rule: the prepare.json of the data its train.json names
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    ckpt = torch.load(old / "checkpoints" / "best.pt", weights_only=True)
+    del ckpt["normalisation"]
+    torch.save(ckpt, old / "checkpoints" / "best.pt")
+    seen.clear()
+    code, output = hpcseg("predict", old, "--data", scans, "--out", tmp_path / "o")
+    assert code == 0 and "note:" not in output and seen == [50.0, 50.0], output
+
+
+def test_a_run_without_a_recorded_rule_gets_the_built_in_one_with_a_note(run_and_scans, tmp_path, monkeypatch):
+    run, scans = run_and_scans  # trained on slices that hpcseg prepare did not make
+    seen = _percentiles_cut_with(monkeypatch)
+    code, output = hpcseg("predict", run, "--data", scans, "--out", tmp_path / "p")
+    assert code == 0, output
+    notes = [line for line in output.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {run}: no normalisation rule recorded for its training data (not made by hpcseg "
+                     f"prepare, or trained before hpcseg recorded it): scans are divided by their 99th percentile "
+                     f"over the brain, prepare's default"]
+    assert seen == [99.0, 99.0]
+    assert json.loads((tmp_path / "p" / "predict.json").read_text())["normalisation"] == V.RULE
+
+
+def test_a_rule_this_hpcseg_cannot_apply_is_refused(run_on_a_rule, run_and_scans, tmp_path):
+    run, _ = run_on_a_rule
+    _, scans = run_and_scans
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    ckpt["normalisation"] = {**ckpt["normalisation"], "version": 2}
+    torch.save(ckpt, newer / "best.pt")
+    code, output = hpcseg("predict", newer, "--data", scans, "--out", tmp_path / "out")
+    assert code == 2 and output.startswith(f"hpcseg: error: {newer / 'best.pt'}: normalisation rule ") and \
+        "is not one this hpcseg applies (version 1, percentile in (0, 100])" in output, output
+    assert not (tmp_path / "out").exists()

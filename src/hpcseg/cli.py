@@ -160,13 +160,16 @@ def predict(run_dir, data, out_dir) -> None:
 @click.option("--val", default="", metavar="SUBJECT,...", help="Validation subjects (with --test: the rest train).")
 @click.option("--test", "test_subjects", default="", metavar="SUBJECT,...", help="Test subjects.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions.")
-def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed) -> None:
+@click.option("--percentile", default=99.0, show_default=True, type=float,
+              help="Each scan is divided by this percentile of its brain's intensities (recorded in prepare.json; "
+                   "predict and test apply it to a run trained on the data).")
+def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed, percentile) -> None:
     """Cut the 3D scans in VOLUMES (<scan>_T1w.nii.gz + labels) into the slice data set `train` reads."""
     from .prepare import parse_fractions, prepare as run_prepare
 
     names = [[s for s in text.split(",") if s] for text in (val, test_subjects)]
     run_prepare(volumes, out_dir, label_suffix=label_suffix, mapping=mapping, fractions=parse_fractions(fractions),
-                val=names[0], test=names[1], seed=seed)
+                val=names[0], test=names[1], seed=seed, percentile=percentile)
 
 
 @main.command("demo-data")

@@ -47,6 +47,10 @@ class BestModel:
     path: Path
     epoch: int | None
     device: torch.device
+    #: The normalisation rule of the data it was trained on, as its checkpoint records it (None: none recorded), and
+    #: whether the checkpoint says at all (those written before hpcseg recorded it do not).
+    normalisation: dict | None = None
+    says_normalisation: bool = False
 
 
 def load_best_model(run_dir: Path) -> BestModel:
@@ -58,7 +62,7 @@ def load_best_model(run_dir: Path) -> BestModel:
     set_threads(job.train.threads)
     model = build_model(job).to(device)
     load_weights(model, ckpt, best)
-    return BestModel(model, job, best, ckpt.get("epoch"), device)
+    return BestModel(model, job, best, ckpt.get("epoch"), device, ckpt.get("normalisation"), "normalisation" in ckpt)
 
 
 def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print, **volume_labels) -> dict:
@@ -174,12 +178,14 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
     prepare's): Dice per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as
     `predict` writes them."""
     from . import volumes
-    from .predict import _save_nifti, save_views, segment_volume
+    from .predict import _save_nifti, save_views, segment_volume, trained_rule
 
     codes = volumes.parse_mapping(mapping)
     scans = volumes.find_volumes(data_dir, label_suffix)
     volumes.check_scans(scans, codes)
     best = load_best_model(run_dir)
+    rule = trained_rule(run_dir, best, log)
+    percentile = volumes.rule_percentile(rule, str(best.path))
     classes = best.job.data.num_classes
     folder_dice, per_scan = FolderDice(classes), {}
     rows = io.StringIO()
@@ -191,7 +197,7 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
         for scan in scans:
-            seg = segment_volume(best, scan.image)
+            seg = segment_volume(best, scan.image, percentile)
             truth = volumes.map_labels(scan.label, volumes.read_volume(scan.label, "label")[0], codes)
             pred_t, truth_t = (torch.from_numpy(a.astype(np.int64))[None, None] for a in (seg.labels, truth))
             one = FolderDice(classes)
@@ -207,7 +213,7 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
         summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "scans": len(scans),
                    "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
                    "mean_dice_per_scan": nanmean([nanmean(list(d.values())) for d in per_scan.values()]),
-                   "dice_per_scan": per_scan}
+                   "dice_per_scan": per_scan, "normalisation": rule}
         (tmp / "per_subject.csv").write_text(rows.getvalue())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log("\n".join([f"{'tissue':<14}{'3D Dice':>8}", *(f"{k:<14}{v:>8.4f}" for k, v in dice.items()),

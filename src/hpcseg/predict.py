@@ -4,8 +4,8 @@ Inference is `hpcseg test`'s (same model loading, same batching, sliding window 
 only the class maps: `<id>_prediction.npy` for a `.npy` image, `<id>_prediction.nii.gz` with the image's affine and
 header for a NIfTI image (so it overlays the scan in a viewer), and `predict.json`.
 
-A folder of 3D scans (`<scan>_T1w.nii[.gz]`) is cut into coronal slices and normalised as `hpcseg prepare` does
-(volumes.RULE), segmented slice by slice in batches, and the class maps are put back on the scan's own voxels:
+A folder of 3D scans (`<scan>_T1w.nii[.gz]`) is cut into coronal slices and normalised as `hpcseg prepare` did for
+the run's training data (the rule its checkpoint or its data's prepare.json records; else volumes.RULE), segmented slice by slice in batches, and the class maps are put back on the scan's own voxels:
 `<scan>_prediction.nii.gz` (the scan's shape, affine and header) and `<scan>_views.png` (three orthogonal views).
 """
 
@@ -103,11 +103,12 @@ class Segmented:
     source: object  # the nibabel image of the scan
 
 
-def segment_volume(best, path: Path) -> Segmented:
-    """Check one 3D scan, cut and normalise it by volumes.RULE, predict its slices in batches, map them back."""
+def segment_volume(best, path: Path, percentile: float = volumes.PERCENTILE) -> Segmented:
+    """Check one 3D scan, cut and normalise it by the rule of `percentile`, predict its slices in batches, map them
+    back."""
     scan, img = volumes.read_volume(path, "scan")
     volumes.check_skull_stripped(path, scan)
-    cut = volumes.cut_scan(path, scan, img.affine)
+    cut = volumes.cut_scan(path, scan, img.affine, percentile)
     slices = np.zeros(cut.image.shape, dtype=np.uint8)
     for group, pred in predict_slices(best.model, list(cut.image), best.job, best.device):
         slices[group] = pred[:, 0].cpu().numpy()
@@ -119,22 +120,46 @@ def predict_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> 
     scans = volumes.find_volumes(data_dir, label_suffix=None)
     volumes.check_scans(scans)
     best = load_best_model(run_dir)
+    rule = trained_rule(run_dir, best, log)
+    percentile = volumes.rule_percentile(rule, str(best.path))
     classes = best.job.data.num_classes
     counts = {}
     with _writing_output(out_dir) as tmp:  # a bad scan met half-way leaves nothing written
         for scan in scans:
-            seg = segment_volume(best, scan.image)
+            seg = segment_volume(best, scan.image, percentile)
             _save_nifti(tmp / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
             save_views(tmp / f"{scan.scan}_views.png", seg.cut.image, seg.slices)
             counts[scan.scan] = np.bincount(seg.labels.ravel(), minlength=classes).tolist()
             log(f"{scan.scan}: {seg.cut.grid.shape[0]} slices")
         summary = {"run": str(run_dir), "checkpoint": str(best.path), "checkpoint_epoch": best.epoch,
-                   "data": str(data_dir), "scans": len(scans), "normalisation": volumes.RULE,
+                   "data": str(data_dir), "scans": len(scans), "normalisation": rule,
                    "voxels_per_class": counts}
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     log(f"predicted {len(scans)} scan(s) with {best.path} (epoch {best.epoch})")
     log(f"wrote {out_dir}")
     return summary
+
+
+def trained_rule(run_dir: Path, best, log=print) -> dict:
+    """The normalisation rule the run's training data was prepared with: recorded in its best checkpoint, or, for
+    a checkpoint from before hpcseg recorded it, in the prepare.json of the data folder its train.json names; else
+    the built-in volumes.RULE, with a one-line note."""
+    from .train import RunDirError, recorded_data
+
+    if best.says_normalisation:
+        recorded = best.normalisation
+    else:
+        try:
+            folders = recorded_data(run_dir)
+        except RunDirError:
+            folders = None
+        recorded = volumes.prepared_rule(folders[0].parent) if folders else None
+    if recorded is not None:
+        return recorded
+    log(f"note: {run_dir}: no normalisation rule recorded for its training data (not made by hpcseg prepare, or "
+        f"trained before hpcseg recorded it): scans are divided by their {volumes.PERCENTILE:g}th percentile over the "
+        f"brain, prepare's default")
+    return volumes.RULE
 
 
 def save_views(path: Path, image: np.ndarray, classes: np.ndarray, truth: np.ndarray | None = None) -> None:

@@ -21,7 +21,7 @@ from .errors import UserError
 from .outdir import check_replaceable, replacing
 
 SPLITS = ("training_data", "validation_data", "test_data")
-MANIFEST, RECORD = "manifest.csv", "prepare.json"
+MANIFEST, RECORD = "manifest.csv", volumes.PREPARED
 OUTPUTS = {*SPLITS, MANIFEST, RECORD}
 
 
@@ -61,9 +61,13 @@ def assign_splits(subjects: list[str], fractions=(0.6, 0.2, 0.2), val=(), test=(
 
 
 def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LABEL_SUFFIX, mapping: str | None = None,
-            fractions=(0.6, 0.2, 0.2), val=(), test=(), seed: int = 0, log=print) -> dict[str, int]:
-    """Write the slice data set of the scans in `volumes_dir` into `out_dir`; returns the slice count per split."""
+            fractions=(0.6, 0.2, 0.2), val=(), test=(), seed: int = 0, percentile: float = volumes.PERCENTILE,
+            log=print) -> dict[str, int]:
+    """Write the slice data set of the scans in `volumes_dir` into `out_dir`, each scan divided by its `percentile`
+    over the brain; returns the slice count per split."""
     volumes_dir, out_dir = Path(volumes_dir), Path(out_dir).absolute()
+    if not 0 < percentile <= 100:
+        raise UserError(f"--percentile {percentile:g}: expected a percentile in (0, 100]")
     check_replaceable(out_dir, "prepare", OUTPUTS.__contains__, RECORD)
     codes = volumes.parse_mapping(mapping)
     scans = volumes.find_volumes(volumes_dir, label_suffix)
@@ -76,7 +80,7 @@ def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LAB
         for scan in scans:
             split = split_of[scan.subject]
             try:
-                made, record[scan.scan] = _prepare_scan(scan, codes, tmp / split)
+                made, record[scan.scan] = _prepare_scan(scan, codes, tmp / split, percentile)
             except DataError as error:  # every scan is checked; the first problem of each is reported
                 problems += error.problems
                 continue
@@ -90,7 +94,7 @@ def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LAB
         writer.writerow(["id", "subject", "scan", "split", "y_mm", "H", "W", "background", *TISSUES])
         writer.writerows(rows)
         (tmp / MANIFEST).write_text(text.getvalue())
-        summary = {"hpcseg": __version__, "volumes": str(volumes_dir), "normalisation": volumes.RULE,
+        summary = {"hpcseg": __version__, "volumes": str(volumes_dir), "normalisation": volumes.rule(percentile),
                    "label_suffix": label_suffix, "mapping": {str(k): v for k, v in sorted(codes.items())},
                    "split": {"seed": seed, "fractions": list(fractions), "val": list(val), "test": list(test)},
                    "subjects": split_of, "scans": record}
@@ -100,7 +104,7 @@ def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LAB
     return counts
 
 
-def _prepare_scan(scan: volumes.Volume, codes: dict[int, int], folder: Path):
+def _prepare_scan(scan: volumes.Volume, codes: dict[int, int], folder: Path, percentile: float):
     """Check and cut one scan and its labels, writing its slices into `folder`; returns the manifest's (id, y_mm,
     shape, pixels per class) per slice and the scan's record for prepare.json."""
     image, img = volumes.read_volume(scan.image, "scan")
@@ -111,7 +115,7 @@ def _prepare_scan(scan: volumes.Volume, codes: dict[int, int], folder: Path):
     if not brain.any():
         raise DataError([f"{scan.label}: no brain labelled (every voxel maps to background): empty mask"])
     volumes.check_skull_stripped(scan.image, image, brain, scan.label)
-    cut = volumes.cut_scan(scan.image, image, img.affine)
+    cut = volumes.cut_scan(scan.image, image, img.affine, percentile)
     sliced = volumes.resample(labels, img.affine, cut.grid.affine, cut.grid.shape, order=0)
     made = []
     for j in range(cut.grid.shape[0]):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, volumes
 from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
@@ -155,7 +155,9 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
             _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
     run_record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "precision": precision}
+                  "precision": precision,
+                  # the scans' intensity rule of data from `hpcseg prepare`: predict and test apply it to new scans
+                  "normalisation": volumes.prepared_rule(train_split.folder.parent)}
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
@@ -230,7 +232,8 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                         state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
                         if leader:
                             with phases("checkpoint"):
-                                save_checkpoint(_checkpoint(job, model, None, None, state, epoch), run_dir / BEST)
+                                save_checkpoint({**_checkpoint(job, model, None, None, state, epoch),
+                                                 "normalisation": run_record["normalisation"]}, run_dir / BEST)
                     state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
                     with phases("tensorboard"):
                         _log_validation(writer, record, example, epoch, job)

@@ -10,9 +10,9 @@ to right, whatever the scan's voxel order, voxel size or orientation. They are t
 - A scan whose voxels are 1 mm and lie on the grid's axes is read voxel by voxel (no interpolation: the slices
   are exactly its voxels, flipped and transposed); any other is resampled, images linearly, labels by nearest
   neighbour. A prediction goes back onto the scan's own voxels by nearest neighbour (exactly, in the first case).
-- Intensity (``RULE``, recorded by ``hpcseg prepare`` in prepare.json and applied again by predict and test): the
-  brain is where the scan is non-zero (a skull-stripped scan is exactly 0 outside it); the image is the scan
-  divided by its 99th percentile over the brain, on the scan's own voxels; a resampled image is 0 where the
+- Intensity (``rule()``, recorded by ``hpcseg prepare`` in prepare.json and applied again by predict and test to a
+  run trained on it): the brain is where the scan is non-zero (a skull-stripped scan is exactly 0 outside it); the
+  image is the scan divided by its 99th percentile (``prepare --percentile``) over the brain, on its own voxels; a resampled image is 0 where the
   nearest scan voxel is outside the brain, so the background stays exactly 0.
 
 Files: ``<scan>_T1w.nii[.gz]`` with labels ``<scan>_T1w<label suffix>.nii[.gz]`` (suffix
@@ -42,15 +42,48 @@ MARGIN = 4
 MAX_BORDER, MAX_OUTSIDE = 0.10, 0.10
 #: FSL FAST's codes (0 background, 1 CSF, 2 GM, 3 WM) are hpcseg's; other tools are mapped with --map.
 IDENTITY = {0: 0, 1: 1, 2: 2, 3: 3}
-RULE = {
-    "version": 1,
-    "brain": "voxels where the scan is non-zero (the scan is skull-stripped: exactly 0 outside the brain)",
-    "image": "scan / its 99th percentile over the brain (on the scan's own voxels), resampled linearly, 0 where "
-             "the nearest scan voxel is outside the brain",
-    "percentile": PERCENTILE,
-    "slices": "coronal, 1 mm pixels, rows top of head down, columns subject's left to right",
-    "spacing_mm": 1.0,
-}
+#: Where `hpcseg prepare` records what it did, the normalisation rule included, in its output folder.
+PREPARED = "prepare.json"
+
+
+def rule(percentile: float = PERCENTILE) -> dict:
+    """The normalisation rule dividing by the scan's `percentile` over the brain, as prepare.json records it."""
+    return {
+        "version": 1,
+        "brain": "voxels where the scan is non-zero (the scan is skull-stripped: exactly 0 outside the brain)",
+        "image": f"scan / its {percentile:g}th percentile over the brain (on the scan's own voxels), resampled "
+                 f"linearly, 0 where the nearest scan voxel is outside the brain",
+        "percentile": percentile,
+        "slices": "coronal, 1 mm pixels, rows top of head down, columns subject's left to right",
+        "spacing_mm": 1.0,
+    }
+
+
+#: The built-in rule: what predict and test apply to a run that recorded none.
+RULE = rule()
+
+
+def rule_percentile(recorded: object, source: str) -> float:
+    """The percentile of a recorded rule; UserError naming `source` for a rule this hpcseg cannot apply."""
+    from .errors import UserError
+
+    version = recorded.get("version") if isinstance(recorded, dict) else None
+    value = recorded.get("percentile") if isinstance(recorded, dict) else None
+    if version != 1 or isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 100:
+        raise UserError(f"{source}: normalisation rule {str(recorded)[:120]} is not one this hpcseg applies "
+                        f"(version 1, percentile in (0, 100]); a newer hpcseg prepared the data?")
+    return float(value)
+
+
+def prepared_rule(data_dir: Path) -> dict | None:
+    """The normalisation rule in `data_dir`/prepare.json (a folder `hpcseg prepare` wrote), else None."""
+    import json
+
+    try:
+        recorded = json.loads((Path(data_dir) / PREPARED).read_text())["normalisation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 _IMAGE = re.compile(r"^(?P<scan>.+)_T1w\.nii(\.gz)?$", re.IGNORECASE)
 _SUBJECT = re.compile(r"(?:^|_)(sub-[A-Za-z0-9]+)(?:_|$)")
@@ -258,7 +291,7 @@ def check_skull_stripped(path: Path, scan: np.ndarray, brain_label: np.ndarray |
                              f"{hint}"])
 
 
-def check_scans(scans: list[Volume], mapping: dict[int, int] | None = None) -> None:
+def check_scans(scans: list[Volume], mapping: dict[int, int] | None = None, percentile: float = PERCENTILE) -> None:
     """Read and check every scan (and its labels, where it has them, mapped by `mapping`) before any inference;
     DataError with the first problem of each scan, one line each."""
     problems = []
@@ -274,7 +307,7 @@ def check_scans(scans: list[Volume], mapping: dict[int, int] | None = None) -> N
                 check_same_grid(scan.label, label_img, scan.image, img)
                 brain = map_labels(scan.label, raw, mapping or IDENTITY) > 0
             check_skull_stripped(scan.image, image, brain, scan.label)
-            brain_scale(scan.image, image)
+            brain_scale(scan.image, image, percentile)
         except DataError as error:
             problems += error.problems
     if problems:
@@ -369,21 +402,22 @@ def _interpolate(data, rot, shift, dst_shape, order):
 # ----------------------------------------------------------------------------------------------------- slices
 
 
-def brain_scale(path: Path, scan: np.ndarray) -> float:
-    """RULE's divisor: the 99th percentile of the scan over its non-zero voxels; DataError for an empty brain."""
+def brain_scale(path: Path, scan: np.ndarray, percentile: float = PERCENTILE) -> float:
+    """The rule's divisor: the scan's `percentile` over its non-zero voxels; DataError for an empty brain."""
     brain = scan != 0
     if not brain.any():
         raise DataError([f"{path}: scan is 0 everywhere: no brain to segment (empty mask)"])
-    scale = float(np.percentile(scan[brain].astype(np.float64), PERCENTILE))
+    scale = float(np.percentile(scan[brain].astype(np.float64), percentile))
     if not scale > 0:
-        raise DataError([f"{path}: the {PERCENTILE:g}th percentile of the brain's intensities is {scale:g}, not "
+        raise DataError([f"{path}: the {percentile:g}th percentile of the brain's intensities is {scale:g}, not "
                          f"positive: expected a T1-weighted scan, bright tissue positive"])
     return scale
 
 
-def cut_scan(path: Path, scan: np.ndarray, affine: np.ndarray) -> Cut:
-    """The scan as coronal slices normalised by RULE (float32, 0 outside the brain), with its grid and scale."""
-    scale = brain_scale(path, scan)
+def cut_scan(path: Path, scan: np.ndarray, affine: np.ndarray, percentile: float = PERCENTILE) -> Cut:
+    """The scan as coronal slices normalised by the rule of `percentile` (float32, 0 outside the brain), with its
+    grid and scale."""
+    scale = brain_scale(path, scan, percentile)
     brain = scan != 0
     grid = slice_grid(brain, affine)
     image = resample(scan, affine, grid.affine, grid.shape, order=1)
