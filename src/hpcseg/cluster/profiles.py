@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..durations import hours_minutes
-from ..jobfile import JobError, parse_walltime
+from ..jobfile import parse_walltime
 from .backends import BACKENDS, executor_names
 from .runs import ClusterError
 from .scripts import check_queue_name, refuse_control
@@ -197,7 +197,4 @@ def _extra(path: Path, key: str, value: Any) -> dict[str, Any]:
 
 def _time_minutes(path: Path, key: str, value: Any) -> int:
     _expect(path, key, value, (str,), "a walltime string HH:MM")
-    try:
-        return parse_walltime(value, f"{path}: {key}")
-    except JobError as err:
-        raise ClusterError(str(err)) from None
+    return parse_walltime(value, f"{path}: {key}")

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..jobfile import Job, JobError, load_job, parse_override, parse_walltime
+from ..jobfile import Job, load_job, parse_override, parse_walltime
 from .profiles import Profile, load_profile
 from . import backends
 from .scripts import check_name, check_queue_name, refuse_control
 from ..atomic import atomic_write_text
 from ..durations import hours_minutes
+from ..errors import UserError
 from ..outdir import blocked
 from .runs import (ClusterError, Run, command_line, git_commit, make_private_dir, new_run_id, remember_scratch,
                    resolve_scratch, write_record)
@@ -122,17 +123,12 @@ def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
 def plan_submission(opts: SubmitOptions) -> Plan:
     profile = load_profile(opts.profile)
     executor = pick_executor(opts.executor, profile)
-    try:
-        job = load_job(opts.job_file, list(opts.overrides))
-        axes = parse_sweeps(opts.sweeps)
-        elements = []
-        for combo in itertools.product(*[values for _, values in axes]):
-            values = {key: value for (key, _), value in zip(axes, combo)}
-            elements.append((values, job.replace(**values) if values else job))
-    except JobError as err:
-        failure = ClusterError(str(err))
-        failure.problems = err.problems  # every problem of the job file, one line each
-        raise failure from None
+    job = load_job(opts.job_file, list(opts.overrides))  # a JobError names every problem of the file, one a line
+    axes = parse_sweeps(opts.sweeps)
+    elements = []
+    for combo in itertools.product(*[values for _, values in axes]):
+        values = {key: value for (key, _), value in zip(axes, combo)}
+        elements.append((values, job.replace(**values) if values else job))
     if len(elements) > 1000:
         raise ClusterError(f"--sweep: {len(elements)} combinations; at most 1000 per submission")
     # the experiment name becomes the scheduler's job name and a folder of every path in the job script
@@ -145,10 +141,7 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     cpus = opts.cpus if opts.cpus is not None else profile.cpus if profile.cpus is not None else res.cpus
     mem_gb = opts.mem_gb if opts.mem_gb is not None else profile.mem_gb if profile.mem_gb is not None else res.mem_gb
     time_text = opts.time or profile.time or res.time
-    try:
-        minutes = parse_walltime(time_text, "--time" if opts.time else "time")
-    except JobError as err:
-        raise ClusterError(str(err)) from None
+    minutes = parse_walltime(time_text, "--time" if opts.time else "time")
     if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:  # NaN fails the last test too
         raise ClusterError("--gpus/--cpus/--mem: must be positive")
     queue = opts.queue or profile.queue
@@ -435,9 +428,9 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
         for folder in (exp_dir / ".arrays", exp_dir):  # made for this submission: removed when left empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
-        if isinstance(err, ClusterError):
+        if isinstance(err, UserError):  # refused by hpcseg or the scheduler's command: already one line
             raise
-        message = " ".join(str(err).split())
+        message = " ".join(str(err).split())  # submitit's own failures (no job id in the answer, say)
         raise ClusterError(f"submitting to {plan.executor} failed: {message[:400]}") from None
     remember_scratch(plan.scratch)
     for run in runs:
