@@ -42,7 +42,9 @@ def _normalised(out: str) -> str:
                      "--sweep", "train.seed=0,1,2", "--max-parallel", "2"]),
 ])
 def test_golden_job_scripts(cli, tiny_data, name, args):
-    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--dry-run", "--scratch", "/work3/s123456", *args)
+    # a GPU-sized batch: the job is not in the script, and submit's small-batch warning is test_submit_checks' concern
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--dry-run", "--scratch", "/work3/s123456", *args,
+                    "--set", "train.batch_size=32")
     assert code == 0, out
     got = _normalised(out)
     path = GOLDEN / f"{name}.sh"
