@@ -83,10 +83,11 @@ def restore_rank_states(ckpt: dict, group: Group, augment_rng: torch.Generator, 
     if not group.active or not states or group.ranks.rank >= len(states["torch"]):
         return
     rank = group.ranks.rank
-    torch.set_rng_state(states["torch"][rank].cpu())
-    augment_rng.set_state(states["augment"][rank].cpu())
+    # a row of the stacked states is a view into them: torch reads a state from the start of its storage
+    torch.set_rng_state(states["torch"][rank].cpu().clone())
+    augment_rng.set_state(states["augment"][rank].cpu().clone())
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"][rank].cpu())
+        torch.cuda.set_rng_state(states["cuda"][rank].cpu().clone())
 
 
 def add_rank_states(ckpt: dict, group: Group, augment_rng: torch.Generator) -> None:
