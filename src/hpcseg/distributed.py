@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -142,12 +143,19 @@ class Group:
                 torch.distributed.barrier()
 
 
+#: What the backends' errors of a lost or stuck peer say (gloo's are plain RuntimeErrors).
+_LOST_PEER = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|ProcessGroup", re.IGNORECASE)
+
+
 @contextlib.contextmanager
 def lost_ranks_stop_the_run(ranks: Ranks) -> Iterator[None]:
-    """A collective that fails (a rank died, or did not answer within the timeout) becomes one line."""
+    """A collective that fails (a rank died, or did not answer within the timeout) becomes one line; so does
+    DDP's gradient all-reduce inside backward(), where this wraps the whole training."""
     try:
         yield
-    except (RuntimeError, torch.distributed.DistError) as err:  # gloo's lost peer is a plain RuntimeError
+    except (RuntimeError, torch.distributed.DistError) as err:
+        if not isinstance(err, torch.distributed.DistError) and not _LOST_PEER.search(str(err)):
+            raise
         detail = " ".join(str(err).split())[:200]
         raise DistributedError(f"rank {ranks.rank} of {ranks.world}: lost the other ranks ({detail}); the run "
                                "stops: a dead or stuck rank, see its log") from None
@@ -171,6 +179,7 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Group]:
                                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
                                f"{seconds:g} s ({detail})") from None
     try:
-        yield Group(ranks, device)
+        with lost_ranks_stop_the_run(ranks):
+            yield Group(ranks, device)
     finally:
         torch.distributed.destroy_process_group()

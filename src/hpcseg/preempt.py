@@ -3,7 +3,9 @@
 submitit handles USR2 (walltime warning, preemption) by checkpointing and requeueing at once. While the training
 loop runs its steps, `DeferredSignal` only records the signal: the loop finishes the step it is in, saves
 `checkpoints/last` (mid-epoch, so nothing is lost), raises `Preempted`, and the caller hands the signal on to
-submitit's handler with `forward()`. Outside the steps (validation, saving) the signal goes to submitit at once.
+submitit's handler with `forward()`. During an epoch's validation and saves it waits for them and the loop stops
+once `last` holds the epoch; outside the training loop (the job's test) it goes to submitit at once. The ranks of
+a multi-GPU run agree each step whether any of them got it, so all stop at the same step.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class DeferredSignal:
         return self.received is not None
 
     def forward(self) -> None:
-        """Run the handler that was there before (submitit's: checkpoint, requeue, exit)."""
+        """Run the handler that was there before (submitit's: checkpoint, requeue, exit); also where the signal
+        reached another rank of the run only, and the ranks agreed to stop."""
         previous = self._previous
-        if callable(previous) and self.received is not None:
-            previous(*self.received)
+        if callable(previous):
+            previous(*(self.received or (self.signum, None)))

@@ -109,7 +109,8 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     ranks = ranks_from_env()
     if not ranks.leader:
         log, progress = (lambda *args, **kwargs: None), False
-    last = _check_run_dir(job, run_dir, resume)  # the checkpoint to resume from, read once
+    # the checkpoint to resume from, read once; rank 0 checks the folder (a job's rank 0 may be clearing it)
+    last = _check_run_dir(job, run_dir, resume) if ranks.leader else _resume_point(run_dir, resume)
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):
         train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
@@ -427,6 +428,11 @@ def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
     if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
         raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
     return ckpt
+
+
+def _resume_point(run_dir: Path, resume: bool) -> dict | None:
+    """`last` for a rank other than 0, which leaves checking the run folder to rank 0."""
+    return load_checkpoint(run_dir / LAST, resume=True) if resume and (run_dir / LAST).exists() else None
 
 
 def _started(run_dir: Path) -> bool:

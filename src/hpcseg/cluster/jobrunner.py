@@ -5,6 +5,9 @@ or preemption) submitit calls `checkpoint()`, which resubmits the same runner; t
 `checkpoints/last.pt` at the end of the last finished epoch, so the requeued attempt resumes from there and
 ends with the same number of epochs as an uninterrupted run. The runner holds only plain data (the job as a
 dict, folder paths): all state lives in the run folder.
+
+A job of several tasks (one per GPU: `submit --gpus N [--nodes M]`) runs one runner per task; they train together
+(hpcseg.distributed), and the task of rank 0 alone records the attempt, tests and writes the outcome.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ class JobRunner(submitit.helpers.Checkpointable):
         self.run_dir = str(run_dir)
         self.test_dir = str(test_dir) if test_dir else None
 
-    def __call__(self) -> dict:
+    def __call__(self) -> dict | None:
+        from ..distributed import export_submitit_environment
         from ..jobfile import job_from_dict
 
+        if not export_submitit_environment().leader:  # torchrun's variables from submitit's, for the group
+            return self._train_as_follower()
         run_dir = Path(self.run_dir)
         resume = (run_dir / LAST).exists()
         attempt = {"event": "start", "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -90,6 +96,23 @@ class JobRunner(submitit.helpers.Checkpointable):
         write_outcome(run_dir, "COMPLETED", **result)
         print("hpcseg job runner: COMPLETED", flush=True)
         return result
+
+    def _train_as_follower(self) -> dict | None:
+        """A task of rank > 0: it trains its part of each batch and writes nothing. On the warning signal it stops
+        at the step the ranks agree on and ends; rank 0 saves `last` and requeues the job."""
+        from ..jobfile import job_from_dict
+        from ..preempt import DeferredSignal, Preempted
+        from ..train import train
+
+        run_dir = Path(self.run_dir)
+        job = job_from_dict(self.job, source=str(run_dir / "run.json"))
+        with DeferredSignal(submitit.JobEnvironment._usr_sig()) as warning:
+            try:
+                return {"train": train(job, Path(self.train_dir), Path(self.val_dir), run_dir,
+                                       resume=(run_dir / LAST).exists(), progress=False, warning=warning)}
+            except Preempted:
+                print("hpcseg job runner: stopped for the warning signal; rank 0 requeues the job", flush=True)
+                return None
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on USR2: the state is on disk already, so resubmit this same runner."""
