@@ -1,9 +1,9 @@
 """pytest plugin for the cluster front end's tests: tiny data, an isolated scratch, the CLI in-process,
-`backend`, parametrised over the local executor, the LSF emulator and the real single-node Slurm, and (for every
+`backend`, parametrised over the local executor, the LSF emulator and the real single-node Slurm and SGE, and (for every
 test) `submitted_jobs`, which ends each job the test submitted when the test ends, passed or failed.
 
 Load it from tests/conftest.py with ``pytest_plugins = [..., "fixtures_cluster"]`` (it uses the
-``lsf_emulator`` and ``slurm_cluster`` fixtures of fixtures_lsf / fixtures_slurm).
+``lsf_emulator``, ``slurm_cluster`` and ``sge_cluster`` fixtures of fixtures_lsf / fixtures_slurm / fixtures_sge).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 #: the command that submits to the scheduler whose cancel command is the key
-_SUBMITTER = {"scancel": "sbatch", "bkill": "bsub"}
+_SUBMITTER = {"scancel": "sbatch", "bkill": "bsub", "qdel": "qsub"}
 
 
 class SubmittedJobs:
@@ -183,9 +183,10 @@ def cli(tmp_path, monkeypatch):
     return Cli(scratch=scratch, tmp=tmp_path)
 
 
-@pytest.fixture(params=["local", "lsf", "slurm"])
+@pytest.fixture(params=["local", "lsf", "slurm", "sge"])
 def backend(request, cli) -> str:
-    """Each cluster test runs on the local executor, the LSF emulator and the single-node Slurm."""
+    """Each cluster test runs on the local executor, the LSF emulator, the single-node Slurm and the single-node
+    SGE."""
     name = request.param
     common = ["--gpus", "0", "--cpus", "1", "--mem", "1"]
     if name == "lsf":
@@ -194,6 +195,9 @@ def backend(request, cli) -> str:
     elif name == "slurm":
         request.getfixturevalue("slurm_cluster")
         cli.extra_submit = ["--executor", "slurm", "--queue", "gpuv100", *common]
+    elif name == "sge":
+        request.getfixturevalue("sge_cluster")
+        cli.extra_submit = ["--executor", "sge", "--queue", "all.q", *common]
     else:
         cli.extra_submit = ["--executor", "local", *common]
     return name

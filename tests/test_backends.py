@@ -83,7 +83,7 @@ def test_submit_sees_a_new_backend(cli, tiny_data, fake):
     assert code == 0 and "(fake)" in out, out
     # an executor that is in no table entry is refused, naming the table's
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--dry-run", "--executor", "pbs")
-    assert code == 2 and "'pbs' is not one of 'auto', 'lsf', 'slurm', 'local', 'fake'" in out, out
+    assert code == 2 and "'pbs' is not one of 'auto', 'lsf', 'slurm', 'sge', 'local', 'fake'" in out, out
 
 
 def test_profiles_accept_a_new_backend(fake, tmp_path):
@@ -94,7 +94,7 @@ def test_profiles_accept_a_new_backend(fake, tmp_path):
     path.write_text('executor = "fake"\n')
     assert load_profile(str(path)).executor == "fake"
     path.write_text('executor = "pbs"\n')
-    with pytest.raises(ClusterError, match="'pbs' is not one of auto, lsf, slurm, local, fake"):
+    with pytest.raises(ClusterError, match="'pbs' is not one of auto, lsf, slurm, sge, local, fake"):
         load_profile(str(path))
 
 

@@ -1,5 +1,5 @@
 """Real jobs through `hpcseg submit/status/collect/cancel/logs` on the local executor, the LSF emulator and the
-single-node Slurm (skipped where no cluster answers). Models and data are tiny: a job is mostly imports."""
+single-node Slurm and SGE (skipped where no cluster answers). Models and data are tiny: a job is mostly imports."""
 
 from __future__ import annotations
 
@@ -111,6 +111,9 @@ def _send_warning(backend: str, run_dir: Path, job_id: str) -> None:
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=10)
     elif backend == "lsf":
         subprocess.run(["bkill", "-s", "USR2", job_id], check=True, timeout=10)
+    elif backend == "sge":  # what SGE does at the soft walltime limit s_rt: USR1 to the job's process group
+        starts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+        os.killpg(os.getpgid([a for a in starts if a["event"] == "start"][-1]["pid"]), signal.SIGUSR1)
     else:  # the local executor's controller signals the training process itself
         starts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
         os.kill([a for a in starts if a["event"] == "start"][-1]["pid"], signal.SIGUSR2)

@@ -40,6 +40,9 @@ def _normalised(out: str) -> str:
     ("slurm-single", ["--profile", "slurm", "--queue", "gpuv100"]),
     ("slurm-array", ["--profile", "slurm", "--queue", "gpuv100", "--cpus", "8", "--mem", "32", "--time", "12:00",
                      "--sweep", "train.seed=0,1,2", "--max-parallel", "2"]),
+    ("sge-single", ["--profile", "sge", "--queue", "all.q"]),
+    ("sge-array", ["--profile", "sge", "--queue", "all.q", "--cpus", "2", "--mem", "8", "--time", "02:00",
+                   "--sweep", "train.seed=0,1,2", "--max-parallel", "2"]),
 ])
 def test_golden_job_scripts(cli, tiny_data, name, args):
     # a GPU-sized batch: the job is not in the script, and submit's small-batch warning is test_submit_checks' concern
@@ -72,11 +75,12 @@ def _one_error_line(out: str, start: str) -> None:
 
 @pytest.fixture
 def schedulers(tmp_path, monkeypatch) -> Path:
-    """bsub and sbatch that accept every job and log each call: the log must stay empty when submit refuses."""
+    """bsub, sbatch and qsub that accept every job and log each call: the log must stay empty when submit refuses."""
     log = tmp_path / "scheduler-calls.log"
     shims = tmp_path / "bin"
     _shim(shims, "bsub", f'echo "bsub $*" >> {log}\ncat >> {log}\necho "Job <4711> is submitted to queue <q>."')
     _shim(shims, "sbatch", f'echo "sbatch $*" >> {log}\necho "Submitted batch job 4711"')
+    _shim(shims, "qsub", f'echo "qsub $*" >> {log}\necho 4711')
     monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
     return log
 
@@ -95,7 +99,7 @@ def _vectors(tmp: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("executor", ["lsf", "slurm"])
+@pytest.mark.parametrize("executor", ["lsf", "slurm", "sge"])
 @pytest.mark.parametrize("vector", ["name", "--name", "--sweep", "--queue", "--scratch", "--data"])
 def test_a_newline_never_reaches_a_job_script(cli, tiny_data, schedulers, executor, vector):
     """--set name=..., --name, a swept name, --queue, --scratch and --data with a newline: the dry run prints no script with the
@@ -108,7 +112,7 @@ def test_a_newline_never_reaches_a_job_script(cli, tiny_data, schedulers, execut
         assert code == 2 and "Traceback" not in out, out
         assert not any(line.strip() == INJECTED for line in out.splitlines()), out
         _one_error_line(out, message)
-    assert not schedulers.exists()  # bsub/sbatch never called
+    assert not schedulers.exists()  # bsub/sbatch/qsub never called
     assert not cli.scratch.exists() and not (cli.tmp / "s").exists()
 
 
@@ -195,6 +199,8 @@ def test_an_unset_variable_in_the_scratch_path_is_refused(cli, tiny_data, monkey
     ("lsf", "01:00", ["#BSUB -W 1:00", "#BSUB -wt 5"]),
     ("slurm", "00:01", ["#SBATCH --time=1", "#SBATCH --signal=USR2@30"]),
     ("slurm", "00:03", ["#SBATCH --time=3", "#SBATCH --signal=USR2@90"]),
+    ("sge", "00:01", ["#$ -l h_rt=0:01:00,s_rt=0:00:30"]),  # SGE's USR1 at s_rt, forwarded as USR2
+    ("sge", "00:05", ["#$ -l h_rt=0:05:00,s_rt=0:03:00"]),
     ("local", "00:01", ["walltime 00:01, USR2 30 s before it"]),
 ])
 def test_the_warning_signal_comes_well_before_the_walltime(cli, tiny_data, executor, walltime, expected):

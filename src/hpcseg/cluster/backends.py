@@ -87,7 +87,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             job_id_vars=("LSB_JOBID",), job_id_syntax=r"\d+(_\d+)?", signal_delay_s=300, signal_unit_s=60),
     Backend(name="slurm", title="Slurm", module="hpcseg.cluster.slurm", detect="sbatch",
             job_id_vars=("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"), job_id_syntax=r"\d+(_\d+)?", signal_delay_s=120),
-    # -- the SGE backend's entry goes here --
+    # SGE after Slurm and LSF: PBS has a qsub too, so it is detected by qconf, which only Grid Engine has
+    Backend(name="sge", title="SGE", module="hpcseg.cluster.sge", detect="qconf",
+            job_id_vars=("JOB_ID",), job_id_syntax=r"\d+(_\d+)?", signal_delay_s=120),
     Backend(name="local", title="local", module="hpcseg.cluster.local", detect=None,
             job_id_vars=("SUBMITIT_LOCAL_JOB_ID",), job_id_syntax=r"\d+", signal_delay_s=60,
             queues=False, arrays=False, runs_here=True),
