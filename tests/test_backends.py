@@ -98,11 +98,11 @@ def test_profiles_accept_a_new_backend(fake, tmp_path):
         load_profile(str(path))
 
 
-def test_status_and_cancel_see_a_new_backend(cli, fake):
+def test_status_cancel_and_logs_see_a_new_backend(cli, fake):
     fake.jobs = {"f1": ("RUNNING", my_user()), "f2": ("PENDING", my_user()), "f3": ("RUNNING", "someone-else")}
     for run_id, job_id in (("mine-1", "f1"), ("mine-2", "f2"), ("theirs", "f3")):
         _fake_run(cli.scratch, run_id, "fake", job_id)
-    damaged = _fake_run(cli.scratch, "bad-id", "fake", "123")  # not the fake's syntax: dropped as damage
+    _fake_run(cli.scratch, "bad-id", "fake", "123")  # not the fake's syntax: dropped as damage
     rows = {r["run_id"]: r for r in cli.status()}
     assert {k: v["state"] for k, v in rows.items()} == {"mine-1": "RUNNING", "mine-2": "PENDING",
                                                           "theirs": "RUNNING", "bad-id": "UNKNOWN"}
@@ -116,7 +116,14 @@ def test_status_and_cancel_see_a_new_backend(cli, fake):
     assert ("cancel", ["f1"]) in fake.calls
     assert {r["run_id"]: r["state"] for r in cli.status("mine-1", "theirs")} == {"mine-1": "CANCELLED",
                                                                                 "theirs": "RUNNING"}
-    assert not (damaged / "cancelled.json").exists()
+    # logs --follow reads the run's log until the fake says the job has ended
+    log = cli.scratch / "exp" / "mine-2" / "submitit" / "f2_0_log.out"
+    log.parent.mkdir()
+    log.write_text("epoch 1/3\n")
+    fake.jobs["f2"] = ("COMPLETED", my_user())
+    code, out = cli("logs", "mine-2", "--follow")
+    assert code == 0 and out == "epoch 1/3\n", out
+    assert ("query", ["f2"]) in fake.calls
 
 
 def test_job_runner_finds_a_new_backends_job_id(fake, monkeypatch):
