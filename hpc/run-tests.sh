@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up and runs hpcseg's tests from a fresh clone: a virtual environment in .venv (CPU torch 2.13.0),
-# the single-node Slurm dev cluster (installed and started by hpc/dev-cluster/start.sh, stopped again at the end
-# if this script started it), then pytest. Extra arguments go to pytest.
+# the single-node Slurm dev cluster and the single-node SGE (installed and started by hpc/dev-cluster/start.sh and
+# sge-start.sh, each stopped again at the end if this script started it), then pytest. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,20 @@ else
     echo "the Slurm dev cluster did not start: the Slurm tests use a Slurm only where a job submitted to it shows up" \
         "in its accounting (sacct), and are skipped otherwise"
 fi
-trap '[[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh' EXIT
+
+stop_sge=0
+if [[ -f ${HPCSEG_DEV_SGE_DIR:-/tmp/hpcseg-dev-sge}/run/sge_qmaster.pid ]] && qstat >/dev/null 2>&1; then
+    echo "dev SGE already running: using it"
+elif bash hpc/dev-cluster/sge-start.sh; then
+    stop_sge=1
+elif [[ -n ${CI:-} ]]; then
+    echo "the dev SGE did not start, and CI needs it" >&2
+    [[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh
+    exit 1
+else
+    echo "the dev SGE did not start: the SGE tests use an SGE only where a job submitted to it shows up in qacct," \
+        "and are skipped otherwise"
+fi
+trap '[[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh; [[ $stop_sge == 1 ]] && bash hpc/dev-cluster/sge-stop.sh' EXIT
 
 .venv/bin/python -m pytest "$@"
