@@ -35,6 +35,7 @@ from hpcseg.data import load_split  # noqa: E402
 from hpcseg.infer import autocast  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
+from hpcseg.precision import choose_precision  # noqa: E402
 from hpcseg.train import augment_params  # noqa: E402
 
 JOB = C.REPO / "jobs" / "exercise-improved.toml"
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
     split = load_split(args.data / "training_data", base.data.num_classes)
     tensors = tuple(t.to(device) for t in split.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
     result = {"benchmark": "step_profile", "date": C.now(), "command": C.command_line(), "machine": info,
-              "device": str(device), "precision": base.train.precision if device.type == "cuda" else "fp32", "crop": args.crop, "steps": args.steps,
+              "device": str(device), "precision": choose_precision(base.train.precision, device), "crop": args.crop, "steps": args.steps,
               "overrides": args.set, "batches": []}
     for batch in batches:
         job = base.replace(**{"train.batch_size": batch})
