@@ -43,8 +43,10 @@ from submitit.core import core, job_environment, logger, utils
 
 from ..durations import hours_minutes
 from ..errors import CommandError, run_command
-from .scripts import (CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python,
-                      submission_text)
+from .scripts import (
+    CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
+    check_parameter as _check, is_int as _is_int, is_number as _is_number, wait_for_child,
+    warning_signal as _warning_signal)
 
 __all__ = [
     "LsfExecutor",
@@ -469,11 +471,6 @@ def _minutes(value: float) -> str:
     return hours_minutes(max(1, math.ceil(value)), hour_digits=1)
 
 
-def _warning_signal() -> str:
-    """The preemption signal submitit jobs handle (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
-    return job_environment.JobEnvironment.USR_SIG.upper().removeprefix("SIG")
-
-
 def _flat(additional_parameters: tp.Any) -> tp.List[tp.Any]:
     """The keys and values of additional_parameters (a mapping or a list of raw strings), flattened."""
     if isinstance(additional_parameters, tp.Mapping):
@@ -488,19 +485,6 @@ def _sets_option(additional_parameters: tp.Any, option: str) -> bool:
     if isinstance(additional_parameters, tp.Mapping):
         return any(str(k).lstrip("-") == option for k in additional_parameters)
     return any(re.match(rf"\s*(#BSUB\s+)?-{option}\b", str(x)) for x in _flat(additional_parameters))
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _is_int(value: tp.Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: tp.Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # pylint: disable=too-many-arguments,too-many-locals,unused-argument
@@ -635,19 +619,7 @@ def _make_bsub_string(
         "SUBMITIT_LSF_CHILD=$!",
         'submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_LSF_CHILD" 2>/dev/null; }',
         *[f"trap 'submitit_forward {sig}' {sig}" for sig in forwarded],
-        "while :; do",
-        "    submitit_trapped=0",
-        '    wait "$SUBMITIT_LSF_CHILD"',
-        "    submitit_rc=$?",
-        '    [ "$submitit_trapped" = 1 ] || break  # the child ended',
-        '    kill -0 "$SUBMITIT_LSF_CHILD" 2>/dev/null && continue  # a forwarded signal interrupted wait',
-        '    wait "$SUBMITIT_LSF_CHILD" 2>/dev/null',
-        "    submitit_status=$?",
-        '    [ "$submitit_status" = 127 ] || submitit_rc=$submitit_status',
-        "    break",
-        "done",
-        'echo "$submitit_rc" > "$SUBMITIT_LSF_EXIT_FILE"',
-        'exit "$submitit_rc"',
+        *wait_for_child("SUBMITIT_LSF_CHILD", "SUBMITIT_LSF_EXIT_FILE"),
         "",
     ]
     return "\n".join(lines)

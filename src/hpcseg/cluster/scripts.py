@@ -138,3 +138,47 @@ def submission_text(executor, n_elements: int) -> str:
     if n_elements > 1:
         executor.parameters["map_count"] = n_elements
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
+
+
+# ---------------------------------------------------------------- what the scheduler plugins (lsf, sge) share
+
+
+def check_parameter(cond: bool, message: str) -> None:
+    """A plugin's check of an executor parameter: a ValueError, which submit reports as one line."""
+    if not cond:
+        raise ValueError(message)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def warning_signal() -> str:
+    """The preemption signal submitit jobs handle (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
+    from submitit.core import job_environment
+
+    return job_environment.JobEnvironment.USR_SIG.upper().removeprefix("SIG")
+
+
+def wait_for_child(child: str, exit_file: str) -> list[str]:
+    """Batch-script lines that wait for the Python process in `$child` (a signal the script forwards interrupts
+    `wait` while the process runs on), write its exit code to `$exit_file` and exit with it."""
+    return [
+        "while :; do",
+        "    submitit_trapped=0",
+        f'    wait "${child}"',
+        "    submitit_rc=$?",
+        '    [ "$submitit_trapped" = 1 ] || break  # the child ended',
+        f'    kill -0 "${child}" 2>/dev/null && continue  # a forwarded signal interrupted wait',
+        f'    wait "${child}" 2>/dev/null',
+        "    submitit_status=$?",
+        '    [ "$submitit_status" = 127 ] || submitit_rc=$submitit_status',
+        "    break",
+        "done",
+        f'echo "$submitit_rc" > "${exit_file}"',
+        'exit "$submitit_rc"',
+    ]

@@ -44,7 +44,10 @@ from submitit.core import core, job_environment, logger, utils
 
 from ..errors import CommandError, run_command
 from .runs import my_user
-from .scripts import CONTROL, BoundedSubmission, dry_run_class, job_python, submission_text
+from .scripts import (
+    CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
+    check_parameter as _check, is_int as _is_int, is_number as _is_number, wait_for_child,
+    warning_signal as _warning_signal)
 
 #: qstat's state letters -> hpcseg's states (status.STATES), checked in this order on the state string
 _QSTAT_STATES = (
@@ -60,7 +63,6 @@ _QSTAT_STATES = (
 FAILED_REQUEUED, FAILED_LIMIT, FAILED_AFTER_JOB = 25, 37, 100
 #: exit codes of jobs ended by qdel (SIGKILL) or by TERM/INT forwarded by the job shell
 CANCEL_EXIT_CODES = (130, 137, 143)
-EXIT_CODE_SUFFIX = "_exitcode"
 #: what SGE sends at the soft walltime limit s_rt (queue_conf(5)), trapped by the job shell
 SOFT_LIMIT_SIGNAL = "USR1"
 #: what a path in a #$ directive may not hold: qsub reads a double-quoted argument without escapes, and expands
@@ -441,28 +443,10 @@ def _mem_per_slot(mem_gb: float, slots: int) -> str:
     return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
 
 
-def _warning_signal() -> str:
-    """The preemption signal submitit jobs handle (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise)."""
-    return job_environment.JobEnvironment.USR_SIG.upper().removeprefix("SIG")
-
-
 def _shell_path(pattern: str) -> str:
     """A path pattern with submitit's %j/%A/%a/%t tags as a quoted shell word using the job's variables."""
     tags = {"%j": "${SUBMITIT_SGE_JOB_ID}", "%A": "${JOB_ID}", "%a": "${SGE_TASK_ID}", "%t": "0"}
     return "".join(f'"{tags[p]}"' if p in tags else shlex.quote(p) for p in re.split(r"(%[jAat])", pattern) if p)
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-def _is_int(value: tp.Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: tp.Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # pylint: disable=too-many-arguments,too-many-locals,unused-argument
@@ -593,19 +577,7 @@ def _make_qsub_string(
         'submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_SGE_CHILD" 2>/dev/null; }',
         f"trap 'submitit_forward {usr_sig}' {SOFT_LIMIT_SIGNAL}",
         *[f"trap 'submitit_forward {sig}' {sig}" for sig in forwarded],
-        "while :; do",
-        "    submitit_trapped=0",
-        '    wait "$SUBMITIT_SGE_CHILD"',
-        "    submitit_rc=$?",
-        '    [ "$submitit_trapped" = 1 ] || break  # the child ended',
-        '    kill -0 "$SUBMITIT_SGE_CHILD" 2>/dev/null && continue  # a forwarded signal interrupted wait',
-        '    wait "$SUBMITIT_SGE_CHILD" 2>/dev/null',
-        "    submitit_status=$?",
-        '    [ "$submitit_status" = 127 ] || submitit_rc=$submitit_status',
-        "    break",
-        "done",
-        'echo "$submitit_rc" > "$SUBMITIT_SGE_EXIT_FILE"',
-        'exit "$submitit_rc"',
+        *wait_for_child("SUBMITIT_SGE_CHILD", "SUBMITIT_SGE_EXIT_FILE"),
         "",
     ]
     return "\n".join(lines)
