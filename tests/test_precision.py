@@ -89,6 +89,6 @@ def test_cpu_training_records_fp32_and_each_phase(tiny_data, tmp_path):
     assert set(phases) == {"startup", "data", "setup", "train", "validate", "checkpoint", "tensorboard", "records",
                            "other", "wall"}
     assert phases["train"] > 0 and phases["validate"] > 0 and phases["checkpoint"] > 0
-    assert sum(v for k, v in phases.items() if k != "wall") == pytest.approx(phases["wall"], abs=0.01)
+    assert sum(v for k, v in phases.items() if k != "wall") == pytest.approx(phases["wall"], abs=0.05)  # /proc ticks
     assert "amp" not in load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")  # no scaler, none saved
     assert any(line.startswith("time: ") and "training" in line for line in out.splitlines())
