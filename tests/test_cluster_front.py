@@ -45,7 +45,9 @@ def test_dry_run_slurm_script(cli, tiny_data):
     code, out = _dry(cli, "--profile", "slurm", "--queue", "gpuv100", "--gpus", "2", "--cpus", "8", "--mem", "32",
                      "--time", "12:00", "--sweep", "train.seed=0,1,2", "--max-parallel", "2", data=tiny_data)
     assert code == 0, out
-    for line in ["#SBATCH --partition=gpuv100", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=8",
+    # one training process per GPU, the job's 8 cores shared among them
+    for line in ["#SBATCH --partition=gpuv100", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --nodes=1", "#SBATCH --cpus-per-task=4",
                  "#SBATCH --mem=32GB", "#SBATCH --time=720", "#SBATCH --array=0-2%2", "#SBATCH --signal=USR2@120",
                  "export SUBMITIT_EXECUTOR=slurm"]:
         assert line in out, (line, out)

@@ -113,10 +113,11 @@ def test_a_dry_run_prints_the_script_for_data_not_reachable_from_here(cli, tmp_p
 
 
 @pytest.mark.parametrize("executor, gpus, here, warning", [
-    ("local", "2", 0, "--gpus 2: this machine has no GPU; the local job trains on its CPU"),
+    ("local", "2", 0, "--gpus 2: this machine has no GPU; the local job trains on its CPU in 2 processes"),
     ("local", "1", 0, "--gpus 1: this machine has no GPU; the local job trains on its CPU"),
-    ("local", "2", 2, "--gpus 2: training uses one GPU (multi-GPU training is not implemented yet); 1 would stay idle"),
-    ("slurm", "3", 0, "--gpus 3: training uses one GPU (multi-GPU training is not implemented yet); 2 would stay idle"),
+    ("local", "2", 2, None),  # two training processes, one per GPU
+    ("slurm", "3", 0, None),
+    ("lsf", "2", 0, None),
     ("local", "1", 1, None),
     ("local", "0", 0, None),
     ("lsf", "1", 0, None),

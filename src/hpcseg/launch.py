@@ -4,28 +4,45 @@ This is what `torchrun --standalone --nproc-per-node N` does (torch.distributed'
 as a function): it sets each process's RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT, and when one process
 dies it stops the others, so the command ends with the reason instead of leaving ranks waiting. Each process
 runs `hpcseg.train.train`, which forms the process group from those variables (gloo on the CPU).
+
+A cluster job whose scheduler starts one task per host (LSF here) starts its ranks the same way, one launcher per
+host; the job's warning signal is passed on to the ranks (`signal_ranks`), which stop together, and the job
+requeues once rank 0 saved.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import uuid
 from pathlib import Path
 
 from .errors import UserError
+from .preempt import Preempted
+
+#: A rank's exit code after it stopped for the warning signal (rank 0 saved `last`).
+PREEMPTED_EXIT = 3
 
 
-def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bool) -> None:
-    """One rank: train, and print a user error as the command line does (exit 2, no traceback)."""
+def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bool, warned: bool) -> dict:
+    """One rank: train, and print a user error as the command line does (exit 2, no traceback). With `warned`
+    (a cluster job), the warning signal stops the ranks together and this rank exits PREEMPTED_EXIT."""
     from .distributed import ranks_from_env
     from .jobfile import job_from_dict
+    from .preempt import DeferredSignal
     from .train import train
 
+    job_ = job_from_dict(job, source=str(Path(run_dir) / "job.toml"))
     try:
-        train(job_from_dict(job, source=str(Path(run_dir) / "job.toml")), Path(train_dir), Path(val_dir),
-              Path(run_dir), resume=resume)
+        if not warned:
+            return train(job_, Path(train_dir), Path(val_dir), Path(run_dir), resume=resume)
+        with DeferredSignal(signal.SIGUSR2) as warning:
+            return train(job_, Path(train_dir), Path(val_dir), Path(run_dir), resume=resume, progress=False,
+                         warning=warning)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT)
     except UserError as err:
         # every rank checks the same data and run folder: rank 0 says what is wrong, once; a lost rank says so
         if ranks_from_env().leader or type(err).__name__ == "DistributedError":
@@ -35,20 +52,47 @@ def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bo
         sys.exit(130)
 
 
-def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Path, resume: bool) -> None:
-    """Train `job` in `procs` processes; a failed rank is one line naming it and how it ended."""
+def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Path, resume: bool,
+                    warned: bool = False) -> dict:
+    """Train `job` in `procs` processes and return rank 0's summary; a failed rank is one line naming it and how
+    it ended. With `warned`, ranks that stopped for the warning signal raise `Preempted` here."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
-    args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume)
+    args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume,
+            warned)
     # the launcher logs a failed rank as a traceback; the one line below says it
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        elastic_launch(config, _rank_main)(*args)
+        return elastic_launch(config, _rank_main)(*args)[0]
     except ChildFailedError as err:
+        if warned and any(f.exitcode == PREEMPTED_EXIT for f in err.failures.values()):
+            raise Preempted("the ranks stopped for the warning signal") from None
         raise RankFailedError(_describe(err.failures)) from None
+
+
+def signal_ranks(signum: int) -> None:
+    """Send `signum` to the rank processes this process's launcher started (its multiprocessing children)."""
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                if b"multiprocessing.spawn" in handle.read():
+                    os.kill(pid, signum)
+        except OSError:  # ended meanwhile
+            pass
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+    except OSError:
+        pass
+    return found
 
 
 class RankFailedError(UserError):

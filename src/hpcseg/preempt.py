@@ -21,8 +21,9 @@ class Preempted(Exception):
 
 
 class DeferredSignal:
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, relay=None) -> None:
         self.signum = signum
+        self.relay = relay  # called with the signal as it comes: a job's launcher passes it on to its ranks
         self.received: tuple[int, FrameType | None] | None = None
         self.deferring = False
         self._previous = None
@@ -36,6 +37,8 @@ class DeferredSignal:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = (signum, frame)
+        if self.relay is not None:
+            self.relay(signum)
         if not self.deferring:
             self.forward()
 

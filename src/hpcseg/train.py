@@ -210,6 +210,7 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                     loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
                 if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
                     save_last(state.epoch, partial)
+                    group.barrier()  # no rank ends before `last` is saved (a launcher would stop rank 0)
                     log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
                     raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
                 partial = None
@@ -262,6 +263,7 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                 if stop is not None and stop():  # the warning came after the epoch's last step: save it, requeue
                     if not saving:
                         save_last(epoch)
+                    group.barrier()
                     log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
                     raise Preempted(f"stopped after epoch {epoch}")
                 if state.stopped_early:

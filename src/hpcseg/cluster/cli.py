@@ -57,8 +57,9 @@ def _poll_interval() -> float:
 @click.option("--executor", type=_ExecutorChoice(), default=None, help="where to run: auto picks the first "
               f"scheduler whose command is here ({_AUTO_ORDER}), else this machine")
 @click.option("--queue", help="queue (LSF) or partition (Slurm)")
-@click.option("--gpus", type=int, help="GPUs per job")
-@click.option("--cpus", type=int, help="CPU cores per job")
+@click.option("--gpus", type=int, help="GPUs per node, one training process each (data-parallel when more than 1)")
+@click.option("--nodes", type=int, default=1, show_default=True, help="nodes, each with --gpus GPUs (Slurm)")
+@click.option("--cpus", type=int, help="CPU cores per job (per node), shared by its training processes")
 @click.option("--mem", "mem_gb", type=float, help="memory per job, GB")
 @click.option("--time", "walltime", help="walltime HH:MM")
 @click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, local) or a .toml file")
@@ -71,13 +72,13 @@ def _poll_interval() -> float:
 @click.option("--max-parallel", type=int, help="at most this many array elements run at once")
 @click.option("--dry-run", is_flag=True, help="print the job script(s) and submit nothing")
 @click.option("--wait", is_flag=True, help="block until the submitted runs end, then print their status")
-def submit(job_file, data, executor, queue, gpus, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
+def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
            max_parallel, dry_run, wait) -> None:
     """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
     from .submit import SubmitOptions
     from .submit import submit as do_submit
 
-    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, cpus=cpus,
+    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes, cpus=cpus,
                          mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
                          overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
                          dry_run=dry_run)

@@ -7,7 +7,9 @@ ends with the same number of epochs as an uninterrupted run. The runner holds on
 dict, folder paths): all state lives in the run folder.
 
 A job of several tasks (one per GPU: `submit --gpus N [--nodes M]`) runs one runner per task; they train together
-(hpcseg.distributed), and the task of rank 0 alone records the attempt, tests and writes the outcome.
+(hpcseg.distributed), and the task of rank 0 alone records the attempt, tests and writes the outcome. Where the
+scheduler starts one task per job (LSF), that task starts `procs` ranks itself (hpcseg.launch) and passes the
+warning signal on to them.
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ class JobRunner(submitit.helpers.Checkpointable):
     """Train (resuming from `checkpoints/last.pt` when it exists), test if the job has a test folder, and
     record the outcome in `outcome.json`."""
 
-    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None) -> None:
+    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None,
+                 procs: int = 1) -> None:
         self.job = job
+        self.procs = procs  # training processes per host: one per GPU
         self.train_dir = str(train_dir)
         self.val_dir = str(val_dir)
         self.run_dir = str(run_dir)
@@ -49,8 +53,10 @@ class JobRunner(submitit.helpers.Checkpointable):
         from ..distributed import export_submitit_environment
         from ..jobfile import job_from_dict
 
-        if not export_submitit_environment().leader:  # torchrun's variables from submitit's, for the group
+        ranks = export_submitit_environment()  # torchrun's variables from submitit's, for the group
+        if not ranks.leader:
             return self._train_as_follower()
+        launching = ranks.world == 1 and getattr(self, "procs", 1) > 1  # one task per job: it starts the ranks
         run_dir = Path(self.run_dir)
         resume = (run_dir / LAST).exists()
         attempt = {"event": "start", "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -68,10 +74,20 @@ class JobRunner(submitit.helpers.Checkpointable):
             from ..train import train
 
             job = job_from_dict(self.job, source=str(run_dir / "run.json"))
-            with DeferredSignal(submitit.JobEnvironment._usr_sig()) as warning:
+            relay = None
+            if launching:
+                from ..launch import signal_ranks, train_processes
+
+                relay = signal_ranks
+            with DeferredSignal(submitit.JobEnvironment._usr_sig(), relay=relay) as warning:
                 try:
-                    summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume,
-                                    progress=False, warning=warning)
+                    if launching:  # the signal is only recorded here, and passed on to the ranks
+                        with warning.deferred():
+                            summary = train_processes(self.procs, job, Path(self.train_dir), Path(self.val_dir),
+                                                      run_dir, resume, warned=True)
+                    else:
+                        summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume,
+                                        progress=False, warning=warning)
                 except Preempted:  # `last` holds the state: now let submitit checkpoint and requeue
                     warning.forward()
                     raise

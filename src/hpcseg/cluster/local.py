@@ -25,8 +25,9 @@ def _executor_class() -> type:
 
         def _submit_command(self, command: str) -> LocalJob:
             env = dict(os.environ)
+            ntasks = int(self.parameters.get("tasks_per_node", 1))
             env.update(
-                SUBMITIT_LOCAL_NTASKS="1", SUBMITIT_LOCAL_COMMAND=command,
+                SUBMITIT_LOCAL_NTASKS=str(ntasks), SUBMITIT_LOCAL_COMMAND=command,
                 SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 5))),
                 SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
                 SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
@@ -42,7 +43,7 @@ def _executor_class() -> type:
             with open(self.folder / "controller.log", "ab") as log:
                 process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True)
-            return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=[0])
+            return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
     return DetachedLocalExecutor
 
@@ -53,6 +54,8 @@ def build_executor(plan, folder: Path, dry_run: bool = False):
         return None
     ex = _executor_class()(folder=folder, max_num_timeout=plan.profile.max_requeues)
     params: dict[str, Any] = {"timeout_min": plan.minutes, "signal_delay_s": plan.signal_delay_s}
+    if plan.tasks_per_node > 1:  # one training process per GPU, started by submitit's local controller
+        params["tasks_per_node"] = plan.tasks_per_node
     if plan.profile.setup:
         params["setup"] = list(plan.profile.setup)
     ex.update_parameters(**params)

@@ -42,7 +42,7 @@ from pathlib import Path
 from submitit.core import core, job_environment, logger, utils
 
 from ..durations import hours_minutes
-from ..errors import CommandError, run_command
+from ..errors import ClusterError, CommandError, run_command
 from .scripts import (
     CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
     check_parameter as _check, is_int as _is_int, is_number as _is_number, wait_for_child,
@@ -763,7 +763,11 @@ def job_id_from_env(environ: tp.Mapping[str, str]) -> tp.Optional[str]:
 
 
 def build_executor(plan: tp.Any, folder: Path, dry_run: bool = False) -> LsfExecutor:
-    """The LSF executor for hpcseg's submission plan (submit.Plan): one job or an array."""
+    """The LSF executor for hpcseg's submission plan (submit.Plan): one job or an array. A job runs on one host;
+    with several GPUs its one task starts a training process per GPU (hpcseg.launch)."""
+    if plan.nodes > 1:
+        raise ClusterError(f"--nodes {plan.nodes}: an LSF job runs on one host (span[hosts=1]); use --gpus for "
+                           "that host's GPUs")
     setup = list(plan.profile.setup)
     ex = dry_run_class(LsfExecutor, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
                                              python=job_python(setup))

@@ -127,6 +127,9 @@ def build_executor(plan, folder: Path, dry_run: bool = False):
         params["partition"] = plan.queue
     if plan.gpus:
         params["gpus_per_node"] = plan.gpus
+    if plan.tasks_per_node > 1 or plan.nodes > 1:  # one training process per GPU on every node: srun starts them
+        params.update(ntasks_per_node=plan.tasks_per_node, nodes=plan.nodes,
+                      cpus_per_task=max(1, plan.cpus // plan.tasks_per_node))
     if setup:
         params["setup"] = setup
     ex.update_parameters(**params)

@@ -40,6 +40,7 @@ class SubmitOptions:
     executor: str | None = None
     queue: str | None = None
     gpus: int | None = None
+    nodes: int = 1
     cpus: int | None = None
     mem_gb: float | None = None
     time: str | None = None
@@ -73,6 +74,12 @@ class Plan:
     elements: list[tuple[dict[str, Any], Job]] = field(default_factory=list)  # (sweep values, job)
     warnings: list[str] = field(default_factory=list)  # printed as `hpcseg: warning:` lines
     notes: list[str] = field(default_factory=list)  # printed by a dry run above its script
+    nodes: int = 1
+
+    @property
+    def tasks_per_node(self) -> int:
+        """Training processes per node: one per GPU (data-parallel training), else one."""
+        return max(self.gpus, 1)
 
 
 # ---------------------------------------------------------------- planning
@@ -144,6 +151,10 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     minutes = parse_walltime(time_text, "--time" if opts.time else "time")
     if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:  # NaN fails the last test too
         raise ClusterError("--gpus/--cpus/--mem: must be positive")
+    if not 1 <= opts.nodes <= 1024:
+        raise ClusterError(f"--nodes {opts.nodes}: must be 1..1024")
+    if opts.nodes > 1 and backends.BACKENDS[executor].runs_here:
+        raise ClusterError(f"--nodes {opts.nodes}: the {executor} executor runs on this machine alone")
     queue = opts.queue or profile.queue
     if queue is not None:
         check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
@@ -191,7 +202,7 @@ def plan_submission(opts: SubmitOptions) -> Plan:
                 scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
                 mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
                 signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
-                test_dir=folders["test_dir"], elements=elements, notes=notes,
+                test_dir=folders["test_dir"], elements=elements, notes=notes, nodes=opts.nodes,
                 warnings=_warnings(executor, gpus, "--gpus" if opts.gpus is not None else "gpus", len(elements),
                                    opts.max_parallel) + _small_batch_warnings(executor, gpus, elements))
 
@@ -269,14 +280,12 @@ def _gpus_here() -> int:
 
 
 def _warnings(executor: str, gpus: int, source: str, n: int, max_parallel: int | None) -> list[str]:
-    """What will happen that the options do not say: idle GPUs, a CPU run, a --max-parallel not applied."""
+    """What will happen that the options do not say: a CPU run, a --max-parallel not applied."""
     warnings = []
     backend = backends.BACKENDS[executor]
     if backend.runs_here and gpus > 0 and _gpus_here() == 0:
-        warnings.append(f"{source} {gpus}: this machine has no GPU; the {executor} job trains on its CPU")
-    elif gpus > 1:
-        warnings.append(f"{source} {gpus}: training uses one GPU (multi-GPU training is not implemented yet); "
-                        f"{gpus - 1} would stay idle")
+        processes = f" in {gpus} processes" if gpus > 1 else ""
+        warnings.append(f"{source} {gpus}: this machine has no GPU; the {executor} job trains on its CPU{processes}")
     if not backend.arrays and max_parallel is not None and max_parallel < n:
         # no array, so nothing holds elements back: say so rather than let N trainings share the cores unasked
         warnings.append(f"--max-parallel {max_parallel}: the {executor} executor has no job arrays; all {n} runs "
@@ -396,7 +405,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 "submit_time": time.time(), "hpcseg_version": __version__, "git_commit": commit,
                 "command_line": command_line(), "job_file": str(Path(opts.job_file).absolute()),
                 "profile": plan.profile.name, "queue": plan.queue,
-                "resources": {"gpus": plan.gpus, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
+                "resources": {"gpus": plan.gpus, "nodes": plan.nodes, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
                               "time": hours_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
                 "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
                          "test_dir": str(plan.test_dir) if plan.test_dir else None},
@@ -406,7 +415,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             write_record(run)
             runs.append(run)
             runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
-                                     str(plan.test_dir) if plan.test_dir else None))
+                                     str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node))
         if shared is not None:
             make_private_dir(shared)
             for run in runs:
