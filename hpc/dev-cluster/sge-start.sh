@@ -115,12 +115,23 @@ gridengine-master shared/gridenginecell string $SGE_CELL
 gridengine-master shared/gridenginemaster string $HOST
 EOF
     export DEBIAN_FRONTEND=noninteractive
+    # the packages' init scripts must start nothing (this script starts, records and stops the daemons): where no
+    # policy-rc.d forbids it already, one does for the install
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# hpcseg sge-start.sh, while it installs gridengine: start no daemon\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
     apt-get update -qq >/dev/null
+    apt_rc=0
     apt-get install -y -qq --no-install-recommends gridengine-master gridengine-exec gridengine-client \
-        >"$STATE_DIR.apt.log" 2>&1 || die "apt-get install of the gridengine packages failed" "$STATE_DIR.apt.log"
+        >"$STATE_DIR.apt.log" 2>&1 || apt_rc=$?
+    [[ $made_policy == 1 ]] && rm -f "$policy"
+    ((apt_rc == 0)) || die "apt-get install of the gridengine packages failed" "$STATE_DIR.apt.log"
     rm -f "$STATE_DIR.apt.log"
 fi
-# The packages' init scripts may have started nothing (no systemd, policy-rc.d): we start the daemons below.
 
 mkdir -p "$STATE_DIR" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/conf"
 chmod 755 "$STATE_DIR" "$RUN_DIR"
