@@ -12,7 +12,7 @@ from test_pipeline import JOB
 
 import hpcseg.train as T
 from hpcseg.augment import crop_batch
-from hpcseg.batches import MAPPED, HostBatches, place
+from hpcseg.batches import MAPPED, HostBatches, Placement, place, training_tensors, validation_groups
 from hpcseg.checkpoint import load_checkpoint
 from hpcseg.data import load_split, save_slice
 from hpcseg.dataparallel import rank_batch
@@ -130,3 +130,20 @@ def test_splits_stay_on_the_device_while_they_fit_its_cap(tmp_path):
     assert place(10**9 + 1, cpu, 1.0, 0.0, tmp_path).where == "host"
     assert place(10**9 + 1, cpu, 1.0, 1.0, tmp_path).where == "mapped"
     assert place(10**9 + 1, cpu, 1.0, 1.0, tmp_path, rank=1).folder == tmp_path / MAPPED / "rank1"
+
+
+@pytest.mark.parametrize("where", ["host", "mapped"])
+def test_off_the_device_the_slices_are_held_once(mixed_data, tmp_path, where):
+    train_split = load_split(mixed_data / "training_data", 4)
+    val_split = load_split(mixed_data / "validation_data", 4)
+    read = [a.copy() for a in train_split.images + train_split.labels + val_split.images + val_split.labels]
+    placement = Placement(where, "", tmp_path / where if where == "mapped" else None)
+    images, labels, _ = training_tensors(train_split, placement, torch.device("cpu"), (32, 32))
+    groups = validation_groups(val_split, placement, torch.device("cpu"), 2)
+    assert all(np.shares_memory(a, images.numpy()) for a in train_split.images)
+    assert all(np.shares_memory(a, labels.numpy()) for a in train_split.labels)
+    assert sum(np.shares_memory(a, g[0].numpy()) for a in val_split.images for g in groups) == len(VAL_SHAPES)
+    now = train_split.images + train_split.labels + val_split.images + val_split.labels
+    assert all(np.array_equal(a, b) for a, b in zip(now, read))
+    assert [len(g[0]) for g in groups] == [2, 1, 1]  # 3 slices of one shape in chunks of 2, 1 of another
+    assert (tmp_path / where / "training" / "images.npy").is_file() == (where == "mapped")

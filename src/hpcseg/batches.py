@@ -92,22 +92,33 @@ def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: 
         return Placement("device", f"data: resident on {device.type} ({size}; {of})")
     staged = "batches staged in pinned memory" if device.type == "cuda" else "batches copied to the device"
     room = host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
-    why = f"more than the device's {budget / GB:.2g} GB for data"
     if nbytes <= room:
-        return Placement("host", f"data: host memory, {size} ({why}; {staged})")
+        return Placement("host", f"data: host memory, {size} (more than the device's {budget / GB:.2g} GB for data; "
+                                 f"{staged})")
     folder = run_dir / MAPPED / f"rank{rank}"
-    return Placement("mapped", f"data: memory-mapped .npy files in {folder}, {size} ({why} and than the host's "
-                               f"{room / GB:.2g} GB; {staged})", folder)
+    return Placement("mapped", f"data: memory-mapped .npy files in {folder}, {size} (more than the device's "
+                               f"{budget / GB:.2g} GB and the host's {room / GB:.2g} GB for data; {staged})", folder)
 
 
 def training_tensors(split: Split, placement: Placement, device: torch.device,
                      min_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training split's images, labels and sizes (Split.stacked) where `placement` keeps them."""
+    if placement.resident:
+        return tuple(t.to(device) for t in split.stacked(min_size=min_size))
     if placement.where == "mapped":
         shutil.rmtree(placement.folder, ignore_errors=True)
-        return split.stacked(min_size=min_size, folder=placement.folder / "training")
-    tensors = split.stacked(min_size=min_size)
-    return tuple(t.to(device) for t in tensors) if placement.resident else tensors
+    images, labels, sizes = split.stacked(min_size=min_size,
+                                          folder=placement.folder / "training" if placement.folder else None)
+    _share(split, list(range(len(split))), images.numpy(), labels.numpy())
+    return images, labels, sizes
+
+
+def _share(split: Split, index: list[int], images: np.ndarray, labels: np.ndarray) -> None:
+    """Make the slices `index` of `split` views of their stacked copies (N, 1, H, W): the data is held once, in
+    host memory or in the mapped files, not also as the slices that were read."""
+    for row, k in enumerate(index):
+        h, w = split.images[k].shape
+        split.images[k], split.labels[k] = images[row, 0, :h, :w], labels[row, 0, :h, :w]
 
 
 def validation_groups(split: Split, placement: Placement, device: torch.device,
@@ -127,6 +138,7 @@ def validation_groups(split: Split, placement: Placement, device: torch.device,
         if placement.where == "mapped":
             images, labels = (_mapped(array, placement.folder / f"validation-{k}-{name}.npy")
                               for array, name in ((images, "images"), (labels, "labels")))
+        _share(split, group, images, labels)
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         groups += [(images[i : i + chunk], labels[i : i + chunk]) for i in range(0, len(group), chunk)]
     return groups
