@@ -57,6 +57,8 @@ class RunStatus:
     path: str
     damage: list[str]
     scheduler_error: str | None = None  # the scheduler could not be asked: the state is from the files only
+    gpus: int | None = None  # per node, as submitted: one training process each
+    nodes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +135,20 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
                      state=state, scheduler_state=sched, epoch=epoch, epochs=epochs,
                      best_dice=progress.get("best_dice"), best_epoch=progress.get("best_epoch"),
                      updated=progress.get("updated"), time_left_s=left, error=error,
-                     sweep=run.record.get("sweep") or {}, path=str(run.path), damage=list(run.damage))
+                     sweep=run.record.get("sweep") or {}, path=str(run.path), damage=list(run.damage),
+                     **_resources(run.record))
+
+
+def _resources(record: dict) -> dict:
+    """The GPUs per node and the nodes run.json says the run was submitted with (None where it says no number)."""
+    res = record.get("resources")
+    res = res if isinstance(res, dict) else {}
+
+    def count(key: str, default: int | None) -> int | None:
+        value = res.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 4096 else None
+
+    return {"gpus": count("gpus", None), "nodes": count("nodes", 1)}  # runs submitted before --nodes had one
 
 
 def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple[list[RunStatus], list[str]]:
@@ -185,13 +200,14 @@ def _age(seconds: float | None) -> str:
 
 def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    header = ["RUN", "EXPERIMENT", "EXECUTOR", "JOB", "STATE", "EPOCH", "BEST DICE", "UPDATED", "LEFT"]
+    header = ["RUN", "EXPERIMENT", "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE", "UPDATED", "LEFT"]
     rows = [header]
     for s in statuses:
         epoch = f"{s.epoch if s.epoch is not None else '-'}/{s.epochs if s.epochs is not None else '-'}"
         best = f"{s.best_dice:.4f} ({s.best_epoch})" if s.best_dice is not None else "-"
         updated = _age(now - s.updated) if s.updated else "-"
-        rows.append([s.run_id, s.experiment, s.executor, s.job_id or "-", s.state, epoch, best, updated,
+        gpus = "-" if s.gpus is None else f"{s.gpus}x{s.nodes}" if s.nodes and s.nodes > 1 else str(s.gpus)
+        rows.append([s.run_id, s.experiment, s.executor, s.job_id or "-", gpus, s.state, epoch, best, updated,
                      clock(s.time_left_s) if s.time_left_s is not None and s.state not in TERMINAL else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
