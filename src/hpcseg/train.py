@@ -427,8 +427,12 @@ def _check_run_dir(job: Job, run_dir: Path, resume: bool) -> dict | None:
         raise RunDirError(f"{run_dir / LAST}: nothing to resume from")
     ckpt = load_checkpoint(run_dir / LAST, resume=True)
     ckpt_job = job_from_dict(ckpt["job"], source=str(run_dir / LAST))
-    if ckpt_job.replace(**{"train.epochs": job.train.epochs}) != job:
-        raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs may change on resume)")
+    # where the data lives changes nothing that is trained: a resumed run may land on a GPU of another size
+    free = {"train.epochs": job.train.epochs, "data.device_memory_gb": job.data.device_memory_gb,
+            "data.host_memory_gb": job.data.host_memory_gb}
+    if ckpt_job.replace(**free) != job:
+        raise JobError(f"{run_dir}: the job differs from the run's job.toml (only train.epochs and the data memory "
+                       f"caps may change on resume)")
     return ckpt
 
 
