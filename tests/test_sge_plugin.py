@@ -315,3 +315,23 @@ def test_the_soft_walltime_warns_and_the_job_requeues_itself_under_its_id(execut
     out = subprocess.run(["qacct", "-j", job.job_id], capture_output=True, text=True, timeout=10).stdout
     assert [ln.split()[1] for ln in out.splitlines() if ln.startswith("failed")] == ["25", "0"], out
     assert info.state == "COMPLETED", info
+
+
+def slots_and_gpus():
+    return os.environ.get("NSLOTS"), os.environ.get("PE"), os.environ.get("SGE_TASK_ID")
+
+
+def test_a_job_of_several_cores_and_a_gpu_gets_its_slots_and_runs(executor):
+    """-pe smp 2 with -l gpu=1 on the dev SGE's one GPU: the GPU counts once per job, so the job runs."""
+    executor.update_parameters(cores=2, gpus=1, mem_gb=1)
+    job = executor.submit(slots_and_gpus)
+    assert {"#$ -pe smp 2", "#$ -l gpu=1", "#$ -l mem_free=512M"} <= set(directives(job.paths.submission_file.read_text()))
+    assert job.result() == ("2", "smp", "undefined")
+
+
+def test_submit_refuses_more_than_one_node(cli, tiny_data):
+    from fixtures_cluster import JOB_FILE
+
+    code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", "sge", "--nodes", "2", "--gpus", "0",
+                    "--dry-run")
+    assert code == 2 and out.startswith("hpcseg: error: --nodes 2: an SGE job of hpcseg runs on one host"), out

@@ -9,8 +9,8 @@
 # Debian's layout, so plain qsub/qstat/qacct work without env vars beyond SGE_ROOT). Pid files and logs live in
 # $HPCSEG_DEV_SGE_DIR (default /tmp/hpcseg-dev-sge). It refuses to start beside SGE daemons it did not start, or
 # over a cell that another host's qmaster or another admin configured; if it fails, it stops what it started.
-# Cluster: queue all.q on this host (one slot per CPU, parallel environment smp, notify 60 s), a consumable
-# "gpu" resource (one fake GPU), scheduling every second, accounting flushed at once (qacct knows a job as soon
+# Cluster: queue all.q on this host (one slot per CPU, parallel environment smp, notify 60 s), a per-job
+# consumable "gpu" resource (one fake GPU), scheduling every second, accounting flushed at once (qacct knows a job as soon
 # as it ends), and jobs of root allowed (min_uid 0): meant for disposable dev/CI machines (Debian 12, root,
 # no systemd).
 set -euo pipefail
@@ -224,11 +224,13 @@ sed -e 's/^schedule_interval .*/schedule_interval                 0:0:1/' \
     "$CONF/sched.orig" >"$CONF/sched"
 qconf_q -Msconf "$CONF/sched"
 
-# a consumable GPU count (the fake GPU: nothing checks a device)
+# a GPU count consumed per job, not per slot as "YES" would (-pe smp 4 -l gpu=1 would take 4); the fake GPU:
+# nothing checks a device
+GPU_COMPLEX="gpu                 gpu        INT       <=    YES         JOB        0        0"
 timeout 20 qconf -sc >"$CONF/complexes" || die "qconf -sc failed" "$QMASTER_MESSAGES"
-if ! grep -q '^gpu ' "$CONF/complexes"; then
-    echo "gpu                 gpu        INT       <=    YES         YES        0        0" >>"$CONF/complexes"
-    qconf_q -Mc "$CONF/complexes"
+if ! grep -qx "$GPU_COMPLEX" "$CONF/complexes"; then
+    { grep -v '^gpu ' "$CONF/complexes"; echo "$GPU_COMPLEX"; } >"$CONF/complexes.new"
+    qconf_q -Mc "$CONF/complexes.new"
 fi
 
 # the parallel environment for several cores on one host

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from submitit.core import core, job_environment, logger, utils
 
-from ..errors import CommandError, run_command
+from ..errors import ClusterError, CommandError, run_command
 from .runs import my_user
 from .scripts import (
     CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
@@ -707,7 +707,12 @@ def _job_name(experiment: str) -> str:
 
 
 def build_executor(plan: tp.Any, folder: Path, dry_run: bool = False) -> SgeExecutor:
-    """The SGE executor for hpcseg's submission plan (submit.Plan): one job or an array."""
+    """The SGE executor for hpcseg's submission plan (submit.Plan): one job or an array. A job runs on one host
+    (the parallel environment's slots); with several GPUs its one task starts a training process per GPU
+    (hpcseg.launch), as on LSF."""
+    if plan.nodes > 1:
+        raise ClusterError(f"--nodes {plan.nodes}: an SGE job of hpcseg runs on one host (its parallel environment's "
+                           "slots); use --gpus for that host's GPUs")
     setup = list(plan.profile.setup)
     ex = dry_run_class(SgeExecutor, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
                                              python=job_python(setup))
