@@ -231,3 +231,35 @@ def test_the_ranks_share_every_epoch_once(n, batch, world):
     assert sorted(counted) == list(range(n))
     one = [rank_batch(order, s, batch * world, Ranks())[0].tolist() for s in range(steps)]
     assert sum(one, []) == order.tolist()  # one process at the global batch: the same steps
+
+
+def _slurm_node_gpus() -> int:
+    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=10).stdout
+    return max([int(n) for n in re.findall(r"Gres=gpu(?::\w+)?:(\d+)", out)] or [0])
+
+
+@pytest.mark.slow
+def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(backend, cli, tiny_data):
+    """`submit --gpus 2` (the ranks train on this CPU with gloo): the job trains in two processes, the warning
+    signal (sent as each scheduler sends it: here to rank 0 or to the job's one task) stops both at the same
+    step, the job requeues and resumes, and it ends with exactly the asked epochs, one metrics line each; only
+    rank 0 records attempts, and status lists the run once, with its 2 GPUs."""
+    from test_cluster_e2e import TERMINAL, _send_warning
+
+    if backend == "slurm" and _slurm_node_gpus() < 2:
+        pytest.skip("the dev Slurm node has fewer than 2 (fake) GPUs: restart it with hpc/dev-cluster/start.sh")
+    epochs = 40
+    [(run_id, job_id)] = cli.submit("--gpus", "2", "--time", "00:30", "--name", "ddp", data=tiny_data,
+                                    sets=[f"train.epochs={epochs}", "train.val_interval=20"])
+    run_dir = cli.scratch / "ddp" / run_id
+    cli.wait(run_id, ("RUNNING",), timeout_s=120, until=lambda r: (r["epoch"] or 0) >= 3)
+    _send_warning(backend, run_dir, job_id)
+    row = cli.wait(run_id, TERMINAL, timeout_s=180)
+    starts = [a for a in map(json.loads, (run_dir / "attempts.jsonl").read_text().splitlines())
+              if a["event"] == "start"]
+    assert row["state"] == "COMPLETED", (row, starts)
+    assert len(starts) == 2 and starts[1]["resume"] and not starts[0]["resume"], starts
+    assert row["epoch"] == epochs and [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs + 1))
+    logs = "".join(p.read_text(errors="replace") for p in (run_dir / "submitit").glob("*_log.out"))
+    assert "batch 2 per rank x 2 ranks" in logs
+    assert [(r["run_id"], r["gpus"]) for r in cli.status()] == [(run_id, 2)]
