@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 from fixtures_cluster import TINY
+from test_ddp import data8  # noqa: F401 - a fixture
+from test_ddp import train as train_procs
+from test_ddp import weights as ddp_weights
 from test_pipeline import JOB
 
 import hpcseg.train as T
@@ -147,3 +150,14 @@ def test_off_the_device_the_slices_are_held_once(mixed_data, tmp_path, where):
     assert all(np.array_equal(a, b) for a, b in zip(now, read))
     assert [len(g[0]) for g in groups] == [2, 1, 1]  # 3 slices of one shape in chunks of 2, 1 of another
     assert (tmp_path / where / "training" / "images.npy").is_file() == (where == "mapped")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [[FORCE_HOST], [FORCE_HOST, FORCE_MAPPED]], ids=["host", "mapped"])
+def test_two_ranks_with_their_data_off_the_device_train_the_resident_ranks_weights(data8, tmp_path, where):
+    sets = [*TINY, "train.epochs=2", "train.batch_size=1"]
+    train_procs(data8, tmp_path / "resident", *sets, procs=2)
+    out = train_procs(data8, tmp_path / "off", *sets, *where, procs=2)
+    _same_weights(ddp_weights(tmp_path / "resident"), ddp_weights(tmp_path / "off"))
+    assert out.count("data: ") == 1  # rank 0 alone says where
+    assert not (tmp_path / "off" / MAPPED).exists()  # each rank's mapped copy is gone
