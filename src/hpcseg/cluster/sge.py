@@ -209,7 +209,8 @@ def query_sge(job_ids: tp.Sequence[str], timeout_s: float = 10,
     """States of many jobs: ONE qstat call, and one qacct call for the jobs qstat no longer lists.
 
     ``job_ids`` may be ``12345``, ``12345_3`` or ``12345.3``; the result is keyed by submitit ids (a plain id
-    naming an array under each of its tasks). ``since`` (a time before the jobs were submitted) bounds the
+    naming an array under each of its tasks that qstat lists, or, once it lists none, that accounting knows: hpcseg
+    asks for each task by its own id). ``since`` (a time before the jobs were submitted) bounds the
     accounting records read. Raises CommandError when qstat or qacct fails or hangs.
     """
     requested = [from_sge_id(j) for j in job_ids]
