@@ -83,6 +83,14 @@ def test_host_and_mapped_splits_train_the_same_weights_as_resident_ones(mixed_da
     assert not (tmp_path / "mapped" / MAPPED).exists()  # the mapped copy goes when training ends
 
 
+def test_what_a_killed_attempt_mapped_goes_whatever_the_next_attempt_places(mixed_data, tmp_path):
+    stale = tmp_path / "run" / MAPPED / "rank0" / "training"
+    stale.mkdir(parents=True)
+    (stale / "images.npy").write_bytes(b"left by kill -9")
+    _train(mixed_data, tmp_path / "run")  # resident
+    assert not (tmp_path / "run" / MAPPED).exists()
+
+
 def resident_log_size(log):
     [line] = [line for line in log if line.startswith("data: resident")]
     return line[len("data: resident on cpu (") :].split(";")[0]
@@ -140,7 +148,7 @@ def test_off_the_device_the_slices_are_held_once(mixed_data, tmp_path, where):
     train_split = load_split(mixed_data / "training_data", 4)
     val_split = load_split(mixed_data / "validation_data", 4)
     read = [a.copy() for a in train_split.images + train_split.labels + val_split.images + val_split.labels]
-    placement = Placement(where, "", tmp_path / where if where == "mapped" else None)
+    placement = Placement(where, "", tmp_path / where)
     images, labels, _ = training_tensors(train_split, placement, torch.device("cpu"), (32, 32))
     groups = validation_groups(val_split, placement, torch.device("cpu"), 2)
     assert all(np.shares_memory(a, images.numpy()) for a in train_split.images)

@@ -34,7 +34,7 @@ class Placement:
 
     where: str
     line: str
-    folder: Path | None = None  # the memory-mapped files (where == "mapped")
+    folder: Path | None = None  # this rank's memory-mapped files (used where == "mapped"; a killed attempt's go)
 
     @property
     def resident(self) -> bool:
@@ -88,14 +88,14 @@ def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: 
     else:  # the CPU trains on host memory: resident unless a cap says otherwise
         budget, of = (device_cap_gb * GB, f"cap data.device_memory_gb = {device_cap_gb:g}") if device_cap_gb else \
             (float("inf"), "host memory")
+    folder = run_dir / MAPPED / f"rank{rank}"
     if nbytes <= budget:
-        return Placement("device", f"data: resident on {device.type} ({size}; {of})")
+        return Placement("device", f"data: resident on {device.type} ({size}; {of})", folder)
     staged = "batches staged in pinned memory" if device.type == "cuda" else "batches copied to the device"
     room = host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
     if nbytes <= room:
         return Placement("host", f"data: host memory, {size} (more than the device's {budget / GB:.2g} GB for data; "
-                                 f"{staged})")
-    folder = run_dir / MAPPED / f"rank{rank}"
+                                 f"{staged})", folder)
     return Placement("mapped", f"data: memory-mapped .npy files in {folder}, {size} (more than the device's "
                                f"{budget / GB:.2g} GB and the host's {room / GB:.2g} GB for data; {staged})", folder)
 
@@ -103,12 +103,11 @@ def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: 
 def training_tensors(split: Split, placement: Placement, device: torch.device,
                      min_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The training split's images, labels and sizes (Split.stacked) where `placement` keeps them."""
+    release(placement)  # what a killed attempt mapped
     if placement.resident:
         return tuple(t.to(device) for t in split.stacked(min_size=min_size))
-    if placement.where == "mapped":
-        shutil.rmtree(placement.folder, ignore_errors=True)
-    images, labels, sizes = split.stacked(min_size=min_size,
-                                          folder=placement.folder / "training" if placement.folder else None)
+    mapped = placement.where == "mapped"
+    images, labels, sizes = split.stacked(min_size=min_size, folder=placement.folder / "training" if mapped else None)
     _share(split, list(range(len(split))), images.numpy(), labels.numpy())
     return images, labels, sizes
 
