@@ -5,6 +5,8 @@ alternating order for ``--rounds`` rounds of ``--steps`` steps each: ``device`` 
 place), ``host`` (each batch's slices gathered on the host, staged in pinned memory on CUDA, copied one step ahead)
 and ``mapped`` (the same from memory-mapped .npy files). Prints samples/s per round, the median per placement and
 its ratio to ``device``. On a CPU "device" and "host" are the same memory: the ratio is the cost of the gather.
+First it checks that every placement crops and augments the same pixels as the resident split for one epoch
+(``crops equal`` must say True for each; on a GPU this exercises the pinned, side-stream copies).
 
 Quick run (about 1 min on 2 CPU cores):  python benchmarks/data_placement.py --batch 4 --steps 10 --rounds 3
 On a GPU:                                 python benchmarks/data_placement.py --batch 64 --steps 40
@@ -24,7 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from hpcseg.batches import Placement, training_tensors  # noqa: E402
+from hpcseg.augment import augment_batch, crop_batch  # noqa: E402
+from hpcseg.batches import HostBatches, Placement, training_tensors  # noqa: E402
+from hpcseg.dataparallel import rank_batch  # noqa: E402
+from hpcseg.distributed import Ranks  # noqa: E402
 from hpcseg.data import load_split  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
@@ -50,6 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tensors = {where: training_tensors(split, Placement(where, "", Path(tmp) / where), device,
                                            (MIN_SIZE, MIN_SIZE)) for where in PLACEMENTS}
+        for where in PLACEMENTS[1:]:
+            print(f"{where:>6}: crops equal: {same_crops(tensors['device'], tensors[where], job, params, device)}")
         rates: dict[str, list[float]] = {where: [] for where in PLACEMENTS}
         n = args.steps * args.batch
         for round_ in range(args.rounds + 1):  # round 0 warms up
@@ -69,6 +76,22 @@ def main() -> None:
     for where in PLACEMENTS:
         median = statistics.median(rates[where])
         print(f"{where:>6}: median {median:8.2f} samples/s, {median / base:.3f}x device ({device}, batch {args.batch})")
+
+
+def same_crops(resident, host, job, params, device) -> bool:
+    """Whether one epoch of crops and augmentation from `host` tensors equals those of the `resident` ones."""
+    n, batch = len(resident[0]), job.train.batch_size
+    order = torch.randperm(n, device=device, generator=torch.Generator(device=device).manual_seed(1))
+    steps = -(-n // batch)
+    batches = HostBatches(host, order, lambda o, s: rank_batch(o, s, batch, Ranks())[0], steps)
+    rngs = [torch.Generator(device=device).manual_seed(2) for _ in range(2)]
+    for step in range(steps):
+        index, _ = rank_batch(order, step, batch, Ranks())
+        a = augment_batch(*crop_batch(*resident, index, tuple(job.train.crop), rngs[0]), params, rngs[0])
+        b = augment_batch(*crop_batch(*batches(step), tuple(job.train.crop), rngs[1]), params, rngs[1])
+        if not all(torch.equal(x, y) for x, y in zip(a, b)):
+            return False
+    return True
 
 
 if __name__ == "__main__":
