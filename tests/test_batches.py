@@ -96,7 +96,8 @@ def resident_log_size(log):
     return line[len("data: resident on cpu (") :].split(";")[0]
 
 
-def test_a_host_run_stopped_mid_epoch_and_resumed_resident_trains_the_resident_runs_weights(mixed_data, tmp_path, monkeypatch):
+def test_a_host_run_stopped_mid_epoch_and_resumed_resident_trains_the_resident_runs_weights(mixed_data, tmp_path,
+                                                                                             monkeypatch):
     _, resident, _ = _train(mixed_data, tmp_path / "resident")
     real, calls = T.train_one_epoch, []
 

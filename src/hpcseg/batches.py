@@ -50,7 +50,8 @@ def split_bytes(train_split: Split, val_split: Split, min_size: tuple[int, int])
 def host_memory_available() -> int:
     """Bytes this process may still use: the host's available memory, or less under a cgroup limit (a batch job's)."""
     try:
-        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+                         if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return min(available, _cgroup_room() or available)

@@ -5,7 +5,8 @@ only the class maps: `<id>_prediction.npy` for a `.npy` image, `<id>_prediction.
 header for a NIfTI image (so it overlays the scan in a viewer), and `predict.json`.
 
 A folder of 3D scans (`<scan>_T1w.nii[.gz]`) is cut into coronal slices and normalised as `hpcseg prepare` did for
-the run's training data (the rule its checkpoint or its data's prepare.json records; else volumes.RULE), segmented slice by slice in batches, and the class maps are put back on the scan's own voxels:
+the run's training data (the rule its checkpoint or its data's prepare.json records; else volumes.RULE), segmented
+slice by slice in batches, and the class maps are put back on the scan's own voxels:
 `<scan>_prediction.nii.gz` (the scan's shape, affine and header) and `<scan>_views.png` (three orthogonal views).
 """
 
@@ -20,8 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from . import volumes
-from .data import load_images
 from .atomic import writing
+from .data import load_images
 from .evaluate import load_best_model
 from .infer import predict_slices
 from .outdir import check_replaceable, replacing

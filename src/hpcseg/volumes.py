@@ -12,8 +12,8 @@ to right, whatever the scan's voxel order, voxel size or orientation. They are t
   neighbour. A prediction goes back onto the scan's own voxels by nearest neighbour (exactly, in the first case).
 - Intensity (``rule()``, recorded by ``hpcseg prepare`` in prepare.json and applied again by predict and test to a
   run trained on it): the brain is where the scan is non-zero (a skull-stripped scan is exactly 0 outside it); the
-  image is the scan divided by its 99th percentile (``prepare --percentile``) over the brain, on its own voxels; a resampled image is 0 where the
-  nearest scan voxel is outside the brain, so the background stays exactly 0.
+  image is the scan divided by its 99th percentile (``prepare --percentile``) over the brain, on its own voxels; a
+  resampled image is 0 where the nearest scan voxel is outside the brain, so the background stays exactly 0.
 
 Files: ``<scan>_T1w.nii[.gz]`` with labels ``<scan>_T1w<label suffix>.nii[.gz]`` (suffix
 ``_tissue_segmentation`` unless told; ``_seg`` for FSL FAST). The subject of a scan is its BIDS ``sub-<label>``
