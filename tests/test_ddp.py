@@ -233,9 +233,13 @@ def test_the_ranks_share_every_epoch_once(n, batch, world):
     assert sum(one, []) == order.tolist()  # one process at the global batch: the same steps
 
 
-def _slurm_node_gpus() -> int:
-    out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=10).stdout
-    return max([int(n) for n in re.findall(r"Gres=gpu(?::\w+)?:(\d+)", out)] or [0])
+def _cluster_gpus(backend: str) -> int:
+    """The (fake) GPUs of the dev cluster's node: a 2-GPU job waits forever where there is one."""
+    if backend == "slurm":
+        out = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=10).stdout
+        return max([int(n) for n in re.findall(r"Gres=gpu(?::\w+)?:(\d+)", out)] or [0])
+    out = subprocess.run(["qhost", "-F", "gpu"], capture_output=True, text=True, timeout=10).stdout
+    return max([int(float(n)) for n in re.findall(r"gpu=([\d.]+)", out)] or [0])
 
 
 @pytest.mark.slow
@@ -246,8 +250,8 @@ def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(back
     rank 0 records attempts, and status lists the run once, with its 2 GPUs."""
     from test_cluster_e2e import TERMINAL, _send_warning
 
-    if backend == "slurm" and _slurm_node_gpus() < 2:
-        pytest.skip("the dev Slurm node has fewer than 2 (fake) GPUs: restart it with hpc/dev-cluster/start.sh")
+    if backend in ("slurm", "sge") and _cluster_gpus(backend) < 2:
+        pytest.skip(f"the dev {backend} node has fewer than 2 (fake) GPUs: restart it with hpc/dev-cluster/")
     epochs = 40
     [(run_id, job_id)] = cli.submit("--gpus", "2", "--time", "00:30", "--name", "ddp", data=tiny_data,
                                     sets=[f"train.epochs={epochs}", "train.val_interval=20"])

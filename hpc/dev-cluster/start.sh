@@ -10,7 +10,7 @@
 # Configs are written to /etc/slurm so that plain sbatch/squeue/sacct work without env vars: so it refuses to
 # start beside a Slurm daemon it did not start, or over a /etc/slurm/slurm.conf that hpcseg did not write.
 # If it fails, it stops the daemons it started.
-# Partitions: gpuv100 (default) and debug; one fake GPU (gres gpu:1 backed by a character device).
+# Partitions: gpuv100 (default) and debug; two fake GPUs (gres gpu:2 backed by character devices).
 # Meant for disposable dev/CI machines (Debian 12, root, no systemd). See docs/slurm-dev-cluster.md.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -131,12 +131,18 @@ DB_PASS=$(cat "$STATE_DIR/db-password")
 
 real_mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 
-# the fake GPU: a character device (a regular file, or no File=, leaves the node drained)
-GPU_DEV=$STATE_DIR/fake-gpu0
-if [[ ! -c $GPU_DEV ]]; then
-    rm -f "$GPU_DEV"
-    mknod "$GPU_DEV" c 1 3 2>/dev/null || GPU_DEV=/dev/null
-fi
+# the fake GPUs: character devices (a regular file, or no File=, leaves the node drained); two, so that a job of
+# one training process per GPU (submit --gpus 2) runs here
+GPU_DEVS=()
+for i in 0 1; do
+    dev=$STATE_DIR/fake-gpu$i
+    if [[ ! -c $dev ]]; then
+        rm -f "$dev"
+        mknod "$dev" c 1 3 2>/dev/null || break
+    fi
+    GPU_DEVS+=("$dev")
+done
+[[ ${#GPU_DEVS[@]} -gt 0 ]] || GPU_DEVS=(/dev/null)
 
 write_if_changed() {
     # write_if_changed FILE MODE: stdin -> FILE, only touching it when the content differs.
@@ -196,15 +202,15 @@ AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 
 GresTypes=gpu
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$real_mem_mb Gres=gpu:1 State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$real_mem_mb Gres=gpu:${#GPU_DEVS[@]} State=UNKNOWN
 PartitionName=gpuv100 Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 PartitionName=debug Nodes=ALL Default=NO MaxTime=INFINITE State=UP
 EOF
 
 write_if_changed "$SLURM_ETC/gres.conf" 644 <<EOF
-# Written by hpcseg hpc/dev-cluster/start.sh: one fake GPU (character device), no autodetection.
+# Written by hpcseg hpc/dev-cluster/start.sh: fake GPUs (character devices), no autodetection.
 AutoDetect=off
-NodeName=$HOST Name=gpu File=$GPU_DEV
+$(for dev in "${GPU_DEVS[@]}"; do echo "NodeName=$HOST Name=gpu File=$dev"; done)
 EOF
 
 # MariaDB's port: the one our running mariadbd has, else 3307 or the next free one (another may hold 3307)
@@ -364,4 +370,4 @@ wait_for "$WAIT_S" "sacct to answer" "$LOG_DIR/slurmdbd.log" timeout 5 sacct -n 
 # (f) Ready
 # ---------------------------------------------------------------------------------------------
 elapsed=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-echo "hpcseg dev cluster ready in ${elapsed}s: $CLUSTER_NAME on $HOST, partitions gpuv100 (default) and debug, 1 fake GPU; state in $STATE_DIR"
+echo "hpcseg dev cluster ready in ${elapsed}s: $CLUSTER_NAME on $HOST, partitions gpuv100 (default) and debug, ${#GPU_DEVS[@]} fake GPUs; state in $STATE_DIR"
