@@ -171,7 +171,7 @@ def script(**params) -> str:
 def test_the_script_asks_sge_for_the_job():
     text = script(job_name="exp", queue="all.q", cores=4, mem_gb=16, gpus=2, timeout_min=120, signal_delay_s=300)
     assert directives(text) == [
-        "#$ -N exp", "#$ -S /bin/bash", "#$ -r y", "#$ -q all.q", "#$ -pe smp 4",
+        "#$ -N exp", "#$ -S /bin/bash", "#$ -V", "#$ -r y", "#$ -q all.q", "#$ -pe smp 4",
         "#$ -l h_rt=2:00:00,s_rt=1:55:00", "#$ -l mem_free=4G", "#$ -l gpu=2",
         "#$ -o /scratch/x/submitit/$JOB_ID_0_log.out", "#$ -e /scratch/x/submitit/$JOB_ID_0_log.err"]
     # one slot: no parallel environment; memory in MB where GB do not divide; the site's resource names

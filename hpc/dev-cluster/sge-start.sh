@@ -10,7 +10,7 @@
 # $HPCSEG_DEV_SGE_DIR (default /tmp/hpcseg-dev-sge). It refuses to start beside SGE daemons it did not start, or
 # over a cell that another host's qmaster or another admin configured; if it fails, it stops what it started.
 # Cluster: queue all.q on this host (one slot per CPU, parallel environment smp, notify 60 s), a per-job
-# consumable "gpu" resource (one fake GPU), scheduling every second, accounting flushed at once (qacct knows a job as soon
+# consumable "gpu" resource (two fake GPUs), scheduling every second, accounting flushed at once (qacct knows a job as soon
 # as it ends), and jobs of root allowed (min_uid 0): meant for disposable dev/CI machines (Debian 12, root,
 # no systemd).
 set -euo pipefail
@@ -18,6 +18,8 @@ source "$(dirname "$0")/sge-common.sh"
 
 WAIT_S=${HPCSEG_DEV_SGE_WAIT_S:-60}
 NODE_CPUS=${HPCSEG_DEV_SGE_CPUS:-$(nproc)}
+# two, so that a job of two GPUs (one training process each) runs here too
+NODE_GPUS=${HPCSEG_DEV_SGE_GPUS:-2}
 STARTED=()  # daemons this run started: stopped again if it fails
 
 t_start=$(date +%s.%N)
@@ -240,7 +242,7 @@ if qconf -sp smp >/dev/null 2>&1; then qconf_q -Mp "$CONF/smp.pe"; else qconf_q 
 cat >"$CONF/exechost" <<EOF
 hostname              $sge_name
 load_scaling          NONE
-complex_values        gpu=1
+complex_values        gpu=$NODE_GPUS
 user_lists            NONE
 xuser_lists           NONE
 projects              NONE
@@ -292,5 +294,5 @@ done
 probe_job || die "a probe job did not reach qacct" "$(compgen -G "$SGE_SPOOL/execd/*/messages" | head -n 1)" "$QMASTER_MESSAGES"
 
 elapsed=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
-echo "hpcseg dev SGE ready in ${elapsed}s: queue $SGE_QUEUE on $sge_name ($NODE_CPUS slots, pe smp, 1 fake gpu);" \
+echo "hpcseg dev SGE ready in ${elapsed}s: queue $SGE_QUEUE on $sge_name ($NODE_CPUS slots, pe smp, $NODE_GPUS fake gpus);" \
     "SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL; state in $STATE_DIR"

@@ -6,6 +6,7 @@
 # Parameters
 #$ -N exercise-improved
 #$ -S /bin/bash
+#$ -V
 #$ -r y
 #$ -q all.q
 #$ -pe smp 2

@@ -4,6 +4,7 @@
 # Parameters
 #$ -N exercise-improved
 #$ -S /bin/bash
+#$ -V
 #$ -r y
 #$ -q all.q
 #$ -pe smp 4

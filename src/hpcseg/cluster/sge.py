@@ -180,9 +180,9 @@ def parse_qacct(text: str) -> tp.Dict[str, SgeJobInfo]:
     return infos
 
 
-def _qstat(timeout_s: float) -> tp.Dict[str, SgeJobInfo]:
-    """Every job qstat lists (all users: cancel checks owners), from one call."""
-    return parse_qstat_xml(run_command(["qstat", "-xml", "-u", "*"], timeout_s).stdout)
+def _qstat(timeout_s: float, user: str = "*") -> tp.Dict[str, SgeJobInfo]:
+    """Every job of `user` that qstat lists (all users by default: cancel checks owners), from one call."""
+    return parse_qstat_xml(run_command(["qstat", "-xml", "-u", user], timeout_s).stdout)
 
 
 def _qacct(main_ids: tp.Collection[str], since: tp.Optional[float], timeout_s: float) -> tp.Dict[str, SgeJobInfo]:
@@ -216,7 +216,7 @@ def query_sge(job_ids: tp.Sequence[str], timeout_s: float = 10,
     requested = [from_sge_id(j) for j in job_ids]
     if not requested:
         return {}
-    infos = _qstat(timeout_s)
+    infos = _qstat(timeout_s, my_user())  # this user's jobs: hpcseg asks about its own runs
 
     def pick(source: tp.Dict[str, SgeJobInfo], job_id: str) -> tp.Dict[str, SgeJobInfo]:
         if job_id in source:
@@ -284,7 +284,7 @@ class SgeInfoWatcher(core.InfoWatcher):
         self._paths.pop(job_id, None)
 
     def _make_command(self) -> tp.Optional[tp.List[str]]:
-        return ["qstat", "-xml", "-u", "*"] if self._registered - self._finished else None
+        return ["qstat", "-xml", "-u", my_user()] if self._registered - self._finished else None
 
     def read_info(self, string: tp.Union[bytes, str]) -> tp.Dict[str, tp.Dict[str, str]]:
         if not isinstance(string, str):
@@ -524,7 +524,8 @@ def _make_qsub_string(
         return text if re.fullmatch(r"[\w./+,:@=%~$-]+", text) else f'"{text}"'
 
 
-    options: tp.List[tp.Tuple[str, str]] = [("-N", job_name), ("-S", "/bin/bash"), ("-r", "y")]
+    # -V: the job gets the submitting environment, as Slurm's and LSF's jobs do by default
+    options: tp.List[tp.Tuple[str, str]] = [("-N", job_name), ("-S", "/bin/bash"), ("-V", ""), ("-r", "y")]
     if queue is not None:
         options.append(("-q", queue))
     if cores > 1:
