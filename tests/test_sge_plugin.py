@@ -330,10 +330,11 @@ def slots_and_gpus():
 
 
 def test_a_job_of_several_cores_and_a_gpu_gets_its_slots_and_runs(executor):
-    """-pe smp 2 with -l gpu=1 on the dev SGE's one GPU: the GPU counts once per job, so the job runs."""
-    executor.update_parameters(cores=2, gpus=1, mem_gb=1)
+    """-pe smp 2 with -l gpu=2 on the dev SGE's two GPUs: the GPUs count once per job (per slot they would be 4,
+    more than the host has), so the job runs."""
+    executor.update_parameters(cores=2, gpus=2, mem_gb=1)
     job = executor.submit(slots_and_gpus)
-    assert {"#$ -pe smp 2", "#$ -l gpu=1", "#$ -l mem_free=512M"} <= set(directives(job.paths.submission_file.read_text()))
+    assert {"#$ -pe smp 2", "#$ -l gpu=2", "#$ -l mem_free=512M"} <= set(directives(job.paths.submission_file.read_text()))
     assert job.result() == ("2", "smp", "undefined")
 
 
