@@ -96,7 +96,11 @@ def device_for(ranks: Ranks) -> torch.device | None:
     """The GPU of this rank when several ranks share a machine's GPUs; None leaves the choice to the caller."""
     if ranks.world == 1 or not torch.cuda.is_available():
         return None
-    index = ranks.local_rank % torch.cuda.device_count()  # one visible GPU per task (a bound job): index 0
+    count = torch.cuda.device_count()
+    if count > 1 and ranks.local_world > count:  # NCCL refuses two ranks on one GPU; say so before it does
+        raise DistributedError(f"{ranks.local_world} ranks on this machine but {count} GPUs visible: one rank "
+                               "per GPU (--procs / --gpus at most the GPUs)")
+    index = ranks.local_rank % count  # one visible GPU per task (a job that binds each task to its GPU): index 0
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

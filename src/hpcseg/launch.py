@@ -56,17 +56,28 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
                     warned: bool = False) -> dict:
     """Train `job` in `procs` processes and return rank 0's summary; a failed rank is one line naming it and how
     it ended. With `warned`, ranks that stopped for the warning signal raise `Preempted` here."""
+    import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if torch.cuda.is_available() and procs > torch.cuda.device_count():  # NCCL takes one GPU per rank
+        raise UserError(f"--procs {procs}: this machine has {torch.cuda.device_count()} GPU(s) visible; one process "
+                        "per GPU")
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
     args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume,
             warned)
-    # the launcher logs a failed rank as a traceback; the one line below says it
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # the launcher logs a failed rank as a traceback, Ctrl-C as a warning: the one line below says either
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return elastic_launch(config, _rank_main)(*args)[0]
+    except SignalException as err:  # Ctrl-C (or a TERM): the launcher stopped the ranks
+        if err.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        raise RankFailedError(f"stopped by {signal.Signals(err.sigval).name}; the launcher stopped the ranks") from None
     except ChildFailedError as err:
         if warned and any(f.exitcode == PREEMPTED_EXIT for f in err.failures.values()):
             raise Preempted("the ranks stopped for the warning signal") from None
