@@ -29,7 +29,7 @@ PREEMPTED_EXIT = 3
 def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bool, warned: bool) -> dict:
     """One rank: train, and print a user error as the command line does (exit 2, no traceback). With `warned`
     (a cluster job), the warning signal stops the ranks together and this rank exits PREEMPTED_EXIT."""
-    from .distributed import ranks_from_env
+    from .distributed import DistributedError, ranks_from_env
     from .jobfile import job_from_dict
     from .preempt import DeferredSignal
     from .train import train
@@ -45,7 +45,7 @@ def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bo
         sys.exit(PREEMPTED_EXIT)
     except UserError as err:
         # every rank checks the same data and run folder: rank 0 says what is wrong, once; a lost rank says so
-        if ranks_from_env().leader or type(err).__name__ == "DistributedError":
+        if ranks_from_env().leader or isinstance(err, DistributedError):
             err.show()
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
@@ -74,10 +74,8 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return elastic_launch(config, _rank_main)(*args)[0]
-    except SignalException as err:  # Ctrl-C (or a TERM): the launcher stopped the ranks
-        if err.sigval == signal.SIGINT:
-            raise KeyboardInterrupt from None
-        raise RankFailedError(f"stopped by {signal.Signals(err.sigval).name}; the launcher stopped the ranks") from None
+    except SignalException:  # Ctrl-C, or a scheduler's kill (TERM): the launcher stopped the ranks; as one process
+        raise KeyboardInterrupt from None
     except ChildFailedError as err:
         if warned and any(f.exitcode == PREEMPTED_EXIT for f in err.failures.values()):
             raise Preempted("the ranks stopped for the warning signal") from None
