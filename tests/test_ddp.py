@@ -267,3 +267,38 @@ def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(back
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "submitit").glob("*_log.out"))
     assert "batch 2 per rank x 2 ranks" in logs
     assert [(r["run_id"], r["gpus"]) for r in cli.status()] == [(run_id, 2)]
+
+
+def test_the_line_for_a_failed_run_names_the_rank_that_caused_it():
+    """The launcher reports every rank it stopped (TERM) beside the one that died, and a rank that printed its own
+    error exits 2: the line names the killed rank, or nothing where the ranks said it themselves."""
+    from types import SimpleNamespace
+
+    from hpcseg.launch import _describe
+
+    def failure(code, pid, at=100):
+        return SimpleNamespace(exitcode=code, pid=pid, timestamp=at)
+
+    assert _describe({0: failure(-15, 10), 1: failure(-9, 11)}) == (
+        "training process of rank 1 (pid 11) was killed by SIGKILL; the other ranks were stopped")
+    assert _describe({0: failure(2, 10), 1: failure(-9, 11, at=99)}).startswith("training process of rank 1 (pid 11)")
+    assert _describe({0: failure(2, 10), 1: failure(-15, 11)}) is None  # rank 0 printed why
+    assert _describe({0: failure(1, 10)}) == "training process of rank 0 (pid 10) exited with code 1; the other " \
+                                           "ranks were stopped"
+
+
+def test_a_run_saved_mid_epoch_by_two_ranks_resumes_only_with_two(tmp_path):
+    """A part-done epoch was split among the ranks that saved it: another number of ranks is refused in one line;
+    at an epoch's end it resumes, and says that it is not bit for bit."""
+    from hpcseg.dataparallel import restore_rank_states
+    from hpcseg.distributed import Group
+
+    one, generator, lines = Group(Ranks(), torch.device("cpu")), torch.Generator(), []
+    with pytest.raises(DistributedError, match=r"last.pt: saved in the middle of an epoch by 2 process\(es\): "
+                                               r"resume it with 2"):
+        restore_rank_states({"world_size": 2, "partial": {"step": 1}}, one, generator, tmp_path / "last.pt", print)
+    state = generator.get_state()
+    restore_rank_states({"world_size": 2, "partial": None, "rng": {}}, one, generator, tmp_path / "last.pt",
+                        lines.append)
+    assert len(lines) == 1 and "saved by 2 process(es), resumed by 1" in lines[0]
+    assert torch.equal(generator.get_state(), state)  # one process keeps the order's generator as restored

@@ -113,12 +113,18 @@ class RankFailedError(UserError):
 
 
 def _describe(failures: dict) -> str | None:
-    """The line for the rank whose failure stopped the run; None where every failed rank printed its own error
-    (exit 2) or was interrupted."""
-    unexplained = {rank: f for rank, f in failures.items() if f.exitcode not in (UserError.exit_code, 130)}
+    """The line for the rank whose failure stopped the run: one killed by a signal (other than the TERM with which
+    the launcher stops the rest), else one that exited with an unexpected code; None where the failed ranks
+    printed their own error (exit 2) or were interrupted."""
+    def cause(item) -> tuple:
+        code = item[1].exitcode
+        return (code >= 0 or code == -signal.SIGTERM, item[1].timestamp, item[0])
+
+    stopped = (UserError.exit_code, 130, -signal.SIGTERM)
+    unexplained = {rank: f for rank, f in failures.items() if f.exitcode not in stopped}
     if not unexplained:
         return None
-    rank, failure = min(unexplained.items(), key=lambda item: (item[1].exitcode >= 0, item[1].timestamp, item[0]))
+    rank, failure = min(unexplained.items(), key=cause)
     code = failure.exitcode
     how = (f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_
            else f"exited with code {code}")
