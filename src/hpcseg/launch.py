@@ -70,7 +70,8 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
     args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume,
             warned)
     # the launcher logs a failed rank as a traceback, Ctrl-C as a warning: the one line below says either
-    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+    for name in [n for n in logging.root.manager.loggerDict
+                 if n.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return elastic_launch(config, _rank_main)(*args)[0]
