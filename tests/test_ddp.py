@@ -302,3 +302,23 @@ def test_a_run_saved_mid_epoch_by_two_ranks_resumes_only_with_two(tmp_path):
                         lines.append)
     assert len(lines) == 1 and "saved by 2 process(es), resumed by 1" in lines[0]
     assert torch.equal(generator.get_state(), state)  # one process keeps the order's generator as restored
+
+
+def test_the_launcher_gives_back_the_signal_handlers_it_took(data8, tmp_path, monkeypatch):
+    """A job that launched its ranks then requeues: brequeue's INT arrives after the launcher returned, and must
+    end the job as it ends a single process (KeyboardInterrupt), not raise the launcher's SignalException (the
+    job runner recorded that as FAILED while LSF requeued it)."""
+    from hpcseg.jobfile import load_job
+    from hpcseg.launch import _LAUNCHER_SIGNALS, train_processes
+
+    for var in _LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
+    job = load_job(JOB, [*TINY, "train.epochs=1"])
+    summary = train_processes(2, job, data8 / "training_data", data8 / "validation_data", tmp_path / "run", False)
+    assert summary is not None and (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS} == before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)

@@ -22,6 +22,9 @@ from pathlib import Path
 from .errors import UserError
 from .preempt import Preempted
 
+#: The signals torch's elastic launcher takes over (its TORCHELASTIC_SIGNALS_TO_HANDLE default).
+_LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
 #: A rank's exit code after it stopped for the warning signal (rank 0 saved `last`).
 PREEMPTED_EXIT = 3
 
@@ -73,6 +76,9 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
     for name in [n for n in logging.root.manager.loggerDict
                  if n.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]:
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    # the launcher replaces these handlers for good; a kill after it returned (brequeue's INT while the job
+    # requeues) must end this process as it ends one without a launcher, not raise the launcher's exception
+    own_handlers = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
     try:
         return elastic_launch(config, _rank_main)(*args)[0]
     except SignalException:  # Ctrl-C, or a scheduler's kill (TERM): the launcher stopped the ranks; as one process
@@ -81,6 +87,9 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
         if warned and any(f.exitcode == PREEMPTED_EXIT for f in err.failures.values()):
             raise Preempted("the ranks stopped for the warning signal") from None
         raise RankFailedError(_describe(err.failures)) from None
+    finally:
+        for sig, handler in own_handlers.items():
+            signal.signal(sig, handler)
 
 
 def signal_ranks(signum: int) -> None:
