@@ -29,7 +29,7 @@ else
 fi
 SUBMITIT_LSF_EXIT_FILE=/work3/s123456/exercise-improved/<RUN_ID>/submitit/"${SUBMITIT_LSF_JOB_ID}"_exitcode
 rm -f "$SUBMITIT_LSF_EXIT_FILE"
-# Python runs in the background (SIGINT restored) so that this shell can forward LSF's signals to it
+# Python runs in the background (SIGINT restored) so that this shell can forward the scheduler's signals to it
 ( trap - INT; exec python3 -u -m submitit.core._submit /work3/s123456/exercise-improved/<RUN_ID>/submitit ) &
 SUBMITIT_LSF_CHILD=$!
 submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_LSF_CHILD" 2>/dev/null; }

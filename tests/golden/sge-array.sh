@@ -27,8 +27,8 @@ else
 fi
 SUBMITIT_SGE_EXIT_FILE=/work3/s123456/exercise-improved/.arrays/<RUN_ID>/"${SUBMITIT_SGE_JOB_ID}"_exitcode
 rm -f "$SUBMITIT_SGE_EXIT_FILE"
-# Python runs in the background so that this shell can forward signals to it; it ignores the soft
-# walltime signal (USR1, sent to the whole process group), which this shell turns into USR2
+# Python runs in the background (SIGINT restored) so that this shell can forward the scheduler's signals to it
+# (the soft-limit warning USR1, sent to the whole process group, reaches Python as USR2 through this shell only)
 ( trap - INT; trap '' USR1; exec <PYTHON> -u -m submitit.core._submit /work3/s123456/exercise-improved/.arrays/<RUN_ID> ) &
 SUBMITIT_SGE_CHILD=$!
 submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_SGE_CHILD" 2>/dev/null; }

@@ -21,6 +21,8 @@ Adding a scheduler (say PBS, as `pbs`):
    - `cancel(runs, timeout_s)`: cancel the jobs (ones already over are no error).
    - `job_id_from_env(environ) -> str | None`: inside a job, its id (runs on the compute node).
 
+   A scheduler driven by a job script needs a submitit executor: script_plugin.py has the core that lsf.py and
+   sge.py share (watcher, job, job environment, executor, the script's signal-forwarding tail).
    Every scheduler command goes through `hpcseg.errors.run_command`, which raises one CommandError (a
    UserError) naming the command; parsing of the scheduler's output stays in this module.
 2. Add one `Backend(...)` entry to `BACKENDS` below (its place sets the auto-detection order).

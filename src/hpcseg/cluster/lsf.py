@@ -1,14 +1,12 @@
 """IBM Spectrum LSF as a submitit plugin (DTU's cluster: queues gpuv100/gpua100, 24 h walltime).
 
 submitit finds this module through the entry points in group ``submitit`` (``executor``, ``job_environment``),
-so ``submitit.AutoExecutor(folder, cluster="lsf")`` works wherever ``bsub`` is on PATH.
-
-Shape follows submitit's Slurm support:
+so ``submitit.AutoExecutor(folder, cluster="lsf")`` works wherever ``bsub`` is on PATH. What LSF shares with the
+other script-driven scheduler (SGE) is in script_plugin.py; this module holds LSF's formats:
 
 - :class:`LsfExecutor` writes a ``#BSUB`` script per job (or one per job array) and submits it with
-  ``bsub < script``; the Python process runs in the background of the script, which forwards the
-  warning signal (USR2, sent ``signal_delay_s`` before the run limit through ``-wa/-wt``) and TERM/INT to
-  it, waits for it and writes its exit code to ``<folder>/<job_id>_exitcode``.
+  ``bsub < script``; the script forwards the warning signal (USR2, sent ``signal_delay_s`` before the run limit
+  through ``-wa/-wt``) and TERM/INT to Python and writes its exit code to ``<folder>/<job_id>_exitcode``.
 - :class:`LsfJob` / :class:`LsfInfoWatcher`: one ``bjobs`` call for all unfinished jobs; jobs that bjobs has
   forgotten (``CLEAN_PERIOD``) get their state from the exit-code file and submitit's result pickle.
 - :class:`LsfJobEnvironment`: inside the job (``LSB_JOBID``, ``LSB_JOBINDEX``, ``LSB_HOSTS``...);
@@ -27,25 +25,21 @@ the emulator in ``tests/lsf_emulator``, not yet against a real LSF cluster.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
-import shlex
-import shutil
-import signal
-import sys
-import time
 import typing as tp
 from pathlib import Path
 
-from submitit.core import core, job_environment, logger, utils
+from submitit.core import core, utils
 
 from ..durations import hours_minutes
-from ..errors import ClusterError, CommandError, run_command
+from ..errors import CommandError, run_command
+from .script_plugin import (
+    OneTaskEnvironment, ScriptExecutor, ScriptJob, ScriptWatcher, check_parameters, executor_for_plan,
+    forwarding_tail)
 from .scripts import (
-    CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
-    check_parameter as _check, is_int as _is_int, is_number as _is_number, wait_for_child,
+    CANCEL_EXIT_CODES, submission_text, check_parameter as _check, is_int as _is_int,
     warning_signal as _warning_signal)
 
 __all__ = [
@@ -64,8 +58,6 @@ __all__ = [
 
 #: bjobs fields read by the watcher and :func:`query_lsf` (one line per job or array element).
 BJOBS_FORMAT = "jobid jobindex stat exit_code delimiter=','"
-#: normalised states that mean the job is over
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED")
 
 _NOT_FOUND = re.compile(r"Job <([^>]+)> is not found")
 _ALREADY_GONE = re.compile(r"Job <[^>]+>: (Job has already finished|No matching job found)")
@@ -213,143 +205,36 @@ def cancel_lsf(job_ids: tp.Sequence[str], timeout_s: float = 30) -> None:
 # ---------------------------------------------------------------------------------- watcher, job
 
 
-def _exit_code_file(paths: utils.JobPaths) -> Path:
-    return paths.folder / f"{paths.job_id}{EXIT_CODE_SUFFIX}"
-
-
-def _read_exit_code(paths: utils.JobPaths) -> tp.Optional[int]:
-    try:
-        return _parse_exit_code(_exit_code_file(paths).read_text())
-    except OSError:
-        return None
-
-
-class LsfInfoWatcher(core.InfoWatcher):
+class LsfInfoWatcher(ScriptWatcher):
     """Shared by all LsfJobs: one ``bjobs`` call for every unfinished job (arrays queried by their id).
 
-    States are the normalised ones of :func:`normalise_state`. A job that bjobs no longer knows gets its
-    state from its own files: the exit-code file written by the batch script, else submitit's result
-    pickle; with neither, it counts as FAILED once it has been unknown for ``not_found_grace_s``.
+    States are the normalised ones of :func:`normalise_state`; a job that bjobs no longer knows gets its state
+    from its own files (script_plugin.ScriptWatcher).
     """
 
-    not_found_grace_s = 60.0
-    bjobs_timeout_s = 60.0
+    scheduler = "bjobs"
 
-    def __init__(self, delay_s: int = 60) -> None:
-        super().__init__(delay_s)
-        self._paths: tp.Dict[str, utils.JobPaths] = {}
-        self._first_seen: tp.Dict[str, float] = {}
-
-    def register_job(self, job_id: str) -> None:
-        super().register_job(job_id)
-        self._first_seen.setdefault(job_id, time.time())
-
-    def register_paths(self, job_id: str, paths: utils.JobPaths) -> None:
-        self._paths[job_id] = paths
-
-    def unregister_job(self, job_id: str) -> None:
-        self._registered.discard(job_id)
-        self._paths.pop(job_id, None)
-
-    def clear(self) -> None:
-        super().clear()
-        self._first_seen = {}
-
-    def _make_command(self) -> tp.Optional[tp.List[str]]:
-        to_check = {_main_id(j) for j in self._registered - self._finished}
-        if not to_check:
-            return None
-        return ["bjobs", "-noheader", "-o", BJOBS_FORMAT, *sorted(to_check, key=lambda x: (len(x), x))]
-
-    def read_info(self, string: tp.Union[bytes, str]) -> tp.Dict[str, tp.Dict[str, str]]:
-        """Reads ``bjobs -noheader -o BJOBS_FORMAT`` output."""
-        if not isinstance(string, str):
-            string = string.decode()
-        return {k: self._as_dict(v, "bjobs") for k, v in _parse_bjobs_lines(string).items()}
-
-    @staticmethod
-    def _as_dict(info: LsfJobInfo, source: str) -> tp.Dict[str, str]:
-        return {
-            "JobID": info.job_id,
-            "STAT": info.stat,
-            "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code),
-            "State": info.state,
-            "Source": source,
-        }
-
-    def _info_from_files(self, job_id: str) -> tp.Dict[str, str]:
-        paths = self._paths.get(job_id)
-        code = _read_exit_code(paths) if paths is not None else None
-        if code is not None:
-            stat = "DONE" if code == 0 else "EXIT"
-            return self._as_dict(LsfJobInfo(job_id, stat, code, normalise_state(stat, code)), "files")
-        if paths is not None and paths.result_pickle.exists():
-            return self._as_dict(LsfJobInfo(job_id, "DONE", None, "COMPLETED"), "files")
-        if time.time() - self._first_seen.get(job_id, time.time()) < self.not_found_grace_s:
-            return {"JobID": job_id, "State": "UNKNOWN", "Source": "files"}
-        return {
-            "JobID": job_id,
-            "State": "FAILED",
-            "Source": "files",
-            "Reason": "bjobs does not know the job and it left no exit-code file nor result",
-        }
-
-    def update(self) -> None:
-        """Updates all unfinished registered jobs with one bjobs call."""
-        command = self._make_command()
-        if command is None:
-            return
-        self._num_calls += 1
-        to_check = self._registered - self._finished
-        try:
-            logger.get_logger().debug(f"Call #{self.num_calls} - Command {' '.join(command)}")
-            infos, not_found = _bjobs(command[4:], self.bjobs_timeout_s)
-        except LsfCommandError as e:
-            logger.get_logger().warning(f"Call #{self.num_calls} - {e}; status may be inaccurate.")
-        else:
-            self._info_dict.update({k: self._as_dict(v, "bjobs") for k, v in infos.items()})
-            for job_id in to_check:
-                if _main_id(job_id) in not_found:
-                    self._info_dict[job_id] = self._info_from_files(job_id)
-        self._last_status_check = time.time()
-        for job_id in to_check:
-            if self.is_done(job_id, mode="cache"):
-                self._finished.add(job_id)
-
-    def get_state(self, job_id: str, mode: str = "standard") -> str:
-        info = self.get_info(job_id, mode=mode)
-        return info.get("State") or "UNKNOWN"
-
-    def is_done(self, job_id: str, mode: str = "standard") -> bool:
-        return self.get_state(job_id, mode=mode) in FINAL_STATES
+    def _query(self, job_ids: tp.Set[str]) -> tp.Dict[str, tp.Optional[tp.Dict[str, str]]]:
+        infos, not_found = _bjobs({_main_id(j) for j in job_ids}, self.timeout_s)
+        out: tp.Dict[str, tp.Optional[tp.Dict[str, str]]] = {k: _as_dict(v) for k, v in infos.items()}
+        out.update({j: None for j in job_ids if _main_id(j) in not_found})
+        return out
 
 
-class LsfJob(core.Job[core.R]):
+def _as_dict(info: LsfJobInfo) -> tp.Dict[str, str]:
+    return {"JobID": info.job_id, "STAT": info.stat, "State": info.state, "Source": "bjobs",
+            "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code)}
+
+
+class LsfJob(ScriptJob[core.R]):
     _cancel_command = "bkill"
+    _cancel = staticmethod(cancel_lsf)
     watcher = LsfInfoWatcher(delay_s=600)
-
-    def _register_in_watcher(self) -> None:
-        super()._register_in_watcher()
-        if not self._tasks[0]:
-            self.watcher.register_paths(self.job_id, self.paths)
 
     @property
     def lsf_id(self) -> str:
         """The id LSF commands take: ``12345`` or ``12345[3]``."""
         return to_lsf_id(self.job_id)
-
-    @property
-    def exit_code_file(self) -> Path:
-        """Where the batch script writes the Python process's exit code."""
-        return _exit_code_file(self.paths)
-
-    def cancel(self, check: bool = True) -> None:
-        """bkill the job (an array element alone for ids like ``12345_3``)."""
-        try:
-            cancel_lsf([self.job_id])
-        except LsfCommandError:
-            if check:
-                raise
 
     def _interrupt(self, timeout: bool = False) -> None:
         """Sends the preemption/timeout signal to the job (for tests): the job requeues if it can."""
@@ -360,7 +245,7 @@ class LsfJob(core.Job[core.R]):
 # ---------------------------------------------------------------------------------- environment
 
 
-class LsfJobEnvironment(job_environment.JobEnvironment):
+class LsfJobEnvironment(OneTaskEnvironment):
     """Inside an LSF job: one task per job (submitit's task ranks are all 0)."""
 
     _env = {
@@ -370,33 +255,9 @@ class LsfJobEnvironment(job_environment.JobEnvironment):
     }
 
     @property
-    def array_job_id(self) -> tp.Optional[str]:
-        return os.environ.get("LSB_JOBID") if self.array_task_id is not None else None
-
-    @property
     def array_task_id(self) -> tp.Optional[str]:
         index = os.environ.get("LSB_JOBINDEX", "0").strip()
         return None if index in ("", "0") else index
-
-    @property
-    def num_tasks(self) -> int:
-        return 1
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, len(self.hostnames))
-
-    @property
-    def node(self) -> int:
-        return 0
-
-    @property
-    def global_rank(self) -> int:
-        return 0
-
-    @property
-    def local_rank(self) -> int:
-        return 0
 
     @property
     def hostnames(self) -> tp.List[str]:
@@ -406,30 +267,8 @@ class LsfJobEnvironment(job_environment.JobEnvironment):
         unique = list(dict.fromkeys(hosts))
         return unique or [self.hostname]
 
-    def _handle_signals(self, paths: utils.JobPaths, submission: utils.DelayedSubmission) -> None:
-        super()._handle_signals(paths, submission)
-        # LSF may deliver the warning signal both to the job shell (which forwards it) and to this
-        # process: checkpoint and requeue once only.
-        usr_sig = self._usr_sig()
-        handler = signal.getsignal(usr_sig)
-        handled: tp.List[int] = []
-
-        def once(signum: int, frame: tp.Any) -> None:
-            if handled:
-                logger.get_logger().info(f"Ignoring repeated signal {signal.Signals(signum).name}")
-                return
-            handled.append(signum)
-            handler(signum, frame)  # type: ignore[operator]
-
-        signal.signal(usr_sig, once)
-        # bkill/brequeue start with SIGINT; a background process of a non-interactive shell inherits it
-        # ignored, so restore Python's default to end promptly (exit code 130).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def _requeue(self, countdown: int) -> None:
-        jid = to_lsf_id(self.job_id)
-        run_command(["brequeue", jid], 60)
-        logger.get_logger().info(f"Requeued job {jid} ({countdown} remaining timeouts)")
+    def _requeue_command(self, job_id: str) -> tp.List[str]:
+        return ["brequeue", to_lsf_id(job_id)]
 
 
 # ------------------------------------------------------------------------------------- executor
@@ -440,23 +279,6 @@ def _bsub_value(value: str, force: bool = False) -> str:
     if not force and re.fullmatch(r"[\w.,:/%@+=-]+", value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _shell_path(pattern: str) -> str:
-    """A path pattern with submitit's %j/%A/%a/%t tags as a quoted shell word using the job's variables."""
-    tags = {
-        "%j": "${SUBMITIT_LSF_JOB_ID}",
-        "%A": "${LSB_JOBID}",
-        "%a": "${LSB_JOBINDEX}",
-        "%t": "0",
-    }
-    out = []
-    for piece in re.split(r"(%[jAat])", pattern):
-        if piece in tags:
-            out.append(f'"{tags[piece]}"')
-        elif piece:
-            out.append(shlex.quote(piece))
-    return "".join(out)
 
 
 def _mem_per_core(mem_gb: float, cores: int) -> str:
@@ -517,29 +339,14 @@ def _make_bsub_string(
     """
     _check(isinstance(job_name, str) and job_name.strip() != "" and not re.search(r"[\[\]]", job_name),
            f"LSF parameter job_name must be a non-empty name without brackets, got {job_name!r}")
-    for what, value in [("job_name", job_name), ("folder", folder), ("command", command), *(
-            ("setup", line) for line in setup or ()), *(
-            ("additional_parameters", item) for item in _flat(additional_parameters))]:
-        _check(CONTROL.search(str(value)) is None,
-               f"LSF parameter {what} must be one line without control characters, got {value!r}")
     _check(queue is None or (isinstance(queue, str) and re.fullmatch(r"[\w.-]+", queue) is not None),
            f"LSF parameter queue must be a queue name, got {queue!r}")
-    _check(_is_int(cores) and cores >= 1, f"LSF parameter cores must be an integer >= 1, got {cores!r}")
-    _check(mem_gb is None or (_is_number(mem_gb) and mem_gb > 0),
-           f"LSF parameter mem_gb must be a positive number (total GB for the job), got {mem_gb!r}")
-    _check(_is_int(gpus) and gpus >= 0, f"LSF parameter gpus must be an integer >= 0, got {gpus!r}")
-    _check(_is_number(timeout_min) and timeout_min > 0,
-           f"LSF parameter timeout_min must be a positive number of minutes, got {timeout_min!r}")
-    _check(_is_number(signal_delay_s) and signal_delay_s >= 0,
-           f"LSF parameter signal_delay_s must be a number of seconds >= 0, got {signal_delay_s!r}")
-    _check(_is_int(array_parallelism) and array_parallelism >= 1,
-           f"LSF parameter array_parallelism must be an integer >= 1, got {array_parallelism!r}")
-    _check(setup is None or (not isinstance(setup, str) and all(isinstance(s, str) for s in setup)),
-           f"LSF parameter setup must be a list of shell lines, got {setup!r}")
-    _check(nodes == 1, f"LSF executor runs jobs on one host (span[hosts=1]); nodes={nodes!r} is not supported")
-    _check(tasks_per_node == 1,
-           f"LSF executor runs one task per job; tasks_per_node={tasks_per_node!r} is not supported")
-    _check(isinstance(stderr_to_stdout, bool), f"LSF parameter stderr_to_stdout must be a bool, got {stderr_to_stdout!r}")
+    check_parameters("LSF", "span[hosts=1]", [
+        ("job_name", job_name), ("folder", folder), ("command", command),
+        *(("additional_parameters", item) for item in _flat(additional_parameters))],
+        cores=cores, mem_gb=mem_gb, gpus=gpus, timeout_min=timeout_min, signal_delay_s=signal_delay_s,
+        array_parallelism=array_parallelism, setup=setup, nodes=nodes, tasks_per_node=tasks_per_node,
+        stderr_to_stdout=stderr_to_stdout)
     warn_min, wall_min = max(1, math.ceil(signal_delay_s / 60)), max(1, math.ceil(timeout_min))
     _check(warn_min < wall_min, f"LSF parameter signal_delay_s={signal_delay_s!r} gives the warning (-wt {warn_min}, "
            f"whole minutes) no earlier than the walltime (-W {_minutes(timeout_min)}) ends: lower it or raise "
@@ -601,43 +408,11 @@ def _make_bsub_string(
     if setup:
         lines += ["", "# setup", *setup]
 
-    usr_sig = _warning_signal()
-    forwarded = list(dict.fromkeys([usr_sig, "TERM", "INT"]))
-    lines += [
-        "",
-        "# command",
-        "export SUBMITIT_EXECUTOR=lsf",
-        'if [ "${LSB_JOBINDEX:-0}" != "0" ]; then',
-        '    SUBMITIT_LSF_JOB_ID="${LSB_JOBID}_${LSB_JOBINDEX}"',
-        "else",
-        '    SUBMITIT_LSF_JOB_ID="${LSB_JOBID}"',
-        "fi",
-        f"SUBMITIT_LSF_EXIT_FILE={_shell_path(str(paths.folder / ('%j' + EXIT_CODE_SUFFIX)))}",
-        'rm -f "$SUBMITIT_LSF_EXIT_FILE"',
-        "# Python runs in the background (SIGINT restored) so that this shell can forward LSF's signals to it",
-        f"( trap - INT; exec {command} ) &",
-        "SUBMITIT_LSF_CHILD=$!",
-        'submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_LSF_CHILD" 2>/dev/null; }',
-        *[f"trap 'submitit_forward {sig}' {sig}" for sig in forwarded],
-        *wait_for_child("SUBMITIT_LSF_CHILD", "SUBMITIT_LSF_EXIT_FILE"),
-        "",
-    ]
+    lines += forwarding_tail("lsf", folder, command, job_var="LSB_JOBID", index_var="LSB_JOBINDEX", no_index="0")
     return "\n".join(lines)
 
 
-@functools.lru_cache()
-def _default_parameters() -> tp.Dict[str, tp.Any]:
-    import inspect  # pylint: disable=import-outside-toplevel
-
-    spec = inspect.signature(_make_bsub_string)
-    return {
-        k: p.default
-        for k, p in spec.parameters.items()
-        if p.default is not inspect.Parameter.empty and k not in ("map_count",)
-    }
-
-
-class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
+class LsfExecutor(ScriptExecutor):
     """Submits jobs to IBM Spectrum LSF with ``bsub``.
 
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
@@ -650,62 +425,10 @@ class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
     """
 
     job_class = LsfJob
-
-    def __init__(
-        self,
-        folder: tp.Union[str, Path],
-        max_num_timeout: int = 3,
-        max_pickle_size_gb: float = 1.0,
-        python: tp.Optional[str] = None,
-    ) -> None:
-        super().__init__(folder, max_num_timeout=max_num_timeout, max_pickle_size_gb=max_pickle_size_gb)
-        self.python = shlex.quote(sys.executable) if python is None else python
-        if self.affinity() < 0:
-            raise RuntimeError('Could not find "bsub" on PATH: is this an LSF cluster (or the LSF emulator)?')
-
-    @classmethod
-    def _equivalence_dict(cls) -> core.EquivalenceDict:
-        return {
-            "name": "job_name",
-            "timeout_min": "timeout_min",
-            "mem_gb": "mem_gb",
-            "nodes": "nodes",
-            "cpus_per_task": "cores",
-            "gpus_per_node": "gpus",
-            "tasks_per_node": "tasks_per_node",
-        }
-
-    @classmethod
-    def _valid_parameters(cls) -> tp.Set[str]:
-        return set(_default_parameters())
-
-    def _internal_update_parameters(self, **kwargs: tp.Any) -> None:
-        unknown = sorted(set(kwargs) - self._valid_parameters())
-        if unknown:
-            raise ValueError(
-                f"Unknown LSF executor parameter(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(sorted(self._valid_parameters()))}"
-            )
-        # None means "back to the default", as for submitit's AutoExecutor
-        merged = {k: v for k, v in {**self.parameters, **kwargs}.items() if v is not None}
-        _make_bsub_string(command="true", folder=self.folder, **merged)
-        self.parameters.clear()
-        self.parameters.update(merged)
-
-    def _array_jobs(self, first_job: core.Job[tp.Any], n: int) -> tp.List[core.Job[tp.Any]]:
-        """The elements of an array (LSF numbers them from 1); only they are tracked."""
-        LsfJob.watcher.unregister_job(first_job.job_id)
-        return [LsfJob(folder=self.folder, job_id=f"{first_job.job_id}_{i}") for i in range(1, n + 1)]
-
-    @property
-    def _submitit_command_str(self) -> str:
-        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
-
-    def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return _make_bsub_string(command=command, folder=self.folder, **self.parameters)
-
-    def _num_tasks(self) -> int:
-        return 1
+    scheduler = "LSF"
+    submit_command = "bsub"
+    one_host = "span[hosts=1]"
+    _make_script = staticmethod(_make_bsub_string)
 
     def _make_submission_command(self, submission_file_path: Path) -> tp.List[str]:
         return ["bsub"]
@@ -723,10 +446,6 @@ class LsfExecutor(BoundedSubmission, core.PicklingExecutor):
         if match is None:
             raise utils.FailedSubmissionError(f"Could not find a job id in bsub's output: {string.strip()!r}")
         return match.group(1)
-
-    @classmethod
-    def affinity(cls) -> int:
-        return -1 if shutil.which("bsub") is None else 2
 
 
 # ------------------------------------------------------------------------------ hpcseg's backend
@@ -763,26 +482,9 @@ def job_id_from_env(environ: tp.Mapping[str, str]) -> tp.Optional[str]:
 
 
 def build_executor(plan: tp.Any, folder: Path, dry_run: bool = False) -> LsfExecutor:
-    """The LSF executor for hpcseg's submission plan (submit.Plan): one job or an array. A job runs on one host;
-    with several GPUs its one task starts a training process per GPU (hpcseg.launch)."""
-    if plan.nodes > 1:
-        raise ClusterError(f"--nodes {plan.nodes}: an LSF job runs on one host (span[hosts=1]); use --gpus for "
-                           "that host's GPUs")
-    setup = list(plan.profile.setup)
-    ex = dry_run_class(LsfExecutor, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
-                                             python=job_python(setup))
-    params: tp.Dict[str, tp.Any] = {
-        "job_name": plan.experiment, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
-        "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
-    if plan.queue:
-        params["queue"] = plan.queue
-        queue = plan.profile.queues.get(plan.queue)
-        if queue is not None and queue.extra:
-            params["additional_parameters"] = dict(queue.extra)
-    if setup:
-        params["setup"] = setup
-    ex.update_parameters(**params)
-    return ex
+    """The LSF executor for hpcseg's submission plan (submit.Plan): one job or an array on one host
+    (span[hosts=1]); a profile queue's `extra` table gives extra #BSUB options."""
+    return executor_for_plan(LsfExecutor, plan, folder, dry_run, job_name=plan.experiment)
 
 
 def job_script(plan: tp.Any, folder: Path, n_elements: int) -> str:

@@ -1,7 +1,8 @@
 """(Son of) Grid Engine as an hpcseg backend (see backends.py) and a submitit executor.
 
 Tested against a real single-node SGE 8.1.9 (Debian's gridengine packages, started by
-``hpc/dev-cluster/sge-start.sh``). Shape follows hpcseg's LSF plugin (lsf.py):
+``hpc/dev-cluster/sge-start.sh``). What SGE shares with LSF is in script_plugin.py; this module holds SGE's
+formats:
 
 - :class:`SgeExecutor` writes a ``#$`` script per job (or one per job array, ``-t 1-N -tc MAX``) and submits
   it with ``qsub`` (bounded, through :class:`~hpcseg.cluster.scripts.BoundedSubmission`). The job asks for the
@@ -27,27 +28,22 @@ environment inside an SGE job (``SUBMITIT_EXECUTOR=sge``, set by the job script)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
-import shlex
-import shutil
-import signal
-import sys
 import time
 import typing as tp
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from submitit.core import core, job_environment, logger, utils
+from submitit.core import core, utils
 
-from ..errors import ClusterError, CommandError, run_command
+from ..errors import CommandError, run_command
 from .runs import my_user
-from .scripts import (
-    CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, dry_run_class, job_python, submission_text,
-    check_parameter as _check, is_int as _is_int, is_number as _is_number, wait_for_child,
-    warning_signal as _warning_signal)
+from .script_plugin import (
+    OneTaskEnvironment, ScriptExecutor, ScriptJob, ScriptWatcher, check_parameters, executor_for_plan,
+    forwarding_tail)
+from .scripts import submission_text, check_parameter as _check, is_int as _is_int
 
 #: qstat's state letters -> hpcseg's states (status.STATES), checked in this order on the state string
 _QSTAT_STATES = (
@@ -252,151 +248,49 @@ def cancel_sge(job_ids: tp.Sequence[str], timeout_s: float = 30) -> None:
 # ---------------------------------------------------------------------------------- watcher, job
 
 
-def _exit_code_file(paths: utils.JobPaths) -> Path:
-    return paths.folder / f"{paths.job_id}{EXIT_CODE_SUFFIX}"
-
-
-class SgeInfoWatcher(core.InfoWatcher):
+class SgeInfoWatcher(ScriptWatcher):
     """Shared by all SgeJobs: one qstat call (and one qacct call for jobs qstat has forgotten) per update.
 
-    A job neither lists gets its state from its files (the exit-code file of the job script, else submitit's
-    result pickle); with neither it is UNKNOWN for ``not_found_grace_s`` (accounting is written as a job ends,
-    on some sites later), then FAILED.
+    A job neither lists gets its state from its files (script_plugin.ScriptWatcher): accounting is written as a
+    job ends, on some sites later.
     """
 
-    not_found_grace_s = 60.0
-    timeout_s = 60.0
+    scheduler = "neither qstat nor qacct"
+    cancel_exit_codes = CANCEL_EXIT_CODES
 
-    def __init__(self, delay_s: int = 60) -> None:
-        super().__init__(delay_s)
-        self._paths: tp.Dict[str, utils.JobPaths] = {}
-        self._first_seen: tp.Dict[str, float] = {}
-
-    def register_job(self, job_id: str) -> None:
-        super().register_job(job_id)
-        self._first_seen.setdefault(job_id, time.time())
-
-    def register_paths(self, job_id: str, paths: utils.JobPaths) -> None:
-        self._paths[job_id] = paths
-
-    def unregister_job(self, job_id: str) -> None:
-        self._registered.discard(job_id)
-        self._paths.pop(job_id, None)
-
-    def _make_command(self) -> tp.Optional[tp.List[str]]:
-        return ["qstat", "-xml", "-u", my_user()] if self._registered - self._finished else None
-
-    def read_info(self, string: tp.Union[bytes, str]) -> tp.Dict[str, tp.Dict[str, str]]:
-        if not isinstance(string, str):
-            string = string.decode()
-        return {k: self._as_dict(v) for k, v in parse_qstat_xml(string).items()}
-
-    @staticmethod
-    def _as_dict(info: SgeJobInfo) -> tp.Dict[str, str]:
-        return {"JobID": info.job_id, "State": info.state, "Raw": info.raw, "Source": info.source,
-                "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code)}
-
-    def _info_from_files(self, job_id: str) -> tp.Dict[str, str]:
-        paths = self._paths.get(job_id)
-        try:
-            text = _exit_code_file(paths).read_text().strip() if paths is not None else ""
-        except OSError:
-            text = ""
-        if re.fullmatch(r"-?\d+", text):
-            code = int(text)
-            return {"JobID": job_id, "State": "COMPLETED" if code == 0 else
-                    ("CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"), "Source": "files", "EXIT_CODE": text}
-        if paths is not None and paths.result_pickle.exists():
-            return {"JobID": job_id, "State": "COMPLETED", "Source": "files"}
-        if time.time() - self._first_seen.get(job_id, time.time()) < self.not_found_grace_s:
-            return {"JobID": job_id, "State": "UNKNOWN", "Source": "files"}
-        return {"JobID": job_id, "State": "FAILED", "Source": "files",
-                "Reason": "neither qstat nor qacct knows the job, and it left no exit-code file nor result"}
-
-    def update(self) -> None:
-        to_check = self._registered - self._finished
-        if not to_check:
-            return
-        self._num_calls += 1
-        try:
-            since = min(self._first_seen.get(j, time.time()) for j in to_check)
-            infos = query_sge(sorted(to_check), self.timeout_s, since=since)
-        except CommandError as e:
-            logger.get_logger().warning(f"Call #{self.num_calls} - {e}; status may be inaccurate.")
-        else:
-            for job_id in to_check:
-                info = infos.get(job_id)
-                self._info_dict[job_id] = self._as_dict(info) if info else self._info_from_files(job_id)
-        self._last_status_check = time.time()
-        for job_id in to_check:
-            if self.is_done(job_id, mode="cache"):
-                self._finished.add(job_id)
-
-    def is_done(self, job_id: str, mode: str = "standard") -> bool:
-        return self.get_state(job_id, mode=mode) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
-
-    def get_state(self, job_id: str, mode: str = "standard") -> str:
-        return self.get_info(job_id, mode=mode).get("State") or "UNKNOWN"
+    def _query(self, job_ids: tp.Set[str]) -> tp.Dict[str, tp.Optional[tp.Dict[str, str]]]:
+        infos = query_sge(sorted(job_ids), self.timeout_s, since=self.first_seen(job_ids))
+        return {j: _as_dict(infos[j]) if j in infos else None for j in job_ids}
 
 
-class SgeJob(core.Job[core.R]):
+def _as_dict(info: SgeJobInfo) -> tp.Dict[str, str]:
+    return {"JobID": info.job_id, "State": info.state, "Raw": info.raw, "Source": info.source,
+            "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code)}
+
+
+class SgeJob(ScriptJob[core.R]):
     _cancel_command = "qdel"
+    _cancel = staticmethod(cancel_sge)
     watcher = SgeInfoWatcher(delay_s=600)
-
-    def _register_in_watcher(self) -> None:
-        super()._register_in_watcher()
-        if not self._tasks[0]:
-            self.watcher.register_paths(self.job_id, self.paths)
 
     @property
     def sge_id(self) -> str:
         """The id SGE commands take: ``12345`` or ``12345.3``."""
         return to_sge_id(self.job_id)
 
-    def cancel(self, check: bool = True) -> None:
-        try:
-            cancel_sge([self.job_id])
-        except CommandError:
-            if check:
-                raise
-
 
 # ---------------------------------------------------------------------------------- environment
 
 
-class SgeJobEnvironment(job_environment.JobEnvironment):
+class SgeJobEnvironment(OneTaskEnvironment):
     """Inside an SGE job: one task per job (submitit's task ranks are all 0)."""
 
     _env = {"job_id": "JOB_ID", "array_job_id": "JOB_ID", "array_task_id": "SGE_TASK_ID"}
 
     @property
-    def array_job_id(self) -> tp.Optional[str]:
-        return os.environ.get("JOB_ID") if self.array_task_id is not None else None
-
-    @property
     def array_task_id(self) -> tp.Optional[str]:
         task = os.environ.get("SGE_TASK_ID", "").strip()
         return task if task.isdigit() else None  # "undefined" outside arrays
-
-    @property
-    def num_tasks(self) -> int:
-        return 1
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, len(self.hostnames))
-
-    @property
-    def node(self) -> int:
-        return 0
-
-    @property
-    def global_rank(self) -> int:
-        return 0
-
-    @property
-    def local_rank(self) -> int:
-        return 0
 
     @property
     def hostnames(self) -> tp.List[str]:
@@ -408,26 +302,8 @@ class SgeJobEnvironment(job_environment.JobEnvironment):
         hosts = list(dict.fromkeys(line.split()[0] for line in lines if line.split()))
         return hosts or [self.hostname]
 
-    def _handle_signals(self, paths: utils.JobPaths, submission: utils.DelayedSubmission) -> None:
-        super()._handle_signals(paths, submission)
-        # checkpoint and requeue once, however often the warning comes (the shell forwards each USR1)
-        usr_sig = self._usr_sig()
-        handler = signal.getsignal(usr_sig)
-        handled: tp.List[int] = []
-
-        def once(signum: int, frame: tp.Any) -> None:
-            if handled:
-                logger.get_logger().info(f"Ignoring repeated signal {signal.Signals(signum).name}")
-                return
-            handled.append(signum)
-            handler(signum, frame)  # type: ignore[operator]
-
-        signal.signal(usr_sig, once)
-
-    def _requeue(self, countdown: int) -> None:
-        jid = to_sge_id(self.job_id)
-        run_command(["qmod", "-rj", jid], 60)
-        logger.get_logger().info(f"Requeued job {jid} ({countdown} remaining timeouts)")
+    def _requeue_command(self, job_id: str) -> tp.List[str]:
+        return ["qmod", "-rj", to_sge_id(job_id)]
 
 
 # ------------------------------------------------------------------------------------- executor
@@ -442,12 +318,6 @@ def _mem_per_slot(mem_gb: float, slots: int) -> str:
     """SGE's memory requests count per slot: the job's total split over its slots, in whole MB (or GB)."""
     mb = math.ceil(mem_gb * 1024 / slots)
     return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
-
-
-def _shell_path(pattern: str) -> str:
-    """A path pattern with submitit's %j/%A/%a/%t tags as a quoted shell word using the job's variables."""
-    tags = {"%j": "${SUBMITIT_SGE_JOB_ID}", "%A": "${JOB_ID}", "%a": "${SGE_TASK_ID}", "%t": "0"}
-    return "".join(f'"{tags[p]}"' if p in tags else shlex.quote(p) for p in re.split(r"(%[jAat])", pattern) if p)
 
 
 # pylint: disable=too-many-arguments,too-many-locals,unused-argument
@@ -488,33 +358,20 @@ def _make_qsub_string(
     extra = additional_parameters or {}
     _check(isinstance(extra, tp.Mapping), f"SGE parameter additional_parameters must be a mapping, got {extra!r}")
     flat = [v for value in extra.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
-    for what, value in [("folder", folder), ("command", command), *(("setup", line) for line in setup or ()),
-                        *(("additional_parameters", item) for item in [*extra, *flat])]:
-        _check(CONTROL.search(str(value)) is None,
-               f"SGE parameter {what} must be one line without control characters, got {value!r}")
+    check_parameters("SGE", "its parallel environment's slots", [
+        ("folder", folder), ("command", command), *(("additional_parameters", item) for item in [*extra, *flat])],
+        cores=cores, mem_gb=mem_gb, gpus=gpus, timeout_min=timeout_min, signal_delay_s=signal_delay_s,
+        array_parallelism=array_parallelism, setup=setup, nodes=nodes, tasks_per_node=tasks_per_node,
+        stderr_to_stdout=stderr_to_stdout)
     _check(_NOT_IN_DIRECTIVE.search(str(folder)) is None,
            f"SGE job folder {str(folder)!r}: holds '\"', '\\' or '$', which qsub cannot take in a #$ -o path")
     for what, value in (("queue", queue), ("pe_name", pe_name), ("mem_resource", mem_resource),
                         ("gpu_resource", gpu_resource)):
         _check(value is None and what == "queue" or isinstance(value, str) and re.fullmatch(r"[\w.@*-]+", value),
                f"SGE parameter {what} must be a name, got {value!r}")
-    _check(_is_int(cores) and cores >= 1, f"SGE parameter cores must be an integer >= 1, got {cores!r}")
-    _check(mem_gb is None or (_is_number(mem_gb) and mem_gb > 0),
-           f"SGE parameter mem_gb must be a positive number (total GB for the job), got {mem_gb!r}")
-    _check(_is_int(gpus) and gpus >= 0, f"SGE parameter gpus must be an integer >= 0, got {gpus!r}")
-    _check(_is_number(timeout_min) and timeout_min > 0,
-           f"SGE parameter timeout_min must be a positive number of minutes, got {timeout_min!r}")
-    _check(_is_number(signal_delay_s) and signal_delay_s >= 0,
-           f"SGE parameter signal_delay_s must be a number of seconds >= 0, got {signal_delay_s!r}")
     _check(signal_delay_s < timeout_min * 60,
            f"SGE parameter signal_delay_s={signal_delay_s!r} puts the warning (s_rt) no earlier than the walltime "
            f"(h_rt {_hms(timeout_min * 60)}) ends: lower it or raise timeout_min")
-    _check(_is_int(array_parallelism) and array_parallelism >= 1,
-           f"SGE parameter array_parallelism must be an integer >= 1, got {array_parallelism!r}")
-    _check(setup is None or (not isinstance(setup, str) and all(isinstance(s, str) for s in setup)),
-           f"SGE parameter setup must be a list of shell lines, got {setup!r}")
-    _check(nodes == 1, f"SGE executor runs jobs on one host; nodes={nodes!r} is not supported")
-    _check(tasks_per_node == 1, f"SGE executor runs one task per job; tasks_per_node={tasks_per_node!r} is not supported")
 
     paths = utils.JobPaths(folder=folder)
     tag = "$JOB_ID_$TASK_ID" if map_count is not None else "$JOB_ID"
@@ -558,43 +415,12 @@ def _make_qsub_string(
     if setup:
         lines += ["", "# setup", *setup]
 
-    usr_sig = _warning_signal()
-    forwarded = list(dict.fromkeys([usr_sig, "TERM", "INT"]))
-    lines += [
-        "",
-        "# command",
-        "export SUBMITIT_EXECUTOR=sge",
-        'if [ "${SGE_TASK_ID:-undefined}" != "undefined" ]; then',
-        '    SUBMITIT_SGE_JOB_ID="${JOB_ID}_${SGE_TASK_ID}"',
-        "else",
-        '    SUBMITIT_SGE_JOB_ID="${JOB_ID}"',
-        "fi",
-        f"SUBMITIT_SGE_EXIT_FILE={_shell_path(str(paths.folder / ('%j' + EXIT_CODE_SUFFIX)))}",
-        'rm -f "$SUBMITIT_SGE_EXIT_FILE"',
-        "# Python runs in the background so that this shell can forward signals to it; it ignores the soft",
-        f"# walltime signal ({SOFT_LIMIT_SIGNAL}, sent to the whole process group), which this shell turns into "
-        f"{usr_sig}",
-        f"( trap - INT; trap '' {SOFT_LIMIT_SIGNAL}; exec {command} ) &",
-        "SUBMITIT_SGE_CHILD=$!",
-        'submitit_forward() { submitit_trapped=1; kill -s "$1" "$SUBMITIT_SGE_CHILD" 2>/dev/null; }',
-        f"trap 'submitit_forward {usr_sig}' {SOFT_LIMIT_SIGNAL}",
-        *[f"trap 'submitit_forward {sig}' {sig}" for sig in forwarded],
-        *wait_for_child("SUBMITIT_SGE_CHILD", "SUBMITIT_SGE_EXIT_FILE"),
-        "",
-    ]
+    lines += forwarding_tail("sge", folder, command, job_var="JOB_ID", index_var="SGE_TASK_ID", no_index="undefined",
+                             soft_limit_signal=SOFT_LIMIT_SIGNAL)
     return "\n".join(lines)
 
 
-@functools.lru_cache()
-def _default_parameters() -> tp.Dict[str, tp.Any]:
-    import inspect  # pylint: disable=import-outside-toplevel
-
-    spec = inspect.signature(_make_qsub_string)
-    return {k: p.default for k, p in spec.parameters.items()
-            if p.default is not inspect.Parameter.empty and k not in ("map_count",)}
-
-
-class SgeExecutor(BoundedSubmission, core.PicklingExecutor):
+class SgeExecutor(ScriptExecutor):
     """Submits jobs to (Son of) Grid Engine with ``qsub``.
 
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
@@ -605,51 +431,14 @@ class SgeExecutor(BoundedSubmission, core.PicklingExecutor):
     """
 
     job_class = SgeJob
-
-    def __init__(self, folder: tp.Union[str, Path], max_num_timeout: int = 3, max_pickle_size_gb: float = 1.0,
-                 python: tp.Optional[str] = None) -> None:
-        super().__init__(folder, max_num_timeout=max_num_timeout, max_pickle_size_gb=max_pickle_size_gb)
-        self.python = shlex.quote(sys.executable) if python is None else python
-        if self.affinity() < 0:
-            raise RuntimeError('Could not find "qsub" on PATH: is this a Grid Engine cluster?')
+    scheduler = "SGE"
+    submit_command = "qsub"
+    one_host = "its parallel environment's slots"
+    _make_script = staticmethod(_make_qsub_string)
 
     @classmethod
     def name(cls) -> str:
         return "sge"
-
-    @classmethod
-    def _equivalence_dict(cls) -> core.EquivalenceDict:
-        return {"name": "job_name", "timeout_min": "timeout_min", "mem_gb": "mem_gb", "nodes": "nodes",
-                "cpus_per_task": "cores", "gpus_per_node": "gpus", "tasks_per_node": "tasks_per_node"}
-
-    @classmethod
-    def _valid_parameters(cls) -> tp.Set[str]:
-        return set(_default_parameters())
-
-    def _internal_update_parameters(self, **kwargs: tp.Any) -> None:
-        unknown = sorted(set(kwargs) - self._valid_parameters() - {"map_count"})
-        if unknown:
-            raise ValueError(f"Unknown SGE executor parameter(s) {', '.join(unknown)}; "
-                             f"valid: {', '.join(sorted(self._valid_parameters()))}")
-        merged = {k: v for k, v in {**self.parameters, **kwargs}.items() if v is not None}
-        _make_qsub_string(command="true", folder=self.folder, **merged)
-        self.parameters.clear()
-        self.parameters.update(merged)
-
-    def _array_jobs(self, first_job: core.Job[tp.Any], n: int) -> tp.List[core.Job[tp.Any]]:
-        """The tasks of an array (SGE numbers them from 1); only they are tracked."""
-        SgeJob.watcher.unregister_job(first_job.job_id)
-        return [SgeJob(folder=self.folder, job_id=f"{first_job.job_id}_{i}") for i in range(1, n + 1)]
-
-    @property
-    def _submitit_command_str(self) -> str:
-        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
-
-    def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return _make_qsub_string(command=command, folder=self.folder, **self.parameters)
-
-    def _num_tasks(self) -> int:
-        return 1
 
     def _make_submission_command(self, submission_file_path: Path) -> tp.List[str]:
         return ["qsub", "-terse", str(submission_file_path)]
@@ -663,10 +452,6 @@ class SgeExecutor(BoundedSubmission, core.PicklingExecutor):
         if match is None:
             raise utils.FailedSubmissionError(f"Could not find a job id in qsub's output: {string.strip()!r}")
         return match.group(1)
-
-    @classmethod
-    def affinity(cls) -> int:
-        return -1 if shutil.which("qsub") is None else 2
 
 
 # ------------------------------------------------------------------------------ hpcseg's backend
@@ -709,31 +494,10 @@ def _job_name(experiment: str) -> str:
 
 
 def build_executor(plan: tp.Any, folder: Path, dry_run: bool = False) -> SgeExecutor:
-    """The SGE executor for hpcseg's submission plan (submit.Plan): one job or an array. A job runs on one host
-    (the parallel environment's slots); with several GPUs its one task starts a training process per GPU
-    (hpcseg.launch), as on LSF."""
-    if plan.nodes > 1:
-        raise ClusterError(f"--nodes {plan.nodes}: an SGE job of hpcseg runs on one host (its parallel environment's "
-                           "slots); use --gpus for that host's GPUs")
-    setup = list(plan.profile.setup)
-    ex = dry_run_class(SgeExecutor, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
-                                             python=job_python(setup))
-    params: tp.Dict[str, tp.Any] = {
-        "job_name": _job_name(plan.experiment), "timeout_min": plan.minutes, "cores": plan.cpus,
-        "mem_gb": plan.mem_gb, "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s,
-        "array_parallelism": plan.max_parallel}
-    if plan.queue:
-        params["queue"] = plan.queue
-        queue = plan.profile.queues.get(plan.queue)
-        if queue is not None and queue.extra:
-            extra = dict(queue.extra)
-            params.update({k: extra.pop(k) for k in _SETTINGS if k in extra})
-            if extra:
-                params["additional_parameters"] = extra
-    if setup:
-        params["setup"] = setup
-    ex.update_parameters(**params)
-    return ex
+    """The SGE executor for hpcseg's submission plan (submit.Plan): one job or an array on one host; a profile
+    queue's `extra` table gives extra qsub options and the settings pe_name, mem_resource and gpu_resource."""
+    return executor_for_plan(SgeExecutor, plan, folder, dry_run, job_name=_job_name(plan.experiment),
+                             settings=_SETTINGS)
 
 
 def job_script(plan: tp.Any, folder: Path, n_elements: int) -> str:
