@@ -136,6 +136,27 @@ def test_resume_gives_the_same_weights_as_one_run(tiny_data, tmp_path):
     assert [r["train_loss"] for r in once] == [r["train_loss"] for r in twice]
 
 
+def test_resume_from_a_last_saved_by_the_clock_replays_validation_and_best_exactly(tiny_data, tmp_path):
+    """With `train.checkpoint_every_s`, validation epochs do not save `last`: a kill leaves a `last` older than
+    `best` and than the metrics; the resume replays those epochs and ends as one run would."""
+    sets = ("train.val_interval=1", "train.checkpoint_every_s=3600")
+    train(tiny_data, tmp_path / "once", "train.epochs=4", *sets)
+    run, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+    train(tiny_data, run, "train.epochs=1", *sets)
+    first_last = (ckpts / "last.pt").read_bytes()
+    train(tiny_data, run, "train.epochs=3", *sets, resume=True)
+    (ckpts / "last.pt").write_bytes(first_last)  # as if killed after epoch 3, `last` not saved since epoch 1
+    assert load_checkpoint(ckpts / "best.pt")["epoch"] > 1
+    train(tiny_data, run, "train.epochs=4", *sets, resume=True)
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(tmp_path / "once" / "checkpoints" / name), load_checkpoint(ckpts / name)
+        assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    once, killed = ([json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]
+                    for r in (tmp_path / "once", run))
+    assert [(r["epoch"], r["train_loss"], r["val_mean_dice"]) for r in once] == \
+        [(r["epoch"], r["train_loss"], r["val_mean_dice"]) for r in killed]
+
+
 def test_same_seed_same_result_other_seed_other_result(tiny_data, tmp_path):
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         train(tiny_data, tmp_path / name, "train.epochs=1", f"train.seed={seed}")
@@ -358,7 +379,7 @@ def test_compile_is_static_and_probed_at_the_training_shape(tiny_data, tmp_path,
     assert seen["shapes"] == [(3, 1, 32, 32), (3, 1, 32, 32), (1, 1, 32, 32)]
 
 
-def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(tiny_data, tmp_path, monkeypatch):
+def test_last_checkpoint_is_saved_by_the_clock_and_always_on_the_last_epoch(tiny_data, tmp_path, monkeypatch):
     import hpcseg.train as T
 
     saved = []
@@ -366,7 +387,7 @@ def test_last_checkpoint_is_saved_by_the_clock_and_always_on_validation_epochs(t
     monkeypatch.setattr(T, "save_checkpoint", lambda state, path: (saved.append((path.name, state["epoch"])),
                                                                     real_save(state, path)))
     train(tiny_data, tmp_path / "slow", "train.epochs=5", "train.val_interval=2", "train.checkpoint_every_s=3600")
-    assert [e for name, e in saved if name == "last.pt"] == [2, 4, 5]
+    assert [e for name, e in saved if name == "last.pt"] == [5]  # validation epochs 2 and 4 wait for the clock
     saved.clear()
     train(tiny_data, tmp_path / "every", "train.epochs=3", "train.val_interval=5", "train.checkpoint_every_s=0")
     assert [e for name, e in saved if name == "last.pt"] == [1, 2, 3]

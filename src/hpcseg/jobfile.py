@@ -111,8 +111,8 @@ class TrainConfig:
     threads: int = _spec(0, lo=0, hi=1024, help="CPU threads; 0: one per core available to the job")
     images_every: int = _spec(1, lo=0, hi=1_000_000, help="TensorBoard images every N validation rounds; 0: never")
     checkpoint_every_s: float = _spec(0.0, lo=0.0, hi=86_400.0,
-                                      help="0: save checkpoints/last every epoch; else at most this often, and on "
-                                           "validation epochs, the last epoch and the scheduler's warning signal")
+                                      help="0: save checkpoints/last every epoch; else at most this often, and on the "
+                                           "last epoch, an early stop and the scheduler's warning signal")
 
 
 @dataclass(frozen=True)

@@ -247,10 +247,11 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                     with phases("records"):
                         _append_jsonl(run_dir / "metrics.jsonl", record)
                         _write_progress(run_dir, job, state, record["seconds"], finished=False)
-                # by default every epoch; a GPU epoch can take less than writing ~100 MB of weights and Adam state,
-                # so a job may save by the clock instead (the warning signal still saves, mid-epoch, above); the
+                # by default every epoch; a GPU epoch (and its validation) can take less than writing ~100 MB of
+                # weights and Adam state, so a job may save by the clock instead: a resume replays the epochs since
+                # (validation and `best` included) exactly; the warning signal still saves, mid-epoch, above; the
                 # ranks agree, as the save gathers their random states
-                saving = group.any(validating or state.stopped_early
+                saving = group.any(epoch == last_epoch or state.stopped_early
                                    or time.monotonic() - last_saved >= job.train.checkpoint_every_s)
                 if saving:
                     with phases("checkpoint"):
