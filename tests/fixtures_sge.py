@@ -17,7 +17,7 @@ import typing as tp
 
 import pytest
 
-from fixtures_slurm import in_ci
+from fixtures_slurm import usable
 from hpcseg.errors import CommandError, run_command
 
 QUEUE = "all.q"
@@ -70,12 +70,7 @@ def probe_sge_cluster(queue: str = QUEUE, accounting_wait_s: float | None = None
 
 def usable_sge_cluster() -> SgeCluster:
     """The probed cluster; skips the calling test when there is none, or fails it under CI."""
-    try:
-        return probe_sge_cluster()
-    except RuntimeError as e:
-        if in_ci():
-            pytest.fail(f"CI needs the dev SGE, and it is not usable: {e}", pytrace=False)
-        pytest.skip(f"no usable SGE: start one with `bash hpc/dev-cluster/sge-start.sh` ({e})")
+    return usable(probe_sge_cluster, "the dev SGE", "sge-start.sh")
 
 
 @pytest.fixture(scope="session")

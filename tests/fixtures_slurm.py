@@ -47,6 +47,17 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def usable(probe: tp.Callable[[], tp.Any], what: str, start_script: str) -> tp.Any:
+    """What `probe` finds (it raises RuntimeError saying why a cluster is not usable); else skips the calling test,
+    or fails it under CI, which starts the dev clusters."""
+    try:
+        return probe()
+    except RuntimeError as e:
+        if in_ci():
+            pytest.fail(f"CI needs {what}, and it is not usable: {e}", pytrace=False)
+        pytest.skip(f"no usable {what}: start it with `bash hpc/dev-cluster/{start_script}` ({e})")
+
+
 def _accounting_knows(job_id: str, wait_s: float) -> bool:
     deadline = time.monotonic() + wait_s
     while True:
@@ -94,12 +105,7 @@ def probe_slurm_cluster(partition: str = PARTITION, accounting_wait_s: float | N
 
 def usable_slurm_cluster() -> SlurmCluster:
     """The probed cluster; skips the calling test when there is none, or fails it under CI."""
-    try:
-        return probe_slurm_cluster()
-    except RuntimeError as e:
-        if in_ci():
-            pytest.fail(f"CI needs the Slurm dev cluster, and it is not usable: {e}", pytrace=False)
-        pytest.skip(f"no usable Slurm cluster: start one with `bash hpc/dev-cluster/start.sh` ({e})")
+    return usable(probe_slurm_cluster, "the Slurm dev cluster", "start.sh")
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from fixtures_cluster import JOB_FILE, TINY
+from fixtures_commands import fake_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,13 +143,6 @@ def _fake_run(scratch: Path, run_id: str, executor: str, job_id: str, outcome: s
     return run_dir
 
 
-def _shim(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 @pytest.mark.parametrize("mode", ["fails", "hangs"])
 def test_status_when_scheduler_fails_or_hangs(cli, tmp_path, monkeypatch, mode):
     """One bounded query per backend; where the command fails or hangs, runs with an outcome keep it and the
@@ -157,7 +150,7 @@ def test_status_when_scheduler_fails_or_hangs(cli, tmp_path, monkeypatch, mode):
     shims = tmp_path / "bin"
     body = "exit 1" if mode == "fails" else "exec sleep 30"
     for name in ("bjobs", "sacct", "squeue"):
-        _shim(shims, name, f'echo "$0 $*" >> {tmp_path}/calls.log\n{body}' if mode == "fails" else
+        fake_command(shims, name, f'echo "$0 $*" >> {tmp_path}/calls.log\n{body}' if mode == "fails" else
               f'echo "$0 $*" >> {tmp_path}/calls.log\n{body}')
     monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("HPCSEG_SCHEDULER_TIMEOUT_S", "1")
@@ -187,8 +180,8 @@ def test_status_squeue_fallback(cli, tmp_path, monkeypatch):
     """Without sacct (accounting off) Slurm states come from squeue; a job squeue no longer lists gets its
     state from its files."""
     shims = tmp_path / "bin"
-    _shim(shims, "sacct", 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1')
-    _shim(shims, "squeue", 'printf "301|RUNNING\\n302_0|PENDING\\n302_1|RUNNING\\n999|RUNNING\\n"')
+    fake_command(shims, "sacct", 'echo "sacct: error: Slurm accounting storage is disabled" >&2; exit 1')
+    fake_command(shims, "squeue", 'printf "301|RUNNING\\n302_0|PENDING\\n302_1|RUNNING\\n999|RUNNING\\n"')
     monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
     _fake_run(cli.scratch, "a", "slurm", "301")
     _fake_run(cli.scratch, "b", "slurm", "302_0")

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from fixtures_commands import fake_command
 
 from hpcseg.cluster import runs as runs_module
 from hpcseg.cluster.runs import my_user
@@ -32,22 +33,6 @@ def _run(scratch: Path, folder: str, executor: str = "local", job_id: str = "1",
     (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 0.5, "val_mean_dice": 0.4,
                                                        "val_dice": {"csf": 0.4}}) + "\n")
     return run_dir
-
-
-def _shim(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/bash\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
-@pytest.fixture
-def shims(tmp_path, monkeypatch) -> Path:
-    """A folder of fake scheduler commands ahead of the real ones on PATH; each logs its arguments."""
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
-    return folder
 
 
 def _calls(tmp_path: Path) -> list[str]:
@@ -158,7 +143,7 @@ def test_a_fifo_a_device_link_or_a_huge_file_as_run_json_is_damage_not_a_hang(cl
 
 def test_folders_and_files_of_another_user_are_listed_as_damaged_and_never_acted_on(cli, shims, tmp_path,
                                                                                     monkeypatch):
-    _shim(shims, "scancel", f'echo "scancel $*" >> {tmp_path}/calls.log')
+    fake_command(shims, "scancel", f'echo "scancel $*" >> {tmp_path}/calls.log')
     run_dir = _run(cli.scratch, "theirs", "slurm", "4242")
     monkeypatch.setattr(runs_module, "my_uid", lambda: os.geteuid() + 4711)  # everything here is another's
     code, out = _status_in_thread(cli)
@@ -218,9 +203,9 @@ def test_cancel_cancels_only_jobs_the_scheduler_says_are_this_users(cli, shims, 
     me = my_user()
     log = f'echo "$(basename $0) $*" >> {tmp_path}/calls.log'
     # sacct answers the state query and the owner query; 501 is this user's job, 502 another user's
-    _shim(shims, "sacct", f'''{log}
+    fake_command(shims, "sacct", f'''{log}
 if [[ "$*" == *User* ]]; then printf '501|{me}\\n502|mallory\\n'; else printf '501|RUNNING\\n502|RUNNING\\n503|RUNNING\\n'; fi''')
-    _shim(shims, "scancel", log)
+    fake_command(shims, "scancel", log)
     _run(cli.scratch, "mine", "slurm", "501")
     _run(cli.scratch, "planted", "slurm", "502")
     _run(cli.scratch, "unlisted", "slurm", "503")
@@ -238,9 +223,9 @@ if [[ "$*" == *User* ]]; then printf '501|{me}\\n502|mallory\\n'; else printf '5
 def test_cancel_on_lsf_checks_the_owner_and_says_bkill_once(cli, shims, tmp_path):
     me = my_user()
     log = f'echo "$(basename $0) $*" >> {tmp_path}/calls.log'
-    _shim(shims, "bjobs", f'''{log}
+    fake_command(shims, "bjobs", f'''{log}
 if [[ "$*" == *user* ]]; then printf '601,{me}\\n602,mallory\\n'; else printf '601,0,RUN,-\\n602,0,RUN,-\\n'; fi''')
-    _shim(shims, "bkill", f'{log}\necho "Job <601>: Permission denied by the queue" >&2; exit 255')
+    fake_command(shims, "bkill", f'{log}\necho "Job <601>: Permission denied by the queue" >&2; exit 255')
     _run(cli.scratch, "mine", "lsf", "601")
     _run(cli.scratch, "planted", "lsf", "602")
     code, out = cli("cancel", "exp")
@@ -250,9 +235,9 @@ if [[ "$*" == *user* ]]; then printf '601,{me}\\n602,mallory\\n'; else printf '6
 
 
 def test_cancel_refuses_when_the_scheduler_cannot_say_whose_a_job_is(cli, shims, tmp_path):
-    _shim(shims, "sacct", 'echo "sacct: error: slurmdbd down" >&2; exit 1')
-    _shim(shims, "squeue", 'echo "squeue: error: controller down" >&2; exit 1')
-    _shim(shims, "scancel", f'echo "scancel $*" >> {tmp_path}/calls.log')
+    fake_command(shims, "sacct", 'echo "sacct: error: slurmdbd down" >&2; exit 1')
+    fake_command(shims, "squeue", 'echo "squeue: error: controller down" >&2; exit 1')
+    fake_command(shims, "scancel", f'echo "scancel $*" >> {tmp_path}/calls.log')
     _run(cli.scratch, "mine", "slurm", "501")
     code, out = cli("cancel", "mine")
     assert code == 2 and "Traceback" not in out, out
@@ -278,8 +263,8 @@ def test_cancel_does_not_signal_a_local_pid_that_is_not_this_runs_job(cli):
 
 def test_a_scheduler_printing_any_byte_is_read_and_a_failed_query_is_in_the_json(cli, shims, tmp_path):
     me = my_user()
-    _shim(shims, "sacct", f'''if [[ "$*" == *User* ]]; then printf '501|{me}\\n'; else printf '501|RUNNING\\n\\xff\\xfe odd\\n'; fi''')
-    _shim(shims, "scancel", "true")
+    fake_command(shims, "sacct", f'''if [[ "$*" == *User* ]]; then printf '501|{me}\\n'; else printf '501|RUNNING\\n\\xff\\xfe odd\\n'; fi''')
+    fake_command(shims, "scancel", "true")
     _run(cli.scratch, "r1", "slurm", "501")
     [row] = cli.status()
     assert row["state"] == "RUNNING" and row["scheduler_error"] is None, row
@@ -288,8 +273,8 @@ def test_a_scheduler_printing_any_byte_is_read_and_a_failed_query_is_in_the_json
     code, out = cli("cancel", "r1")
     assert code == 0 and "r1: cancelled job 501 (slurm)" in out, out
     # a failing scheduler: each affected run says so in the JSON
-    _shim(shims, "sacct", "printf 'sacct: \\xff broken\\n' >&2; exit 1")
-    _shim(shims, "squeue", "printf 'squeue: down\\n' >&2; exit 1")
+    fake_command(shims, "sacct", "printf 'sacct: \\xff broken\\n' >&2; exit 1")
+    fake_command(shims, "squeue", "printf 'squeue: down\\n' >&2; exit 1")
     (cli.scratch / "exp" / "r1" / "cancelled.json").unlink()
     [row] = cli.status()
     assert row["state"] == "UNKNOWN" and row["scheduler_error"].startswith("sacct exited 1: sacct: \ufffd broken; "
@@ -298,7 +283,7 @@ def test_a_scheduler_printing_any_byte_is_read_and_a_failed_query_is_in_the_json
 
 @pytest.mark.parametrize("code, state", [("143", "CANCELLED"), ("130", "CANCELLED"), ("1", "FAILED")])
 def test_a_job_lsf_has_forgotten_gets_its_state_from_its_exit_code_file(cli, shims, code, state):
-    _shim(shims, "bjobs", 'echo "Job <701> is not found" >&2; exit 255')
+    fake_command(shims, "bjobs", 'echo "Job <701> is not found" >&2; exit 255')
     run_dir = _run(cli.scratch, "killed", "lsf", "701")
     (run_dir / "submitit").mkdir()
     (run_dir / "submitit" / "701_exitcode").write_text(code + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import stat
 import sys
 from pathlib import Path
 
@@ -61,28 +60,9 @@ def test_golden_job_scripts(cli, tiny_data, name, args):
 # ---------------------------------------------------------------- no value becomes a command
 
 
-def _shim(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
 def _one_error_line(out: str, start: str) -> None:
     lines = out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"hpcseg: error: {start}"), out
-
-
-@pytest.fixture
-def schedulers(tmp_path, monkeypatch) -> Path:
-    """bsub, sbatch and qsub that accept every job and log each call: the log must stay empty when submit refuses."""
-    log = tmp_path / "scheduler-calls.log"
-    shims = tmp_path / "bin"
-    _shim(shims, "bsub", f'echo "bsub $*" >> {log}\ncat >> {log}\necho "Job <4711> is submitted to queue <q>."')
-    _shim(shims, "sbatch", f'echo "sbatch $*" >> {log}\necho "Submitted batch job 4711"')
-    _shim(shims, "qsub", f'echo "qsub $*" >> {log}\necho 4711')
-    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
-    return log
 
 
 def _vectors(tmp: Path) -> dict[str, tuple[list[str], str]]:

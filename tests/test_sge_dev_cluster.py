@@ -20,28 +20,13 @@ all.q@vm                       BIP   0/0/2          0.42     lx-amd64
 
 
 @pytest.fixture
-def fake_sge(tmp_path, monkeypatch):
+def fake_sge(fake_commands):
     """Fake qstat/qsub/qacct/qdel/qconf first on PATH; `set(name, stdout, rc)` changes one; `calls` lists the
     commands run (one line each)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls.log"
-
-    class Fake:
-        calls = log
-
-        @staticmethod
-        def set(name: str, stdout: str, rc: int = 0) -> None:
-            (bin_dir / f"{name}.out").write_text(stdout)
-            script = bin_dir / name
-            script.write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{log}'\ncat '{bin_dir / name}.out'\nexit {rc}\n")
-            script.chmod(0o755)
-
     for name, stdout in [("qstat", QSTAT_F), ("qsub", "4242\n"), ("qacct", "jobnumber 4242\n"), ("qdel", ""),
                          ("qconf", "")]:
-        Fake.set(name, stdout)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return Fake
+        fake_commands.set(name, stdout)
+    return fake_commands
 
 
 def test_an_sge_whose_accounting_knows_the_probe_job_is_used(fake_sge):

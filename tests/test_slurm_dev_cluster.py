@@ -115,27 +115,13 @@ def test_cancelled_job_ends_cancelled(tmp_path, slurm_cluster):
 
 
 @pytest.fixture
-def fake_slurm(tmp_path, monkeypatch):
+def fake_slurm(fake_commands):
     """Fake scontrol/sinfo/sbatch/sacct/scancel first on PATH; `set(name, stdout)` changes what one prints;
     `calls` lists the commands run (one line each)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    log = tmp_path / "calls.log"
-
-    class Fake:
-        calls = log
-
-        @staticmethod
-        def set(name: str, stdout: str) -> None:
-            script = bin_dir / name
-            script.write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{log}'\nprintf '%s' '{stdout}'\n")
-            script.chmod(0o755)
-
     for name, stdout in [("scontrol", "Slurmctld(primary) at vm is UP\n"), ("sinfo", "vm idle\n"),
                          ("sbatch", "4242\n"), ("sacct", "4242\n"), ("scancel", "")]:
-        Fake.set(name, stdout)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return Fake
+        fake_commands.set(name, stdout)
+    return fake_commands
 
 
 def test_a_slurm_whose_accounting_knows_the_probe_job_is_used(fake_slurm):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import nibabel as nib
@@ -13,24 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures_cluster import JOB_FILE, write_slices
-
-
-def _shim(folder: Path, name: str, body: str) -> None:
-    folder.mkdir(exist_ok=True)
-    path = folder / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
-@pytest.fixture
-def schedulers(tmp_path, monkeypatch) -> Path:
-    """bsub and sbatch that accept every job and log each call."""
-    log = tmp_path / "scheduler-calls.log"
-    shims = tmp_path / "bin"
-    _shim(shims, "bsub", f'echo "bsub $*" >> {log}\ncat > /dev/null\necho "Job <4711> is submitted to queue <q>."')
-    _shim(shims, "sbatch", f'echo "sbatch $*" >> {log}\necho "Submitted batch job 4711"')
-    monkeypatch.setenv("PATH", f"{shims}{os.pathsep}{os.environ['PATH']}")
-    return log
+from fixtures_commands import fake_command
 
 
 def _data(root: Path) -> Path:
@@ -160,7 +142,7 @@ def test_a_batch_too_small_for_the_gpu_is_said_once(cli, tiny_data, monkeypatch,
 def test_a_hanging_scheduler_command_is_bounded(cli, tiny_data, tmp_path, monkeypatch, executor, command, sweep):
     """bsub/sbatch that never answer: submit gives up after $HPCSEG_SUBMIT_TIMEOUT_S with one line naming the
     command, and leaves no run folder (nor a sweep's shared folder)."""
-    _shim(tmp_path / "bin", command, "exec sleep 60")
+    fake_command(tmp_path / "bin", command, "exec sleep 60")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("HPCSEG_SUBMIT_TIMEOUT_S", "1")
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", executor, *sweep,
