@@ -1,4 +1,5 @@
-# Shared by start.sh and stop.sh: where the dev cluster keeps its state, and how a daemon is recognised.
+# Shared by the dev clusters' start and stop scripts (Slurm: start.sh, stop.sh; SGE: sge-*.sh through sge-common.sh):
+# where the dev Slurm keeps its state, how a daemon is recognised, started, waited for and stopped.
 STATE_DIR=${HPCSEG_DEV_CLUSTER_DIR:-/tmp/hpcseg-dev-cluster}
 RUN_DIR=$STATE_DIR/run
 
@@ -41,4 +42,60 @@ foreign_pids() {
     for pid in $(pgrep -x "$1"); do
         [[ $pid == "$ours" ]] || echo "$pid"
     done
+}
+
+# die MESSAGE [LOGFILE...]: print the message and the tail of each log given, stop the daemons this run started
+# ($STARTED, with the script $STOP_SCRIPT), exit 1.
+die() {
+    local msg=$1; shift
+    log "ERROR: $msg"
+    local f
+    for f in "$@"; do
+        if [[ -s $f ]]; then
+            echo "----- last lines of $f -----" >&2
+            tail -n 25 "$f" >&2
+        fi
+    done
+    if ((${#STARTED[@]})); then
+        log "stopping what this run started: ${STARTED[*]}"
+        bash "$STOP_SCRIPT" "${STARTED[@]}" >&2 || true
+    fi
+    exit 1
+}
+
+# wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.1 s until it succeeds, else die naming the log.
+wait_for() {
+    local secs=$1 what=$2 logf=$3; shift 3
+    local deadline=$(( $(date +%s) + secs ))
+    until "$@" >/dev/null 2>&1; do
+        if (( $(date +%s) >= deadline )); then
+            die "timed out after ${secs}s waiting for $what" "$logf"
+        fi
+        sleep 0.1
+    done
+}
+
+# stop_daemons WAIT_S NAME...: TERM each daemon whose pid file this state dir holds (never one found by name), KILL
+# it after WAIT_S, remove its pid file; prints how many were running.
+stop_daemons() {
+    local wait_s=$1 name pid deadline stopped=0; shift
+    for name in "$@"; do
+        if pid=$(pid_of "$name"); then
+            log "stopping $name (pid $pid)"
+            kill -TERM "$pid" 2>/dev/null || true
+            deadline=$(( $(date +%s) + wait_s ))
+            while [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; do
+                if (( $(date +%s) >= deadline )); then
+                    log "$name (pid $pid) still running after ${wait_s}s; sending SIGKILL"
+                    kill -KILL "$pid" 2>/dev/null || true
+                    sleep 0.5
+                    break
+                fi
+                sleep 0.1
+            done
+            stopped=$((stopped + 1))
+        fi
+        rm -f "$RUN_DIR/$name.pid"
+    done
+    echo "$stopped"
 }

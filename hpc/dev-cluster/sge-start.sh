@@ -24,35 +24,7 @@ STARTED=()  # daemons this run started: stopped again if it fails
 
 t_start=$(date +%s.%N)
 
-die() {
-    # die MESSAGE [LOGFILE...]: print the message and the tail of each relevant log, exit 1.
-    local msg=$1; shift
-    log "ERROR: $msg"
-    local f
-    for f in "$@"; do
-        if [[ -s $f ]]; then
-            echo "----- last lines of $f -----" >&2
-            tail -n 25 "$f" >&2
-        fi
-    done
-    if ((${#STARTED[@]})); then
-        log "stopping what this run started: ${STARTED[*]}"
-        bash "$(dirname "$0")/sge-stop.sh" "${STARTED[@]}" >&2 || true
-    fi
-    exit 1
-}
-
-wait_for() {
-    # wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.2 s until it succeeds.
-    local secs=$1 what=$2 logf=$3; shift 3
-    local deadline=$(( $(date +%s) + secs ))
-    until "$@" >/dev/null 2>&1; do
-        if (( $(date +%s) >= deadline )); then
-            die "timed out after ${secs}s waiting for $what" "$logf"
-        fi
-        sleep 0.2
-    done
-}
+STOP_SCRIPT=$(dirname "$0")/sge-stop.sh  # what die() runs on the daemons this run started
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts SGE's daemons)"
 

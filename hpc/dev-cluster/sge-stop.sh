@@ -12,7 +12,6 @@ set -uo pipefail
 source "$(dirname "$0")/sge-common.sh"
 STOP_WAIT_S=${HPCSEG_DEV_SGE_STOP_WAIT_S:-20}
 
-stopped=0
 names=(sge_execd sge_qmaster)
 (($#)) && names=("$@")
 
@@ -29,25 +28,7 @@ if [[ " ${names[*]} " == *" sge_execd "* ]] && pid_of sge_qmaster >/dev/null && 
     fi
 fi
 
-for name in "${names[@]}"; do
-    pidfile=$RUN_DIR/$name.pid
-    if pid=$(pid_of "$name"); then
-        log "stopping $name (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        deadline=$(( $(date +%s) + STOP_WAIT_S ))
-        while [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; do
-            if (( $(date +%s) >= deadline )); then
-                log "$name (pid $pid) still running after ${STOP_WAIT_S}s; sending SIGKILL"
-                kill -KILL "$pid" 2>/dev/null || true
-                sleep 0.5
-                break
-            fi
-            sleep 0.1
-        done
-        stopped=$((stopped + 1))
-    fi
-    rm -f "$pidfile"
-done
+stopped=$(stop_daemons "$STOP_WAIT_S" "${names[@]}")
 
 if (( stopped )); then
     echo "hpcseg dev SGE stopped ($stopped daemons; configuration kept in $SGE_ROOT/$SGE_CELL)"

@@ -13,7 +13,6 @@ set -uo pipefail
 source "$(dirname "$0")/common.sh"
 STOP_WAIT_S=${HPCSEG_DEV_CLUSTER_STOP_WAIT_S:-20}
 
-stopped=0
 # reverse start order: compute nodes first, the database and munge last
 names=(slurmd slurmctld slurmdbd mariadbd munged)
 (($#)) && names=("$@")
@@ -31,25 +30,7 @@ if [[ " ${names[*]} " == *" slurmd "* ]] && pid_of slurmctld >/dev/null; then
     fi
 fi
 
-for name in "${names[@]}"; do
-    pidfile=$RUN_DIR/$name.pid
-    if pid=$(pid_of "$name"); then
-        log "stopping $name (pid $pid)"
-        kill -TERM "$pid" 2>/dev/null || true
-        deadline=$(( $(date +%s) + STOP_WAIT_S ))
-        while [[ -d /proc/$pid ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]; do
-            if (( $(date +%s) >= deadline )); then
-                log "$name (pid $pid) still running after ${STOP_WAIT_S}s; sending SIGKILL"
-                kill -KILL "$pid" 2>/dev/null || true
-                sleep 0.5
-                break
-            fi
-            sleep 0.1
-        done
-        stopped=$((stopped + 1))
-    fi
-    rm -f "$pidfile"
-done
+stopped=$(stop_daemons "$STOP_WAIT_S" "${names[@]}")
 
 if (( stopped )); then
     echo "hpcseg dev cluster stopped ($stopped daemons; data kept in $STATE_DIR)"
