@@ -344,3 +344,23 @@ def test_submit_refuses_more_than_one_node(cli, tiny_data):
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", "sge", "--nodes", "2", "--gpus", "0",
                     "--dry-run")
     assert code == 2 and out.startswith("hpcseg: error: --nodes 2: an SGE job of hpcseg runs on one host"), out
+
+
+@pytest.mark.parametrize("code, state", [("0", "COMPLETED"), ("143", "CANCELLED"), ("130", "CANCELLED"),
+                                         ("137", "FAILED"), ("1", "FAILED")])
+@pytest.mark.parametrize("plugin", ["lsf", "sge"])
+def test_a_job_its_scheduler_forgot_reads_its_exit_code_file_as_status_does(tmp_path, plugin, code, state):
+    """The plugins' watcher and `hpcseg status` agree: 137 in the file is a SIGKILL of Python alone (the memory
+    limit, say), as a scheduler's SIGKILL cancel ends the script's shell too, which then writes no file."""
+    from submitit.core import utils
+
+    from hpcseg.cluster import lsf
+
+    watcher = (lsf.LsfInfoWatcher if plugin == "lsf" else sge.SgeInfoWatcher)()
+    paths = utils.JobPaths(tmp_path, job_id="77")
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    (paths.folder / "77_exitcode").write_text(code + "\n")
+    watcher.register_job("77")
+    watcher.register_paths("77", paths)
+    info = watcher._info_from_files("77")  # pylint: disable=protected-access
+    assert (info["State"], info["Source"]) == (state, "files")

@@ -66,7 +66,6 @@ class ScriptWatcher(core.InfoWatcher):
     not_found_grace_s = 60.0  #: how long a job nobody knows counts as UNKNOWN before it is FAILED
     timeout_s = 60.0  #: the limit of one scheduler query
     scheduler = "the scheduler"  #: who forgot a job, in the reason of its FAILED state
-    cancel_exit_codes: tp.Tuple[int, ...] = CANCEL_EXIT_CODES  #: exit codes that mean the job was cancelled
 
     def __init__(self, delay_s: int = 60) -> None:
         super().__init__(delay_s)
@@ -101,7 +100,9 @@ class ScriptWatcher(core.InfoWatcher):
         paths = self._paths.get(job_id)
         code = read_exit_code(paths) if paths is not None else None
         if code is not None:
-            state = "COMPLETED" if code == 0 else "CANCELLED" if code in self.cancel_exit_codes else "FAILED"
+            # the script's shell outlived Python: 130/143 are a forwarded INT/TERM (a cancel); a 137 is not (a
+            # scheduler's cancel by SIGKILL ends the shell too, which then writes nothing), so it is FAILED
+            state = "COMPLETED" if code == 0 else "CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"
             return {"JobID": job_id, "State": state, "Source": "files", "EXIT_CODE": str(code)}
         if paths is not None and paths.result_pickle.exists():
             return {"JobID": job_id, "State": "COMPLETED", "Source": "files"}

@@ -256,7 +256,6 @@ class SgeInfoWatcher(ScriptWatcher):
     """
 
     scheduler = "neither qstat nor qacct"
-    cancel_exit_codes = CANCEL_EXIT_CODES
 
     def _query(self, job_ids: tp.Set[str]) -> tp.Dict[str, tp.Optional[tp.Dict[str, str]]]:
         infos = query_sge(sorted(job_ids), self.timeout_s, since=self.first_seen(job_ids))
