@@ -29,6 +29,21 @@ def _metrics_epochs(run_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_a_job_submitted_by_a_shell_that_ignores_interrupts_is_still_cancelled(backend, cli, tiny_data):
+    """`hpcseg submit ... &` in a script: the shell ignores INT, and so would the job it starts; the local job starts
+    with INT at its default, as a scheduler's job does, so `hpcseg cancel` (an INT to its controller) ends it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        [(run_id, _)] = cli.submit(data=tiny_data, sets=["train.epochs=100000", "train.val_interval=1000"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    cli.wait(run_id, ("RUNNING",), timeout_s=90)
+    code, out = cli("cancel", run_id)
+    assert code == 0 and "cancelled" in out, out
+    cli.wait(run_id, ("CANCELLED",), timeout_s=90)
+
+
 def test_submit_status_collect_cancel_fail_sweep(backend, cli, tiny_data):
     # a job to cancel first (on Slurm's two cores it must get one of them), then the others at once
     [(long_id, _)] = cli.submit("--name", "long", data=tiny_data, sets=["train.epochs=100000", "train.val_interval=1000"])

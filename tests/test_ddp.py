@@ -314,11 +314,16 @@ def test_the_launcher_gives_back_the_signal_handlers_it_took(data8, tmp_path, mo
     for var in _LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
-    job = load_job(JOB, [*TINY, "train.epochs=1"])
-    summary = train_processes(2, job, data8 / "training_data", data8 / "validation_data", tmp_path / "run", False)
-    assert summary is not None and (tmp_path / "run" / "checkpoints" / "last.pt").exists()
-    assert {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS} == before
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1)
+    # as in a job (the job environment sets it), whatever this test run inherited (INT ignored in a background shell)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS}
+        job = load_job(JOB, [*TINY, "train.epochs=1"])
+        summary = train_processes(2, job, data8 / "training_data", data8 / "validation_data", tmp_path / "run", False)
+        assert summary is not None and (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+        assert {sig: signal.getsignal(sig) for sig in _LAUNCHER_SIGNALS} == before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    finally:
+        signal.signal(signal.SIGINT, inherited)

@@ -1,7 +1,9 @@
 """The LSF emulator speaks LSF's formats and runs jobs for real (see docs/lsf.md)."""
 
+import contextlib
 import json
 import re
+import signal
 import subprocess
 import time
 
@@ -13,6 +15,16 @@ def run(*args, stdin=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr}")
     return proc
+
+
+@contextlib.contextmanager
+def interrupts_ignored(ignored: bool = True):
+    """What this process starts meanwhile inherits SIGINT ignored, as from a script or a shell in the background."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if ignored else signal.getsignal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def bsub(script, *args):
@@ -130,8 +142,10 @@ def test_array_limit_indices_and_logs(lsf_emulator, tmp_path):
     assert one == f"{jid},3,DONE\n"
 
 
-def test_bkill(lsf_emulator, tmp_path):
-    jid = bsub(SCRIPT.format(out=tmp_path, body="sleep 30"))
+@pytest.mark.parametrize("submitter", ["plain", "ignores INT"])
+def test_bkill(lsf_emulator, tmp_path, submitter):
+    with interrupts_ignored(submitter == "ignores INT"):  # LSF starts a job with INT at its default all the same
+        jid = bsub(SCRIPT.format(out=tmp_path, body="sleep 30"))
     lsf_emulator.wait_for(jid, stats=("RUN",))
     assert run("bkill", jid).stdout == f"Job <{jid}> is being terminated\n"
     el = lsf_emulator.wait_for(jid, timeout_s=5)

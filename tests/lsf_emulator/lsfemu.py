@@ -354,6 +354,13 @@ def cmd_bsub(argv):
     return 0
 
 
+def _default_signals():
+    """As LSF's sbatchd starts a job: INT and QUIT at their defaults, whatever the submitting shell ignored (a shell
+    started in the background ignores them, and bash cannot trap a signal ignored at its start)."""
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def spawn_supervisor(jid):
     log = open(os.path.join(emu_dir(), f"supervisor.{jid}.log"), "a")
     proc = subprocess.Popen(
@@ -408,7 +415,8 @@ def start_element(rec, idx, el):
         err_path, "w" if rec["err_overwrite"] and el["runs"] == 0 else "a")
     try:
         proc = subprocess.Popen(["bash", rec["script"]], cwd=rec["cwd"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=out_fh, stderr=err_fh, start_new_session=True, close_fds=True)
+                                stdout=out_fh, stderr=err_fh, start_new_session=True, close_fds=True,
+                                preexec_fn=_default_signals)
     finally:
         out_fh.close()
         if err_fh is not out_fh:

@@ -16,6 +16,14 @@ from .runs import my_uid, my_user
 from .scripts import job_python
 
 
+def _default_signals() -> None:
+    """The job's controller starts with INT and QUIT at their defaults, as a scheduler starts a job: `hpcseg submit`
+    run from a script or a shell in the background ignores them, and a controller that inherited that would ignore
+    `hpcseg cancel` (an INT) and leave the training running."""
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _executor_class() -> type:
     from submitit.local.local import LocalExecutor, LocalJob
 
@@ -42,7 +50,8 @@ def _executor_class() -> type:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / "controller.log", "ab") as log:
                 process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+                                           stderr=subprocess.STDOUT, start_new_session=True,
+                                           preexec_fn=_default_signals)
             return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
     return DetachedLocalExecutor
