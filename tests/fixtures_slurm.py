@@ -55,7 +55,7 @@ def usable(probe: tp.Callable[[], tp.Any], what: str, start_script: str) -> tp.A
     except RuntimeError as e:
         if in_ci():
             pytest.fail(f"CI needs {what}, and it is not usable: {e}", pytrace=False)
-        pytest.skip(f"no usable {what}: start it with `bash hpc/dev-cluster/{start_script}` ({e})")
+        pytest.skip(f"{what} is not usable (start it with `bash hpc/dev-cluster/{start_script}`): {e}")
 
 
 def _accounting_knows(job_id: str, wait_s: float) -> bool:

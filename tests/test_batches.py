@@ -170,3 +170,44 @@ def test_two_ranks_with_their_data_off_the_device_train_the_resident_ranks_weigh
     _same_weights(ddp_weights(tmp_path / "resident"), ddp_weights(tmp_path / "off"))
     assert out.count("data: ") == 1  # rank 0 alone says where
     assert not (tmp_path / "off" / MAPPED).exists()  # each rank's mapped copy is gone
+
+
+def test_loading_puts_slices_beyond_the_host_room_in_files_as_it_reads_them(tmp_path):
+    """Data larger than the host's memory for data: `load_splits` keeps slices in memory while a Spill has room and
+    writes the rest of that split to files as it reads them, so memory stays bounded; the slices are the same."""
+    import tracemalloc
+
+    from hpcseg.data import DataError, Spill, load_splits
+
+    rng = np.random.default_rng(0)
+    for k in range(40):  # 256 KB of float32 image each: 10 MB of images in all
+        save_slice(tmp_path / "data" / "training_data", f"s{k:02d}", rng.random((256, 256)), np.ones((256, 256)))
+    for k in range(2):
+        save_slice(tmp_path / "data" / "validation_data", f"v{k}", rng.random((64, 64)), np.zeros((64, 64)))
+    folders = [tmp_path / "data" / "training_data", tmp_path / "data" / "validation_data"]
+
+    def load(spill):
+        tracemalloc.start()
+        try:
+            splits = load_splits(folders, 4, spill)
+            return splits, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    held, peak_held = load(Spill(tmp_path / "roomy", 1e9))
+    assert not (tmp_path / "roomy").exists()
+    spill = Spill(tmp_path / "spill", 1e6)  # room for 3 slices of the first split
+    spilled, peak_spilled = load(spill)
+    assert spill.spilled and peak_held > 10e6 > 3e6 > peak_spilled, (peak_held, peak_spilled)
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["split0-images.raw", "split0-labels.raw"]
+    for a, b in zip(held, spilled):
+        assert a.ids == b.ids
+        for x, y in [*zip(a.images, b.images), *zip(a.labels, b.labels)]:
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+    assert all(isinstance(image.base, np.memmap) for image in spilled[0].images)
+    assert not any(isinstance(image.base, np.memmap) for image in spilled[1].images)  # it fitted what was left
+    # a bad file anywhere: one DataError, and nothing spilled stays behind
+    (folders[1] / "v1_T1w.npy").write_bytes(b"junk")
+    with pytest.raises(DataError, match="v1_T1w.npy: cannot read image"):
+        load_splits(folders, 4, Spill(tmp_path / "bad", 1e6))
+    assert not (tmp_path / "bad").exists()

@@ -76,11 +76,22 @@ def _cgroup_room() -> int | None:
     return max(0, min(rooms)) if rooms else None
 
 
+def host_room(host_cap_gb: float, local_ranks: int = 1) -> float:
+    """Bytes of host memory the splits may take: `host_cap_gb` (0: half the memory available, shared by the node's
+    `local_ranks` processes, each holding its copy)."""
+    return host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
+
+
+def read_spill(run_dir: Path, rank: int = 0) -> Path:
+    """Where loading puts this rank's slices beyond the host's room (data.Spill); removed with the mapped copy."""
+    return run_dir / MAPPED / f"rank{rank}" / "read"
+
+
 def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: float, run_dir: Path,
-          rank: int = 0, local_ranks: int = 1) -> Placement:
+          rank: int = 0, local_ranks: int = 1, spilled: bool = False) -> Placement:
     """Where splits of `nbytes` go: the device while they fit `device_cap_gb` (0: half its free memory), else host
-    memory while they fit `host_cap_gb` (0: half the memory available, shared by the node's `local_ranks`
-    processes, each holding its copy), else memory-mapped files in `run_dir`, one folder per rank."""
+    memory while they fit `host_room(host_cap_gb, local_ranks)` and loading did not already have to put them in
+    files (`spilled`), else memory-mapped files in `run_dir`, one folder per rank."""
     size = f"{nbytes / GB:.2g} GB"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
@@ -93,12 +104,13 @@ def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: 
     if nbytes <= budget:
         return Placement("device", f"data: resident on {device.type} ({size}; {of})", folder)
     staged = "batches staged in pinned memory" if device.type == "cuda" else "batches copied to the device"
-    room = host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
-    if nbytes <= room:
+    room = host_room(host_cap_gb, local_ranks)
+    if nbytes <= room and not spilled:
         return Placement("host", f"data: host memory, {size} (more than the device's {budget / GB:.2g} GB for data; "
                                  f"{staged})", folder)
+    host = "the host's room for data as they were read" if spilled else f"the host's {room / GB:.2g} GB for data"
     return Placement("mapped", f"data: memory-mapped .npy files in {folder}, {size} (more than the device's "
-                               f"{budget / GB:.2g} GB and the host's {room / GB:.2g} GB for data; {staged})", folder)
+                               f"{budget / GB:.2g} GB and {host}; {staged})", folder)
 
 
 def training_tensors(split: Split, placement: Placement, device: torch.device,

@@ -19,6 +19,7 @@ raises one :class:`DataError` that lists every problem found, one line per probl
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -249,15 +250,77 @@ def _check_label(path: Path, array: np.ndarray, num_classes: int) -> tuple[np.nd
     return np.ascontiguousarray(array, dtype=np.uint8), []
 
 
-def load_split(folder: Path | str, num_classes: int) -> Split:
-    """Read and check every slice of a folder; raise one DataError listing all problems, one line each."""
+class Spill:
+    """Where :func:`load_splits` puts slices once they pass `budget_bytes` of host memory: two flat files per split in
+    `folder` (images float32, labels uint8, slice after slice), written as the slices are read and mapped read-only at
+    the end. Data larger than the host's memory is so read once without being held; `spilled` says it happened."""
+
+    def __init__(self, folder: Path, budget_bytes: float) -> None:
+        self.folder, self.room, self.spilled = Path(folder), float(budget_bytes), False
+
+    def store(self, name: str) -> _SliceStore:
+        return _SliceStore(self, name)
+
+
+class _SliceStore:
+    """One split's slices as `load_split` reads them: in memory while its Spill has room, else all in its files."""
+
+    def __init__(self, spill: Spill | None, name: str) -> None:
+        self.spill, self.name = spill, name
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+        self.files: tuple | None = None  # (images, labels) open for appending, once this split spills
+        self.shapes: list[tuple[int, int]] = []
+
+    def add(self, image: np.ndarray, label: np.ndarray) -> None:
+        if self.files is None:
+            if self.spill is None or self.spill.room >= image.nbytes + label.nbytes:
+                if self.spill is not None:
+                    self.spill.room -= image.nbytes + label.nbytes
+                self.kept.append((image, label))
+                return
+            self._start_files()
+        self.shapes.append(image.shape)
+        self.files[0].write(image.tobytes())
+        self.files[1].write(label.tobytes())
+
+    def _start_files(self) -> None:
+        self.spill.spilled = True
+        self.spill.folder.mkdir(parents=True, exist_ok=True)
+        self.files = tuple(open(self.spill.folder / f"{self.name}-{kind}.raw", "wb") for kind in ("images", "labels"))
+        kept, self.kept = self.kept, []
+        for image, label in kept:  # the split is held in one place, its files: its memory is free again
+            self.spill.room += image.nbytes + label.nbytes
+            self.add(image, label)
+
+    def arrays(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self.files is None:
+            return [image for image, _ in self.kept], [label for _, label in self.kept]
+        for handle in self.files:
+            handle.close()
+        images = np.memmap(self.files[0].name, dtype=np.float32, mode="r")
+        labels = np.memmap(self.files[1].name, dtype=np.uint8, mode="r")
+        out_images, out_labels, at = [], [], 0
+        for h, w in self.shapes:
+            out_images.append(images[at:at + h * w].reshape(h, w))
+            out_labels.append(labels[at:at + h * w].reshape(h, w))
+            at += h * w
+        return out_images, out_labels
+
+    def discard(self) -> None:
+        for handle in self.files or ():
+            handle.close()
+            Path(handle.name).unlink(missing_ok=True)
+
+
+def load_split(folder: Path | str, num_classes: int, spill: Spill | None = None, name: str = "split") -> Split:
+    """Read and check every slice of a folder; raise one DataError listing all problems, one line each. With `spill`,
+    slices beyond its budget go to its files (named after `name`) as they are read (see Spill)."""
     if not 1 <= int(num_classes) <= 256:
         raise ValueError(f"num_classes must be in 1..256 (labels are stored as uint8), got {num_classes}")
     folder = Path(folder)
     pairs, problems = _scan(folder)
     ids: list[str] = []
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
+    store = _SliceStore(spill, name)
     for pair in pairs:
         image, image_problems = _read_image(pair.image)
         raw_label, label_problems = _read_checked(pair.label, "label")
@@ -273,24 +336,29 @@ def load_split(folder: Path | str, num_classes: int) -> Split:
             problems += image_problems + label_problems
             continue
         ids.append(pair.id)
-        images.append(image)
-        labels.append(label)
+        if not problems:  # once a file is bad nothing is trained: the rest is only checked
+            store.add(image, label)
     if problems:
+        store.discard()
         raise DataError(problems)
+    images, labels = store.arrays()
     return Split(folder=folder, ids=ids, images=images, labels=labels)
 
 
-def load_splits(folders: Sequence[Path | str], num_classes: int) -> list[Split]:
+def load_splits(folders: Sequence[Path | str], num_classes: int, spill: Spill | None = None) -> list[Split]:
     """:func:`load_split` of each folder, every folder checked before any is refused: one DataError lists the
-    problems of all of them (a bad validation file is named along with the bad training files)."""
+    problems of all of them (a bad validation file is named along with the bad training files). `spill` (shared by
+    the folders) bounds the host memory the slices take."""
     splits: list[Split] = []
     problems: list[str] = []
-    for folder in folders:
+    for k, folder in enumerate(folders):
         try:
-            splits.append(load_split(folder, num_classes))
+            splits.append(load_split(folder, num_classes, spill if not problems else None, name=f"split{k}"))
         except DataError as err:
             problems += err.problems
     if problems:
+        if spill is not None:
+            shutil.rmtree(spill.folder, ignore_errors=True)
         raise DataError(problems)
     return splits
 

@@ -20,9 +20,10 @@ import torch
 from . import __version__, volumes
 from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
-from .batches import HostBatches, place, release, split_bytes, training_tensors, validation_groups
+from .batches import (
+    HostBatches, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .data import load_splits
+from .data import Spill, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .distributed import Group, Ranks, device_for, process_group, ranks_from_env
 from .errors import UserError
@@ -112,18 +113,23 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     # the checkpoint to resume from, read once; rank 0 checks the folder (a job's rank 0 may be clearing it)
     last = _check_run_dir(job, run_dir, resume) if ranks.leader else _resume_point(run_dir, resume)
     # both splits checked before anything is written, every bad file of either named at once
-    with phases("data"):
-        train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes)
+    with phases("data"):  # slices beyond the host memory for data go to files as they are read
+        spill = Spill(read_spill(run_dir, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
+        train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes, spill)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
     # every rank has checked the run folder and the data when the group forms, before rank 0 writes anything
-    with process_group(ranks, pick_device(ranks)) as group, \
-            writing(run_dir, "writing the run; once there is space, continue it with --resume"):
-        return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases, group)
+    try:
+        with process_group(ranks, pick_device(ranks)) as group, \
+                writing(run_dir, "writing the run; once there is space, continue it with --resume"):
+            return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases, group,
+                          spill.spilled)
+    finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
+        shutil.rmtree(spill.folder, ignore_errors=True)
 
 
 def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning,
-           phases: Phases | None = None, group: Group | None = None) -> dict:
+           phases: Phases | None = None, group: Group | None = None, spilled: bool = False) -> dict:
     resume = last is not None
     phases = phases or Phases()
     group = group or Group(Ranks(), pick_device())
@@ -174,7 +180,7 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
 
     # on the device where the splits fit, else in host memory (or memory-mapped files) with batches copied over
     placement = place(split_bytes(train_split, val_split, (MIN_SIZE, MIN_SIZE)), device, job.data.device_memory_gb,
-                      job.data.host_memory_gb, run_dir, ranks.rank, ranks.local_world)
+                      job.data.host_memory_gb, run_dir, ranks.rank, ranks.local_world, spilled)
     log(placement.line)
     images, labels, sizes = training_tensors(train_split, placement, device, (MIN_SIZE, MIN_SIZE))
     val_groups = validation_groups(val_split, placement, device, job.infer.batch_size * job.infer.sw_batch_size)
