@@ -17,7 +17,7 @@ import typing as tp
 
 import pytest
 
-from fixtures_slurm import usable
+from fixtures_slurm import probe_command, usable
 from hpcseg.errors import CommandError, run_command
 
 QUEUE = "all.q"
@@ -32,13 +32,6 @@ class SgeCluster:
     hostname: str
 
 
-def _run(cmd: tp.List[str]) -> str:
-    try:
-        return run_command(cmd, _TIMEOUT_S).stdout
-    except CommandError as err:
-        raise RuntimeError(str(err)) from None
-
-
 def probe_sge_cluster(queue: str = QUEUE, accounting_wait_s: float | None = None) -> SgeCluster:
     """The cluster if an instance of ``queue`` can run jobs and qacct knows a trivial job submitted to it; raise
     RuntimeError with the reason otherwise."""
@@ -46,12 +39,13 @@ def probe_sge_cluster(queue: str = QUEUE, accounting_wait_s: float | None = None
     if shutil.which("qsub") is None or shutil.which("qconf") is None:
         raise RuntimeError("no qsub/qconf on PATH")
     # columns: queuename qtype resv/used/tot. load_avg arch [states]
-    lines = [ln.split() for ln in _run(["qstat", "-f", "-q", queue]).splitlines() if ln.startswith(f"{queue}@")]
+    lines = [ln.split() for ln in probe_command(["qstat", "-f", "-q", queue]).splitlines()
+             if ln.startswith(f"{queue}@")]
     usable = [f[0].split("@", 1)[1] for f in lines if len(f) == 5]
     if not usable:
         raise RuntimeError(f"queue {queue!r} has no usable instance ({[' '.join(f) for f in lines] or 'none'})")
-    out = _run(["qsub", "-terse", "-b", "y", "-q", queue, "-N", "hpcseg-test-probe", "-o", "/dev/null", "-j", "y",
-                "true"]).strip()
+    out = probe_command(["qsub", "-terse", "-b", "y", "-q", queue, "-N", "hpcseg-test-probe", "-o", "/dev/null",
+                         "-j", "y", "true"]).strip()
     if not out.isdigit():
         raise RuntimeError(f"qsub printed no job id: {out[:200]!r}")
     deadline = time.monotonic() + wait_s

@@ -35,8 +35,9 @@ class SlurmCluster:
     hostname: str
 
 
-def _run(cmd: tp.List[str]) -> str:
-    """Run a Slurm command with a short timeout; return stdout, raise RuntimeError with a reason."""
+def probe_command(cmd: tp.List[str]) -> str:
+    """Run a scheduler command of a cluster probe with a short timeout; return stdout, raise RuntimeError with a
+    reason (the probe's way of saying the cluster is not usable)."""
     try:
         return run_command(cmd, _TIMEOUT_S).stdout
     except CommandError as err:
@@ -61,7 +62,7 @@ def usable(probe: tp.Callable[[], tp.Any], what: str, start_script: str) -> tp.A
 def _accounting_knows(job_id: str, wait_s: float) -> bool:
     deadline = time.monotonic() + wait_s
     while True:
-        out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID"])
+        out = probe_command(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID"])
         if job_id in out.split():
             return True
         if time.monotonic() > deadline:
@@ -75,8 +76,8 @@ def probe_slurm_cluster(partition: str = PARTITION, accounting_wait_s: float | N
     if accounting_wait_s is None:
         accounting_wait_s = ACCOUNTING_WAIT_S
     # fails at once when no controller answers (sinfo would retry the connection for ~9 s)
-    _run(["scontrol", "ping"])
-    nodes = _run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N %T"]).split()
+    probe_command(["scontrol", "ping"])
+    nodes = probe_command(["sinfo", "-h", "-N", "-p", partition, "-o", "%N %T"]).split()
     if not nodes:
         raise RuntimeError(f"partition {partition!r} does not exist or has no node")
     pairs = list(zip(nodes[::2], nodes[1::2]))
@@ -85,8 +86,8 @@ def probe_slurm_cluster(partition: str = PARTITION, accounting_wait_s: float | N
         states = ", ".join(f"{name}: {state}" for name, state in pairs)
         raise RuntimeError(f"no usable node in partition {partition!r} ({states})")
     # the tests' jobs ask for one GPU: so does the probe, so that a Slurm without one is refused here
-    out = _run(["sbatch", "--parsable", "-p", partition, "-J", "hpcseg-test-probe", "-t", "1", "-c", "1",
-                "--gpus-per-node=1", "-o", "/dev/null", "--wrap", "true"])
+    out = probe_command(["sbatch", "--parsable", "-p", partition, "-J", "hpcseg-test-probe", "-t", "1", "-c", "1",
+                         "--gpus-per-node=1", "-o", "/dev/null", "--wrap", "true"])
     job_id = out.strip().split(";")[0]
     if not job_id.isdigit():
         raise RuntimeError(f"sbatch printed no job id: {out.strip()[:200]!r}")
