@@ -82,9 +82,14 @@ def host_room(host_cap_gb: float, local_ranks: int = 1) -> float:
     return host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
 
 
+def rank_folder(run_dir: Path, rank: int = 0) -> Path:
+    """This rank's memory-mapped files in the run folder: training's copy of the splits, and what loading spilled."""
+    return run_dir / MAPPED / f"rank{rank}"
+
+
 def read_spill(run_dir: Path, rank: int = 0) -> Path:
     """Where loading puts this rank's slices beyond the host's room (data.Spill); removed with the mapped copy."""
-    return run_dir / MAPPED / f"rank{rank}" / "read"
+    return rank_folder(run_dir, rank) / "read"
 
 
 def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: float, run_dir: Path,
@@ -100,7 +105,7 @@ def place(nbytes: int, device: torch.device, device_cap_gb: float, host_cap_gb: 
     else:  # the CPU trains on host memory: resident unless a cap says otherwise
         budget, of = (device_cap_gb * GB, f"cap data.device_memory_gb = {device_cap_gb:g}") if device_cap_gb else \
             (float("inf"), "host memory")
-    folder = run_dir / MAPPED / f"rank{rank}"
+    folder = rank_folder(run_dir, rank)
     if nbytes <= budget:
         return Placement("device", f"data: resident on {device.type} ({size}; {of})", folder)
     staged = "batches staged in pinned memory" if device.type == "cuda" else "batches copied to the device"

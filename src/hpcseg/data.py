@@ -258,9 +258,6 @@ class Spill:
     def __init__(self, folder: Path, budget_bytes: float) -> None:
         self.folder, self.room, self.spilled = Path(folder), float(budget_bytes), False
 
-    def store(self, name: str) -> _SliceStore:
-        return _SliceStore(self, name)
-
 
 class _SliceStore:
     """One split's slices as `load_split` reads them: in memory while its Spill has room, else all in its files."""
