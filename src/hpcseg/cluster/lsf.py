@@ -37,7 +37,7 @@ from ..durations import hours_minutes
 from ..errors import CommandError, run_command
 from .script_plugin import (
     OneTaskEnvironment, ScriptExecutor, ScriptJob, ScriptWatcher, check_parameters, executor_for_plan,
-    forwarding_tail)
+    forwarding_tail, parse_exit_code)
 from .scripts import (
     CANCEL_EXIT_CODES, submission_text, check_parameter as _check, is_int as _is_int,
     warning_signal as _warning_signal)
@@ -132,11 +132,6 @@ def normalise_state(stat: str, exit_code: tp.Optional[int] = None) -> str:
     return _STAT_TO_STATE.get(stat, "UNKNOWN")
 
 
-def _parse_exit_code(text: str) -> tp.Optional[int]:
-    text = text.strip()
-    return int(text) if re.fullmatch(r"-?\d+", text) else None
-
-
 def _parse_bjobs_lines(stdout: str) -> tp.Dict[str, LsfJobInfo]:
     """Lines of ``bjobs -noheader -o BJOBS_FORMAT`` -> {submitit id: info}."""
     infos: tp.Dict[str, LsfJobInfo] = {}
@@ -145,7 +140,7 @@ def _parse_bjobs_lines(stdout: str) -> tp.Dict[str, LsfJobInfo]:
         if len(parts) < 3 or not parts[0].isdigit():
             continue
         jobid, index, stat = parts[0], parts[1], parts[2]
-        exit_code = _parse_exit_code(parts[3]) if len(parts) > 3 else None
+        exit_code = parse_exit_code(parts[3]) if len(parts) > 3 else None
         key = jobid if index in ("0", "-", "") else f"{jobid}_{int(index)}"
         infos[key] = LsfJobInfo(key, stat, exit_code, normalise_state(stat, exit_code))
     return infos

@@ -45,12 +45,17 @@ def exit_code_file(paths: utils.JobPaths) -> Path:
     return paths.folder / f"{paths.job_id}{EXIT_CODE_SUFFIX}"
 
 
+def parse_exit_code(text: str) -> int | None:
+    """An exit code as a script or the scheduler prints it (None for "-", blank or anything else)."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"-?\d+", text) else None
+
+
 def read_exit_code(paths: utils.JobPaths) -> int | None:
     try:
-        text = exit_code_file(paths).read_text().strip()
+        return parse_exit_code(exit_code_file(paths).read_text())
     except OSError:
         return None
-    return int(text) if re.fullmatch(r"-?\d+", text) else None
 
 
 # ---------------------------------------------------------------------------------- watcher, job
