@@ -26,7 +26,7 @@ Adding a scheduler (say PBS, as `pbs`):
    Every scheduler command goes through `hpcseg.errors.run_command`, which raises one CommandError (a
    UserError) naming the command; parsing of the scheduler's output stays in this module.
 2. Add one `Backend(...)` entry to `BACKENDS` below (its place sets the auto-detection order).
-3. Add its row to the README's table of backends, and a test against the scheduler or an emulator.
+3. Add its row to the table of backends in docs/cluster.md, and a test against the scheduler or an emulator.
 """
 
 from __future__ import annotations
