@@ -14,6 +14,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
+LOG_HEADING = "# Every run, newest first\n"
 
 
 def default_data() -> Path:
@@ -155,7 +156,8 @@ def emit(result: dict, info: dict, json_path: Path | None) -> None:
 
 def append_results(title: str, info: dict, command: str, lines: list[str], payload: dict,
                    path: Path | None = None) -> Path:
-    """Append one section to RESULTS.md: machine, date, command, ``lines`` (markdown) and the full JSON."""
+    """Add one section to RESULTS.md's log of runs (newest first): machine, date, command, ``lines`` (markdown) and the
+    full JSON. The current-figures tables above the log are kept by hand."""
     path = Path(path or RESULTS)
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     load = info.get("loadavg_start")
@@ -165,8 +167,10 @@ def append_results(title: str, info: dict, command: str, lines: list[str], paylo
             + (f"; load average at start {load}" if load else ""),
             f"- Command: `{command}`", "", *lines, "",
             "<details><summary>JSON</summary>\n", "```json", json.dumps(payload, indent=1), "```", "</details>", ""]
-    if not path.exists():
-        path.write_text("# Benchmark results\n\nSections are appended by the scripts in this folder, newest last.\n")
-    with open(path, "a") as handle:
-        handle.write("\n".join(text))
+    current = path.read_text() if path.exists() else "# Benchmark results\n\n---\n\n" + LOG_HEADING + "\n"
+    if LOG_HEADING not in current:
+        current = current.rstrip() + "\n\n---\n\n" + LOG_HEADING + "\n"
+    # the log of runs is newest first, below the current figures that a person keeps by hand
+    at = current.index(LOG_HEADING) + len(LOG_HEADING) + 1
+    path.write_text(current[:at] + "\n".join(text) + current[at:])
     return path
