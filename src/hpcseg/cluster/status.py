@@ -20,6 +20,7 @@ from typing import Iterable
 
 from ..durations import clock
 from ..errors import CommandError
+from ..invocation import hpcseg_command
 from .backends import BACKENDS
 from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
 from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX
@@ -95,6 +96,7 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     attempts = run.attempts()
     last_event = attempts[-1].get("event") if attempts else None
     error = None
+    see_logs = f"see {hpcseg_command('logs', '--err', run.run_id)}"
     if outcome and outcome.get("state") in TERMINAL:
         state = outcome["state"]
         error = outcome.get("error")
@@ -111,15 +113,15 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
         state = "CANCELLED" if cancelled and sched == "FAILED" else sched
     elif sched == "COMPLETED":  # the script ended but the runner wrote no outcome
         state = "CANCELLED" if cancelled else "FAILED"
-        error = "the job ended without writing its outcome (see hpcseg logs --err)"
+        error = f"the job ended without writing its outcome ({see_logs})"
     elif cancelled:
         state = "CANCELLED"
     elif has_result:
         state = "FAILED"
-        error = "the job ended without writing its outcome (see hpcseg logs --err)"
+        error = f"the job ended without writing its outcome ({see_logs})"
     elif (code := exit_code(run)) is not None:  # LSF has forgotten the job; its batch script left this
         state = "CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"
-        error = f"the job exited with code {code} without writing its outcome (see hpcseg logs --err)"
+        error = f"the job exited with code {code} without writing its outcome ({see_logs})"
     elif sched_failed:
         state = "UNKNOWN"
     elif run.executor in BACKENDS and BACKENDS[run.executor].runs_here:  # gone, left nothing: it was killed
