@@ -288,3 +288,39 @@ def test_start_refuses_to_run_beside_a_slurm_it_did_not_start_and_starts_nothing
     assert "note: another Slurm runs on this machine (slurmctld pid" in proc.stderr and str(other.pid) in proc.stderr
     assert "ERROR" not in proc.stderr and "HPCSEG_TEST_USE_RUNNING_SLURM=1" in proc.stderr, proc.stderr
     assert not (state_dir / "run").exists()  # nothing started, no state written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="start.sh runs as root")
+@pytest.mark.parametrize("env, rc, last", [
+    ({}, 0, "note: the Slurm tests are skipped: they submit only to a Slurm that hpc/dev-cluster/start.sh started "
+            "(set HPCSEG_TEST_USE_RUNNING_SLURM=1 to run them on the one that runs here)"),
+    ({"HPCSEG_TEST_USE_RUNNING_SLURM": "1"}, 0,
+     "note: HPCSEG_TEST_USE_RUNNING_SLURM is set: the Slurm tests submit to the Slurm that runs on this machine"),
+    ({"CI": "true"}, 1, "the Slurm dev cluster did not start (hpc/dev-cluster/start.sh exited 3), and CI needs it"),
+])
+def test_run_tests_beside_another_slurm_notes_it_and_starts_nothing_but_ci_fails(tmp_path, env, rc, last):
+    """What hpc/run-tests.sh does for Slurm (hpc/dev-cluster/use-or-start.sh) beside a Slurm it did not start:
+    notes, no ERROR, prints 0 (nothing to stop at the end); under CI it fails."""
+    fake = tmp_path / "slurmctld"
+    shutil.copy("/bin/sleep", fake)
+    state_dir = tmp_path / "state"
+    with subprocess.Popen([str(fake), "60"]) as other:
+        try:
+            proc = subprocess.run(["bash", str(DEV_CLUSTER / "use-or-start.sh"), "slurm"], capture_output=True,
+                                  text=True, timeout=60,
+                                  env={**os.environ, "HPCSEG_DEV_CLUSTER_DIR": str(state_dir), **env})
+        finally:
+            other.kill()
+    assert proc.returncode == rc and proc.stdout == ("0\n" if rc == 0 else ""), proc
+    assert "[dev-cluster] note: another Slurm runs on this machine" in proc.stderr and "ERROR" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == last, proc.stderr
+    assert not (state_dir / "run").exists()
+
+
+@pytest.mark.slurm
+def test_run_tests_uses_the_dev_cluster_that_runs_and_leaves_it_running(slurm_cluster):
+    env = {k: v for k, v in os.environ.items() if k != "HPCSEG_TEST_USE_RUNNING_SLURM"}
+    proc = subprocess.run(["bash", str(DEV_CLUSTER / "use-or-start.sh"), "slurm"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout == "0\n", proc  # 0: not this run's to stop
+    assert "note: the Slurm dev cluster already runs, started earlier by hpc/dev-cluster/start.sh" in proc.stderr
