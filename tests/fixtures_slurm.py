@@ -4,11 +4,12 @@ Tests just request the fixture (no marker needed). Before any test uses a Slurm,
 one the tests may use: the Slurm that hpc/dev-cluster/start.sh started (hpc/dev-cluster/ours.sh decides, from the
 state dir's pid file and the marker in the config it wrote), unless HPCSEG_TEST_USE_RUNNING_SLURM=1 lets them
 use whichever Slurm answers; nothing is submitted to any other (on a login node, that would be the site's
-production scheduler). Then that it is one the tests can use: the partition exists with a usable node, and a trivial job submitted to it shows up in
-its accounting (``sacct -j``) within a few seconds (a foreign Slurm whose accounting does not know our jobs
-would fail every test that reads a job's state). When the check fails the tests are skipped with the reason,
-and a hint to start the single-node dev cluster (``bash hpc/dev-cluster/start.sh``); under CI (``CI`` set) they
-fail instead, since CI starts the dev cluster itself and must not pass by skipping.
+production scheduler). Then that it is one the tests can use: the partition exists with a usable node, and a
+trivial job submitted to it shows up in its accounting (``sacct -j``) within a few seconds (a Slurm whose
+accounting does not know our jobs would fail every test that reads a job's state). When a check fails the tests
+are skipped with one line saying why (and how to opt in, or a hint to start the single-node dev cluster: ``bash
+hpc/dev-cluster/start.sh``); under CI (``CI`` set) they fail instead, since CI starts the dev cluster itself and
+must not pass by skipping. docs/development-tests.md tells the user.
 """
 
 from __future__ import annotations

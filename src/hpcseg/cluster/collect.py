@@ -15,9 +15,9 @@ from one open handle (one version of the file), checks that the bytes read match
 writes to a temporary file renamed into place; a file that changed while it was read is copied again, a few
 times. `metrics.jsonl`, which the training appends to while collect may run, is copied up to its last whole
 line at the size read once when it is opened, and the copied prefix is read again from the source and compared
-(an appended file keeps its prefix; one rewritten in place does not, and is copied again). After copying, every file listed in `SHA256SUMS` is hashed
-again and compared. A file whose source (size, modification time, inode) has not changed since the last
-collect is not copied again.
+(an appended file keeps its prefix; one rewritten in place does not, and is copied again). After copying, every
+file listed in `SHA256SUMS` is hashed again and compared. A file whose source (size, modification time, inode)
+has not changed since the last collect is not copied again.
 """
 
 from __future__ import annotations
