@@ -81,6 +81,10 @@ def exit_code(run: Run) -> int | None:
     return int(text) if re.fullmatch(r"-?\d{1,4}", text) else None
 
 
+def _see_logs(run: Run) -> str:
+    return f"see {hpcseg_command('logs', '--err', run.run_id)}"
+
+
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
     """The run's state from the scheduler's (normalised) state and its own files."""
     if not run.trusted:  # another user's folder: nothing in it is read
@@ -96,7 +100,6 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     attempts = run.attempts()
     last_event = attempts[-1].get("event") if attempts else None
     error = None
-    see_logs = f"see {hpcseg_command('logs', '--err', run.run_id)}"
     if outcome and outcome.get("state") in TERMINAL:
         state = outcome["state"]
         error = outcome.get("error")
@@ -113,15 +116,15 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
         state = "CANCELLED" if cancelled and sched == "FAILED" else sched
     elif sched == "COMPLETED":  # the script ended but the runner wrote no outcome
         state = "CANCELLED" if cancelled else "FAILED"
-        error = f"the job ended without writing its outcome ({see_logs})"
+        error = f"the job ended without writing its outcome ({_see_logs(run)})"
     elif cancelled:
         state = "CANCELLED"
     elif has_result:
         state = "FAILED"
-        error = f"the job ended without writing its outcome ({see_logs})"
+        error = f"the job ended without writing its outcome ({_see_logs(run)})"
     elif (code := exit_code(run)) is not None:  # LSF has forgotten the job; its batch script left this
         state = "CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"
-        error = f"the job exited with code {code} without writing its outcome ({see_logs})"
+        error = f"the job exited with code {code} without writing its outcome ({_see_logs(run)})"
     elif sched_failed:
         state = "UNKNOWN"
     elif run.executor in BACKENDS and BACKENDS[run.executor].runs_here:  # gone, left nothing: it was killed
