@@ -86,6 +86,12 @@ def require_ours(kind: str) -> str:
     return said
 
 
+def ours_sh(kind: str, env: tp.Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`hpc/dev-cluster/ours.sh KIND` in `env` (default: this environment without the opt-in variables)."""
+    env = {k: v for k, v in os.environ.items() if k not in USE_RUNNING.values()} if env is None else dict(env)
+    return subprocess.run(["bash", str(OURS_SCRIPT), kind], capture_output=True, text=True, timeout=30, env=env)
+
+
 def usable(probe: tp.Callable[[], tp.Any], what: str, kind: str) -> tp.Any:
     """What `probe` finds (it raises RuntimeError saying why a cluster is not usable); else skips the calling test
     with one line saying why (and, for a scheduler hpcseg did not start, how to opt in), or fails it under CI,

@@ -13,7 +13,7 @@ import pytest
 from fixtures_cluster import SubmittedJobs
 from fixtures_commands import fake_command
 from fixtures_sge import SgeCluster, probe_sge_cluster, usable_sge_cluster
-from fixtures_slurm import OURS_SCRIPT
+from fixtures_slurm import ours_sh
 
 QSTAT_F = """queuename                      qtype resv/used/tot. load_avg arch          states
 ---------------------------------------------------------------------------------
@@ -69,8 +69,7 @@ def test_an_sge_qmaster_beside_the_one_of_the_state_dir_is_not_ours(tmp_path):
     shutil.copy("/bin/sleep", fake)
     with subprocess.Popen([str(fake), "60"]) as other:
         try:
-            proc = subprocess.run(["bash", str(OURS_SCRIPT), "sge"], capture_output=True, text=True, timeout=30,
-                                  env={**os.environ, "HPCSEG_DEV_SGE_DIR": str(tmp_path / "state")})
+            proc = ours_sh("sge", {**os.environ, "HPCSEG_DEV_SGE_DIR": str(tmp_path / "state")})
         finally:
             other.kill()
     assert proc.returncode == 1, proc
@@ -79,11 +78,10 @@ def test_an_sge_qmaster_beside_the_one_of_the_state_dir_is_not_ours(tmp_path):
 
 def test_the_dev_sge_that_sge_start_sh_started_is_ours(sge_cluster):
     """What CI runs on: run-tests.sh starts the dev SGE, and the tests take it as theirs."""
-    state = Path(os.environ.get("HPCSEG_DEV_SGE_DIR", "/tmp/hpcseg-dev-sge"))
-    pid = (state / "run" / "sge_qmaster.pid").read_text().strip()
-    env = {k: v for k, v in os.environ.items() if k != "HPCSEG_TEST_USE_RUNNING_SGE"}
-    proc = subprocess.run(["bash", str(OURS_SCRIPT), "sge"], capture_output=True, text=True, timeout=30, env=env)
-    assert proc.returncode == 0 and proc.stdout.startswith(f"ours: sge_qmaster pid {pid},"), proc
+    pid = Path(os.environ.get("HPCSEG_DEV_SGE_DIR", "/tmp/hpcseg-dev-sge")) / "run" / "sge_qmaster.pid"
+    proc = ours_sh("sge")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"ours: sge_qmaster pid {pid.read_text().strip()},"), proc
+
 
 
 def test_an_sge_whose_accounting_knows_the_probe_job_is_used(fake_sge):

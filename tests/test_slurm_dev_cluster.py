@@ -19,7 +19,7 @@ import submitit
 
 from fixtures_cluster import SubmittedJobs
 from fixtures_commands import fake_command
-from fixtures_slurm import OURS_SCRIPT, NotOurs, SlurmCluster, probe_slurm_cluster, usable_slurm_cluster
+from fixtures_slurm import NotOurs, SlurmCluster, ours_sh, probe_slurm_cluster, usable_slurm_cluster
 
 # The tests directory is not importable inside the job, so ship this module's functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -190,7 +190,7 @@ def test_a_slurmctld_beside_the_one_of_the_state_dir_is_not_ours(shims, tmp_path
                 probe_slurm_cluster("gpuv100", accounting_wait_s=0)
             # alone with ours: ours (the fake ss sees no listener of another pid on the port)
             fake_command(tmp_path / "bin", "pgrep", f"echo {ours.pid}")
-            out = subprocess.run(["bash", str(OURS_SCRIPT), "slurm"], capture_output=True, text=True, timeout=30)
+            out = ours_sh("slurm", os.environ)
             assert out.returncode == 0 and out.stdout.startswith(f"ours: slurmctld pid {ours.pid}"), out
         finally:
             other.kill()
@@ -200,11 +200,9 @@ def test_a_slurmctld_beside_the_one_of_the_state_dir_is_not_ours(shims, tmp_path
 @pytest.mark.slurm
 def test_the_dev_cluster_that_start_sh_started_is_ours(slurm_cluster):
     """What CI runs on: run-tests.sh starts the dev cluster, and the tests take it as theirs."""
-    state = Path(os.environ.get("HPCSEG_DEV_CLUSTER_DIR", "/tmp/hpcseg-dev-cluster"))
-    pid = (state / "run" / "slurmctld.pid").read_text().strip()
-    env = {k: v for k, v in os.environ.items() if k != "HPCSEG_TEST_USE_RUNNING_SLURM"}
-    out = subprocess.run(["bash", str(OURS_SCRIPT), "slurm"], capture_output=True, text=True, timeout=30, env=env)
-    assert out.returncode == 0 and out.stdout.startswith(f"ours: slurmctld pid {pid},"), out
+    pid = (Path(os.environ.get("HPCSEG_DEV_CLUSTER_DIR", "/tmp/hpcseg-dev-cluster")) / "run" / "slurmctld.pid")
+    proc = ours_sh("slurm")
+    assert proc.returncode == 0 and proc.stdout.startswith(f"ours: slurmctld pid {pid.read_text().strip()},"), proc
 
 
 def test_a_slurm_whose_accounting_knows_the_probe_job_is_used(fake_slurm):
