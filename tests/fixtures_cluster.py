@@ -155,7 +155,10 @@ class Cli:
     def status(self, *selectors: str) -> list[dict]:
         code, out = self("status", "--json", *selectors)
         assert code == 0, out
-        return json.loads(out[out.index("["):])
+        # the JSON list starts a line; warnings (stderr, mixed in here) may come before it
+        start = re.search(r"^\[", out, flags=re.M)
+        assert start, out
+        return json.JSONDecoder().raw_decode(out, start.start())[0]
 
     def wait(self, run_id: str, states: tuple[str, ...], timeout_s: float = 60, seen: set | None = None,
              until=None) -> dict:

@@ -94,6 +94,16 @@ class LsfEmulator:
                 el["forgotten"] = True
             self._emu.save_job(rec)
 
+    def set_stat(self, job_id, stat: str) -> None:
+        """Make bjobs print `stat` as the state of a job (index 0) or element: a state hpcseg does not know, or
+        bytes that are none (what a newer or a damaged LSF may print)."""
+        text = str(job_id).replace("[", "_").rstrip("]")
+        main, _, index = text.partition("_")
+        with self._locked():
+            rec = self._emu.load_job(int(main))
+            rec["elements"][str(int(index or 0))]["stat"] = stat
+            self._emu.save_job(rec)
+
     def calls(self, cmd=None) -> list:
         """argv lists of the emulated commands called so far (all of them, or only ``cmd``'s)."""
         log = self.dir / "calls.log"

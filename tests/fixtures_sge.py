@@ -1,6 +1,8 @@
 """Pytest plugin: the ``sge_cluster`` fixture for tests that need a real (Son of) Grid Engine.
 
-Before any test uses an SGE, the session checks that it can: the queue has an instance that is not in an
+Before any test uses an SGE, the session checks that it may (the SGE that hpc/dev-cluster/sge-start.sh started,
+see fixtures_slurm.require_ours; HPCSEG_TEST_USE_RUNNING_SGE=1 lets the tests use any SGE that answers) and that
+it can: the queue has an instance that is not in an
 alarm, error, disabled or unknown state, and a trivial job submitted to it shows up in its accounting
 (``qacct -j``) within a few seconds (hpcseg reads a finished job's state there once qstat has forgotten it).
 When the check fails the tests are skipped with the reason and a hint to start the single-node dev SGE
@@ -17,7 +19,7 @@ import typing as tp
 
 import pytest
 
-from fixtures_slurm import probe_command, usable
+from fixtures_slurm import probe_command, require_ours, usable
 from hpcseg.errors import CommandError, run_command
 
 QUEUE = "all.q"
@@ -34,8 +36,9 @@ class SgeCluster:
 
 def probe_sge_cluster(queue: str = QUEUE, accounting_wait_s: float | None = None) -> SgeCluster:
     """The cluster if an instance of ``queue`` can run jobs and qacct knows a trivial job submitted to it; raise
-    RuntimeError with the reason otherwise."""
+    RuntimeError (NotOurs where hpcseg's scripts did not start it) with the reason otherwise."""
     wait_s = ACCOUNTING_WAIT_S if accounting_wait_s is None else accounting_wait_s
+    require_ours("sge")  # before any SGE command: the probe job is a job too
     if shutil.which("qsub") is None or shutil.which("qconf") is None:
         raise RuntimeError("no qsub/qconf on PATH")
     # columns: queuename qtype resv/used/tot. load_avg arch [states]
@@ -64,7 +67,7 @@ def probe_sge_cluster(queue: str = QUEUE, accounting_wait_s: float | None = None
 
 def usable_sge_cluster() -> SgeCluster:
     """The probed cluster; skips the calling test when there is none, or fails it under CI."""
-    return usable(probe_sge_cluster, "the dev SGE", "sge-start.sh")
+    return usable(probe_sge_cluster, "the dev SGE", "sge")
 
 
 @pytest.fixture(scope="session")

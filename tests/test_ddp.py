@@ -167,7 +167,8 @@ def test_a_rank_killed_stops_the_whole_run_with_one_line(data8, tmp_path):
         proc.kill()
     assert proc.returncode == 2, err
     assert re.fullmatch(rf"hpcseg: error: training process of rank [01] \(pid {victim}\) was killed by SIGKILL; "
-                        rf"the other ranks were stopped; resume with: hpcseg train --resume --out {re.escape(str(run))}",
+                        rf"the other ranks were stopped; resume with: {re.escape(sys.executable)} -m hpcseg train "
+                        rf"--resume --out {re.escape(str(run))}",
                         err.strip().splitlines()[-1]), err
     assert "Traceback" not in err
 

@@ -289,7 +289,7 @@ def test_a_job_lsf_has_forgotten_gets_its_state_from_its_exit_code_file(cli, shi
     (run_dir / "submitit" / "701_exitcode").write_text(code + "\n")
     [row] = cli.status()
     assert row["state"] == state, row
-    assert row["error"] == f"the job exited with code {code} without writing its outcome (see hpcseg logs --err)"
+    assert row["error"] == f"the job exited with code {code} without writing its outcome (see hpcseg logs --err killed)"
 
 
 # ---------------------------------------------------------------- results where the user looks

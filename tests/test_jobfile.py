@@ -141,3 +141,57 @@ def test_what_a_job_file_may_hold_is_capped(tmp_path):
         load_job(write(tmp_path, ""), ["description=" + "y" * 1_000_000])
     assert err.value.problems == [f"--set description={'y' * 65}...: description: 1000000 characters; at most 4096"]
     assert load_job(write(tmp_path, f"description = '{'x' * 4096}'\n")).description == "x" * 4096
+
+
+def test_every_problem_of_the_set_options_is_reported_one_line_each(tmp_path):
+    path = write(tmp_path, "[train]\nepochs = 10\n")
+    with pytest.raises(JobError) as err:
+        load_job(path, ["train.epochs=x", "optim.lr=3e-4", "train.epochz=3", "nonsense", "loss.dice_weight=0",
+                        "loss.ce_weight=0"])
+    assert err.value.problems == [
+        "--set train.epochs=x: train.epochs: expected an integer, got 'x'",
+        "--set train.epochz=3: unknown key 'train.epochz' (did you mean 'train.epochs'?)",
+        "--set nonsense: expected KEY=VALUE, e.g. train.epochs=3",
+        # each --set is checked on the good ones before it: the second weight of 0 is the one that breaks the pair
+        "--set loss.ce_weight=0: loss.dice_weight: dice_weight and ce_weight cannot both be 0",
+    ]
+    job = load_job(path, ["train.epochs=3", "optim.lr=3e-4"])  # good ones still apply, in order
+    assert (job.train.epochs, job.optim.lr) == (3, 3e-4)
+
+
+def test_the_cli_prints_every_set_problem_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(JOBS / "demo.toml"), "--out", str(out), "--set", "train.epochs=x",
+                                       "--set", "model.act=Tanh"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "hpcseg: error: --set train.epochs=x: train.epochs: expected an integer, got 'x'",
+        "hpcseg: error: --set model.act=Tanh: model.act: 'Tanh' is not one of 'ReLU', 'LeakyReLU', 'PReLU', 'ELU', "
+        "'GELU'"]
+    assert not out.exists()
+
+
+OLDER_KEYS = [
+    "unknown key 'data.data_dir': an older job file's key, now --data DIR on the command line (the folder that holds "
+    "train_dir and val_dir)",
+    "unknown key 'model.channels': an older job file's key, now model.features",
+    "unknown key 'train.amp': an older job file's key, now train.precision (\"auto\"; \"fp32\" where amp was false)",
+    "unknown key 'train.max_epochs': an older job file's key, now train.epochs",
+]
+
+
+def test_keys_of_older_job_files_name_what_replaced_them(tmp_path):
+    path = write(tmp_path, '[data]\ndata_dir = "/data"\n[model]\nchannels = [16, 32, 32, 64, 128, 16]\n'
+                           '[train]\namp = true\nmax_epochs = 100\n')
+    with pytest.raises(JobError) as err:
+        load_job(path)
+    assert err.value.problems == [f"{path}: {line}" for line in OLDER_KEYS]
+    with pytest.raises(JobError) as err:
+        load_job(JOBS / "demo.toml", ["data.data_dir=/data", "model.channels=[4,4,8,8,16,4]", "train.amp=true",
+                                      "train.max_epochs=3"])
+    sets = ["data.data_dir=/data", "model.channels=[4,4,8,8,16,4]", "train.amp=true", "train.max_epochs=3"]
+    assert err.value.problems == [f"--set {s}: {line}" for s, line in zip(sets, OLDER_KEYS)]

@@ -63,6 +63,13 @@ die() {
     exit 1
 }
 
+# refuse MESSAGE: a choice, not a failure (another scheduler runs here): say so as a note, start nothing,
+# exit 3 (run-tests.sh then leaves the tests of that scheduler to skip).
+refuse() {
+    log "note: $1"
+    exit 3
+}
+
 # wait_for SECONDS DESCRIPTION LOGFILE CMD...: poll CMD every 0.1 s until it succeeds, else die naming the log.
 wait_for() {
     local secs=$1 what=$2 logf=$3; shift 3

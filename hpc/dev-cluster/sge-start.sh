@@ -8,7 +8,8 @@
 # Daemons: sge_qmaster and sge_execd (SGE_ROOT=/var/lib/gridengine, cell "default", spool /var/spool/gridengine:
 # Debian's layout, so plain qsub/qstat/qacct work without env vars beyond SGE_ROOT). Pid files and logs live in
 # $HPCSEG_DEV_SGE_DIR (default /tmp/hpcseg-dev-sge). It refuses to start beside SGE daemons it did not start, or
-# over a cell that another host's qmaster or another admin configured; if it fails, it stops what it started.
+# over a cell that another host's qmaster or another admin configured (a note, exit 3: nothing started); if it
+# fails, it stops what it started (exit 1).
 # Cluster: queue all.q on this host (one slot per CPU, parallel environment smp, notify 60 s), a per-job
 # consumable "gpu" resource (two fake GPUs), scheduling every second, accounting flushed at once (qacct knows a job as soon
 # as it ends), and jobs of root allowed (min_uid 0): meant for disposable dev/CI machines (Debian 12, root,
@@ -64,9 +65,9 @@ fi
 for d in "${SGE_DAEMONS[@]}"; do
     others=$(foreign_pids "$d" | tr '\n' ' ')
     if [[ -n $others ]]; then
-        die "another SGE runs on this machine ($d pid ${others% }, not started with state in $STATE_DIR): the dev \
-SGE cannot run beside it. Stop it, or leave it: the tests use an SGE only if a job submitted to it shows up in \
-qacct, and skip the SGE tests otherwise"
+        refuse "another SGE runs on this machine ($d pid ${others% }, not started with state in $STATE_DIR): the \
+dev SGE does not start beside it. The tests submit only to an SGE this script started, so they skip the SGE tests \
+(HPCSEG_TEST_USE_RUNNING_SGE=1 lets them submit to the running one)"
     fi
 done
 
@@ -112,8 +113,9 @@ chmod 755 "$STATE_DIR" "$RUN_DIR"
 
 # A cell configured by someone else (another master host, or not by this script after its first start)
 if [[ -s $SGE_COMMON/act_qmaster && ! -e $SGE_MARKER ]] && [[ $(cat "$SGE_COMMON/act_qmaster") != "$HOST" ]]; then
-    die "$SGE_COMMON/act_qmaster names the qmaster $(cat "$SGE_COMMON/act_qmaster"), not this host: not \
-reconfiguring another SGE's cell"
+    refuse "$SGE_COMMON/act_qmaster names the qmaster $(cat "$SGE_COMMON/act_qmaster"), not this host: not \
+reconfiguring another SGE's cell, and the tests skip the SGE tests (HPCSEG_TEST_USE_RUNNING_SGE=1 lets them \
+submit to it)"
 fi
 
 # The cell and its spool: the postinst creates them (init_cluster); a package installed without it did not

@@ -8,8 +8,8 @@
 # it), a private mariadbd (127.0.0.1, port 3307 or the next free one, own datadir), slurmdbd, slurmctld, slurmd.
 # Data, logs and pid files live in $HPCSEG_DEV_CLUSTER_DIR (default /tmp/hpcseg-dev-cluster).
 # Configs are written to /etc/slurm so that plain sbatch/squeue/sacct work without env vars: so it refuses to
-# start beside a Slurm daemon it did not start, or over a /etc/slurm/slurm.conf that hpcseg did not write.
-# If it fails, it stops the daemons it started.
+# start beside a Slurm daemon it did not start, or over a /etc/slurm/slurm.conf that hpcseg did not write (a note,
+# exit 3: nothing started). If it fails, it stops the daemons it started (exit 1).
 # Partitions: gpuv100 (default) and debug; two fake GPUs (gres gpu:2 backed by character devices).
 # Meant for disposable dev/CI machines (Debian 12, root, no systemd). See docs/slurm-dev-cluster.md.
 set -euo pipefail
@@ -21,6 +21,8 @@ CLUSTER_NAME=hpcseg-dev
 ACCOUNT_NAME=hpcseg
 DB_PORT_DEFAULT=3307
 SLURM_ETC=/etc/slurm
+# this script's own commands (sinfo, sacctmgr, scontrol) talk to the cluster it configures, whatever SLURM_CONF says
+export SLURM_CONF=$SLURM_ETC/slurm.conf
 HOST=$(hostname -s)
 
 LOG_DIR=$STATE_DIR/log
@@ -66,13 +68,14 @@ fi
 for d in slurmctld slurmd slurmdbd; do
     others=$(foreign_pids "$d" | tr '\n' ' ')
     if [[ -n $others ]]; then
-        die "another Slurm runs on this machine ($d pid ${others% }, not started with state in $STATE_DIR): the dev \
-cluster cannot run beside it. Stop it, or leave it: the tests use a Slurm only if a job submitted to it shows up \
-in its accounting, and skip the Slurm tests otherwise"
+        refuse "another Slurm runs on this machine ($d pid ${others% }, not started with state in $STATE_DIR): \
+the dev cluster does not start beside it. The tests submit only to a Slurm this script started, so they skip the \
+Slurm tests (HPCSEG_TEST_USE_RUNNING_SLURM=1 lets them submit to the running one)"
     fi
 done
 if [[ -f $SLURM_ETC/slurm.conf ]] && ! grep -q '^# Written by hpcseg hpc/dev-cluster/start.sh' "$SLURM_ETC/slurm.conf"; then
-    die "$SLURM_ETC/slurm.conf was not written by hpcseg (a Slurm of this machine?): not overwriting it"
+    refuse "$SLURM_ETC/slurm.conf was not written by hpcseg (a Slurm of this machine?): not overwriting it, and \
+the tests skip the Slurm tests (HPCSEG_TEST_USE_RUNNING_SLURM=1 lets them submit to that Slurm)"
 fi
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@
 set -uo pipefail
 
 source "$(dirname "$0")/common.sh"
+# squeue/scancel below ask the dev cluster (start.sh's config), never a Slurm that SLURM_CONF may name
+export SLURM_CONF=/etc/slurm/slurm.conf
 STOP_WAIT_S=${HPCSEG_DEV_CLUSTER_STOP_WAIT_S:-20}
 
 # reverse start order: compute nodes first, the database and munge last

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .invocation import hpcseg_command
 
 
 
@@ -43,8 +43,14 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >
 
 
 def _usage_error(err: click.UsageError, ctx: click.Context):
-    command = err.ctx.command_path if err.ctx else ctx.command_path
-    click.echo(f"hpcseg: error: {command}: {err.format_message()} (see '{command} --help')", err=True)
+    where = err.ctx or ctx
+    command = where.command_path
+    names = []  # the subcommands below `hpcseg`, for the help command as hpcseg was started (python -m hpcseg)
+    while where.parent is not None:
+        names.insert(0, where.info_name)
+        where = where.parent
+    see = hpcseg_command(*names, "--help")
+    click.echo(f"hpcseg: error: {command}: {err.format_message()} (see '{see}')", err=True)
     sys.exit(2)
 
 
@@ -115,7 +121,7 @@ def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
     if not (run_dir / LAST).exists() and not (run_dir / RECORD).exists():
         return "training had not started, nothing to resume: run the same command again"
     data = [] if (run_dir / RECORD).is_file() else [str(a) for pair in given for a in pair]  # else train.json has them
-    return "resume with: " + shlex.join(["hpcseg", "train", "--resume", "--out", str(run_dir), *data])
+    return "resume with: " + hpcseg_command("train", "--resume", "--out", run_dir, *data)
 
 
 @main.command()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .distributed import DistributedError, Group, Ranks
+from .invocation import hpcseg_command
 
 #: Per-rank seeds are the job's seed plus a multiple of this (a prime), so that no two ranks' streams coincide.
 _RANK_STRIDE = 1_000_003
@@ -76,7 +77,8 @@ def restore_rank_states(ckpt: dict, group: Group, augment_rng: torch.Generator, 
     if saved_world != group.ranks.world:
         if ckpt.get("partial") is not None:
             raise DistributedError(f"{path}: saved in the middle of an epoch by {saved_world} process(es): resume "
-                                   f"it with {saved_world} (hpcseg train --procs {saved_world}, or submit --gpus)")
+                                   f"it with {saved_world} ({hpcseg_command('train', '--procs', saved_world)} ..., or "
+                                   "submit --gpus)")
         log(f"{path}: saved by {saved_world} process(es), resumed by {group.ranks.world}: the ranks' random "
             "states start afresh, so the run is not bit for bit the one it would have been")
     states = ckpt.get("rng", {}).get("ranks")

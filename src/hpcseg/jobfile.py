@@ -6,6 +6,7 @@ and out-of-range values with the key named; `--set section.key=value` overrides 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -223,6 +224,24 @@ def _check_value(key: str, value: Any, typ: Any, meta: dict, source: str) -> Any
     return value
 
 
+#: keys of older job files -> what replaced them, for the hint of an unknown key
+RENAMED = {
+    "model.channels": "model.features",
+    "train.amp": 'train.precision ("auto"; "fp32" where amp was false)',
+    "data.data_dir": "--data DIR on the command line (the folder that holds train_dir and val_dir)",
+    "train.max_epochs": "train.epochs",
+}
+
+
+def _unknown_key(key: str, known: list[str], prefix: str, source: str) -> str:
+    """The line for an unknown key: what replaced it (a key of older job files), else the nearest known key."""
+    if prefix + key in RENAMED:
+        return f"{source}: unknown key {_show(prefix + key)}: an older job file's key, now {RENAMED[prefix + key]}"
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+    return f"{source}: unknown key {_show(prefix + key)}{hint}"
+
+
 def _build(cls: type, tree: dict, prefix: str, source: str) -> Any:
     """The section `cls` from `tree`; every problem in it (and its subsections) reported in one JobError."""
     hints = get_type_hints(cls)
@@ -230,9 +249,7 @@ def _build(cls: type, tree: dict, prefix: str, source: str) -> Any:
     problems = []
     for key in tree:
         if key not in known:
-            near = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            problems.append(f"{source}: unknown key {_show(prefix + key)}{hint}")
+            problems.append(_unknown_key(key, list(known), prefix, source))
     values = {}
     for name, f in known.items():
         if name not in tree:
@@ -336,12 +353,39 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
     except RecursionError:
         raise JobError(f"{path}: values nested too deeply (a job holds plain values and flat lists)") from None
     job = job_from_dict(tree, source=str(path))
-    for item in overrides:  # one at a time, so an error names the --set that caused it
-        key, value = parse_override(item)
-        tree = job.to_dict()
-        _set_dotted(tree, key, value, source=f"--set {_short(item)}")
-        job = job_from_dict(tree, source=f"--set {_short(item)}")
-    return job
+    return apply_overrides(job, overrides, "--set")
+
+
+def apply_overrides(job: Job, overrides: list[str] | tuple[str, ...], option: str = "--set") -> Job:
+    """`job` with each `KEY=VALUE` set; every problem reported (one JobError, one line each, naming the
+    `option KEY=VALUE` that caused it). Each override is checked on the job with the good ones before it."""
+    tree, problems = job.to_dict(), []
+    for item in overrides:
+        source = f"{option} {_short(item)}"
+        try:
+            key, value = parse_override(item)
+            trial = copy.deepcopy(tree)
+            _set_dotted(trial, key, value, source=source)
+            job_from_dict(trial, source=source)
+        except JobError as err:
+            problems += err.problems
+            continue
+        tree = trial
+    if problems:
+        raise JobError(problems)
+    return job_from_dict(tree, source=option)
+
+
+def override_problems(key: str, value: Any, source: str) -> list[str]:
+    """The problems (one line each, `source` named) of setting `key` to `value` in hpcseg's default job: what
+    --sweep checks of each of its values before any job is made."""
+    tree = Job().to_dict()
+    try:
+        _set_dotted(tree, key, value, source=source)
+        job_from_dict(tree, source=source)
+    except JobError as err:
+        return err.problems
+    return []
 
 
 # ---------------------------------------------------------------- writing

@@ -127,7 +127,8 @@ def _progress(s) -> str:
 @click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table (a run "
-              "whose scheduler could not be asked has its error in scheduler_error)")
+              "whose scheduler could not be asked has its error in scheduler_error; one left UNKNOWN by an answer "
+              "hpcseg cannot read, the warning in scheduler_warning)")
 @click.option("--watch", is_flag=True, help="refresh until every run has ended or is damaged (Ctrl-C to stop)")
 def status(selectors, scratch, as_json, watch) -> None:
     """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
@@ -137,13 +138,13 @@ def status(selectors, scratch, as_json, watch) -> None:
     while True:
         runs = find_runs(selectors, scratches)
         statuses, warnings = collect_status(runs)
+        if watch and sys.stdout.isatty() and not as_json:
+            click.clear()
+        for warning in warnings:  # on stderr with --json too (each UNKNOWN run's are in its scheduler_warning)
+            click.echo(f"hpcseg: warning: {warning}", err=True)
         if as_json:
             click.echo(json.dumps([s.to_dict() for s in statuses], indent=1))
         else:
-            if watch and sys.stdout.isatty():
-                click.clear()
-            for warning in warnings:
-                click.echo(f"hpcseg: warning: {warning}", err=True)
             click.echo(format_table(statuses) if statuses else f"no runs under {', '.join(map(str, scratches))}")
         if not watch or all(s.state in TERMINAL or s.damage for s in statuses):  # a damaged run will not change
             return

@@ -12,9 +12,12 @@ manifest names only files collect writes; a stale one is removed only under such
 
 A checkpoint is never copied half-written: the training replaces it by an atomic rename, and the copy reads
 from one open handle (one version of the file), checks that the bytes read match the handle's size, and
-writes to a temporary file renamed into place. After copying, every file listed in `SHA256SUMS` is hashed
-again and compared. A file whose source (size, modification time, inode) has not changed since the last
-collect is not copied again.
+writes to a temporary file renamed into place; a file that changed while it was read is copied again, a few
+times. `metrics.jsonl`, which the training appends to while collect may run, is copied up to its last whole
+line at the size read once when it is opened, and the copied prefix is read again from the source and compared
+(an appended file keeps its prefix; one rewritten in place does not, and is copied again). After copying, every
+file listed in `SHA256SUMS` is hashed again and compared. A file whose source (size, modification time, inode)
+has not changed since the last collect is not copied again.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import stat
+import time
 from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write_text
@@ -37,6 +41,10 @@ SUMS = "SHA256SUMS"
 #: where the job's own test outputs land in DEST/<run_id>/ (`test/` is left to a local `hpcseg test`)
 JOB_TEST = "job-test"
 _CHUNK = 1 << 20
+#: files the training only appends to (a JSON line per epoch): copied up to their last whole line
+APPEND_ONLY = {"metrics.jsonl"}
+#: copies of a file that changed while it was read, before collect names it as one it cannot copy
+COPY_ATTEMPTS = 5
 #: every name collect may write (and so remove) in DEST/<run_id>/; a manifest entry of any other name is ignored
 _FIXED = {"best.pt", "job.toml", "metrics.jsonl", "run.json", "curves.png"}
 _TEST_FILE = re.compile(rf"{JOB_TEST}/[^./][^/]*/(summary\.json|per_slice\.csv|per_subject\.csv|png/[^./][^/]*\.png)")
@@ -58,26 +66,61 @@ def _source_key(st: os.stat_result) -> list:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def copy_stable(src: Path, dest: Path) -> tuple[str, list]:
+class _Changed(Exception):
+    """The source changed while it was read: this copy is discarded (and made again)."""
+
+
+def copy_stable(src: Path, dest: Path, append_only: bool = False) -> tuple[str, list]:
     """Copy one version of `src` (read through a single open handle) to `dest` atomically; returns
-    (sha256, source key). Raises ClusterError if the bytes read do not match the handle's size, or where `src`
-    is not a regular file of this user."""
-    try:
-        fh = open_owned(src)
-    except NotTrusted as err:
-        raise ClusterError(f"{src}: {err}; not copied") from None
-    with fh:
-        before = os.fstat(fh.fileno())
-        digest, size = hashlib.sha256(), 0
-        with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            after = os.fstat(fh.fileno())
-            if size != after.st_size or _source_key(before) != _source_key(after):
-                raise ClusterError(f"{src}: changed while being copied (written in place?); try again")
+    (sha256, source key). A file that changed while it was read is copied again, up to COPY_ATTEMPTS times;
+    `append_only`: up to its last whole line at the size read at the start (see the module's text). Raises
+    ClusterError where it kept changing, or where `src` is not a regular file of this user."""
+    for attempt in range(COPY_ATTEMPTS):
+        try:
+            fh = open_owned(src)
+        except NotTrusted as err:
+            raise ClusterError(f"{src}: {err}; not copied") from None
+        try:
+            with fh:
+                return (_copy_prefix if append_only else _copy_whole)(fh, dest)
+        except _Changed:
+            time.sleep(0.02 * (attempt + 1))  # let the writer finish what it was doing
+    how = "its copied lines differed from the file's (rewritten, not appended?)" if append_only else \
+        "it was written to while being read"
+    raise ClusterError(f"{src}: not copied: {how}, in each of {COPY_ATTEMPTS} copies")
+
+
+def _copy_whole(fh, dest: Path) -> tuple[str, list]:
+    before = os.fstat(fh.fileno())
+    digest, size = hashlib.sha256(), 0
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        after = os.fstat(fh.fileno())
+        if size != after.st_size or _source_key(before) != _source_key(after):
+            raise _Changed
     return digest.hexdigest(), _source_key(before)
+
+
+def _copy_prefix(fh, dest: Path) -> tuple[str, list]:
+    """The file up to its last whole line at the size it has now: what was appended after is left out."""
+    before = os.fstat(fh.fileno())
+    data = bytearray()
+    while len(data) < before.st_size and (chunk := fh.read(min(_CHUNK, before.st_size - len(data)))):
+        data += chunk
+    if len(data) < before.st_size:
+        raise _Changed  # shorter than its size a moment ago: truncated, not appended
+    taken = bytes(data[: data.rfind(b"\n") + 1])  # a line being appended is left for the next collect
+    digest = hashlib.sha256(taken).hexdigest()
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(taken)
+        # what was taken is still the file's beginning: appends keep it, a rewrite in place does not
+        if hashlib.sha256(os.pread(fh.fileno(), len(taken), 0)).hexdigest() != digest \
+                or hashlib.sha256(tmp.read_bytes()).hexdigest() != digest:
+            raise _Changed
+    return digest, [len(taken), before.st_mtime_ns, before.st_ino]
 
 
 def curves_png(metrics: list[dict], out: Path, title: str) -> None:
@@ -222,7 +265,7 @@ def _collect_into(run: Run, dest: Path) -> dict:
             entries[name] = old
             kept.append(name)
             continue
-        sha, key = copy_stable(src, target)
+        sha, key = copy_stable(src, target, append_only=name in APPEND_ONLY)
         entries[name] = {"sha256": sha, "source": key}
         copied.append(name)
     if "best.pt" not in entries:

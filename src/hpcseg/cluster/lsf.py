@@ -41,6 +41,7 @@ from .script_plugin import (
 from .scripts import (
     CANCEL_EXIT_CODES, submission_text, check_parameter as _check, is_int as _is_int,
     warning_signal as _warning_signal)
+from .unreadable import unknown_states, unreadable_lines
 
 __all__ = [
     "LsfExecutor",
@@ -132,12 +133,15 @@ def normalise_state(stat: str, exit_code: tp.Optional[int] = None) -> str:
     return _STAT_TO_STATE.get(stat, "UNKNOWN")
 
 
-def _parse_bjobs_lines(stdout: str) -> tp.Dict[str, LsfJobInfo]:
-    """Lines of ``bjobs -noheader -o BJOBS_FORMAT`` -> {submitit id: info}."""
+def _parse_bjobs_lines(stdout: str, unreadable: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, LsfJobInfo]:
+    """Lines of ``bjobs -noheader -o BJOBS_FORMAT`` -> {submitit id: info}; a line that is no job's (binary
+    garbage, a message) is appended to `unreadable`."""
     infos: tp.Dict[str, LsfJobInfo] = {}
     for line in stdout.splitlines():
         parts = [p.strip() for p in (line.split(",") if "," in line else line.split())]
-        if len(parts) < 3 or not parts[0].isdigit():
+        if len(parts) < 3 or not parts[0].isdigit() or not re.fullmatch(r"\d+|-|", parts[1]) or not parts[2]:
+            if line.strip() and unreadable is not None:
+                unreadable.append(line)
             continue
         jobid, index, stat = parts[0], parts[1], parts[2]
         exit_code = parse_exit_code(parts[3]) if len(parts) > 3 else None
@@ -146,8 +150,10 @@ def _parse_bjobs_lines(stdout: str) -> tp.Dict[str, LsfJobInfo]:
     return infos
 
 
-def _bjobs(main_ids: tp.Iterable[str], timeout_s: float) -> tp.Tuple[tp.Dict[str, LsfJobInfo], tp.Set[str]]:
-    """One bjobs call -> (infos by submitit id, main ids that LSF does not know)."""
+def _bjobs(main_ids: tp.Iterable[str], timeout_s: float, unreadable: tp.Optional[tp.List[str]] = None,
+           ) -> tp.Tuple[tp.Dict[str, LsfJobInfo], tp.Set[str]]:
+    """One bjobs call -> (infos by submitit id, main ids that LSF does not know); lines of its answer that are no
+    job's go to `unreadable`."""
     ids = sorted(set(main_ids), key=lambda x: (len(x), x))
     proc = run_command(["bjobs", "-noheader", "-o", BJOBS_FORMAT, *ids], timeout_s, check=False)
     not_found: tp.Set[str] = set()
@@ -161,22 +167,24 @@ def _bjobs(main_ids: tp.Iterable[str], timeout_s: float) -> tp.Tuple[tp.Dict[str
     if proc.returncode != 0 and (errors or not not_found):  # "not found" alone is an answer, not a failure
         raise LsfCommandError(f"bjobs exited {proc.returncode}: {errors[0] if errors else 'no message'}",
                               proc.returncode, proc.stderr)
-    return _parse_bjobs_lines(proc.stdout), not_found
+    return _parse_bjobs_lines(proc.stdout, unreadable), not_found
 
 
-def query_lsf(job_ids: tp.Sequence[str], timeout_s: float = 10) -> tp.Dict[str, LsfJobInfo]:
+def query_lsf(job_ids: tp.Sequence[str], timeout_s: float = 10,
+              unreadable: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, LsfJobInfo]:
     """States of many jobs with ONE bjobs call.
 
     ``job_ids`` may be ``12345``, ``12345_3`` or ``12345[3]``. The result is keyed by submitit ids:
     a requested element under ``12345_3``, a plain job under ``12345``, and a plain id naming an
     array under each of its elements (``12345_1``, ...). Jobs that LSF does not know (never existed,
     or finished longer ago than CLEAN_PERIOD) are absent. Raises :class:`LsfCommandError` when bjobs
-    is missing, fails or does not answer within ``timeout_s``.
+    is missing, fails or does not answer within ``timeout_s``. Lines of bjobs' answer that are no job's go to
+    ``unreadable``.
     """
     requested = [from_lsf_id(j) for j in job_ids]
     if not requested:
         return {}
-    infos, _ = _bjobs((_main_id(j) for j in requested), timeout_s)
+    infos, _ = _bjobs((_main_id(j) for j in requested), timeout_s, unreadable)
     out: tp.Dict[str, LsfJobInfo] = {}
     for job_id in requested:
         if job_id in infos:
@@ -452,8 +460,14 @@ _HPCSEG_STATE = {"SUSPENDED": "PENDING"}
 
 def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dict[str, str], tp.List[str]]:
     """hpcseg's state of each run's job, from one bjobs call (see backends.py)."""
-    infos = query_lsf([r.job_id for r in runs], timeout_s=timeout_s)
-    return {str(k): _HPCSEG_STATE.get(v.state, v.state) for k, v in infos.items()}, []
+    unreadable: tp.List[str] = []
+    infos = query_lsf([r.job_id for r in runs], timeout_s=timeout_s, unreadable=unreadable)
+    unknown: tp.Dict[str, tp.List[str]] = {}
+    for key, info in infos.items():  # LSF's own UNKWN/ZOMBI are states it knows; any other word is not
+        if info.stat.upper() not in _STAT_TO_STATE and info.stat.upper() != "EXIT":
+            unknown.setdefault(info.stat, []).append(str(key))
+    notes = unknown_states("bjobs", unknown) + ([unreadable_lines("bjobs", unreadable)] if unreadable else [])
+    return {str(k): _HPCSEG_STATE.get(v.state, v.state) for k, v in infos.items()}, notes
 
 
 def job_owners(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Dict[str, str]:

@@ -44,6 +44,7 @@ from .script_plugin import (
     OneTaskEnvironment, ScriptExecutor, ScriptJob, ScriptWatcher, check_parameters, executor_for_plan,
     forwarding_tail)
 from .scripts import submission_text, check_parameter as _check, is_int as _is_int
+from .unreadable import shown, unknown_states, unreadable_lines
 
 #: qstat's state letters -> hpcseg's states (status.STATES), checked in this order on the state string
 _QSTAT_STATES = (
@@ -134,13 +135,19 @@ class SgeJobInfo:
     exit_code: tp.Optional[int] = None  #: qacct's exit_status
 
 
-def parse_qstat_xml(text: str) -> tp.Dict[str, SgeJobInfo]:
-    """``qstat -xml`` -> {submitit id: info}; an array's tasks each under ``12345_N`` (pending ranges expanded)."""
+def _known_letters(raw: str) -> bool:
+    return bool(raw) and all(any(c in letters for letters, _ in _QSTAT_STATES) for c in raw)
+
+
+def parse_qstat_xml(text: str, warnings: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, SgeJobInfo]:
+    """``qstat -xml`` -> {submitit id: info}; an array's tasks each under ``12345_N`` (pending ranges expanded).
+    A state of letters hpcseg does not know adds a warning to `warnings`."""
     try:
         root = ElementTree.fromstring(text)
     except ElementTree.ParseError as err:
-        raise CommandError(f"qstat -xml printed no valid XML ({err})", 0, text[-200:]) from None
+        raise CommandError(f"qstat -xml printed no valid XML ({err}): {shown(text)}", 0, text[-200:]) from None
     infos: tp.Dict[str, SgeJobInfo] = {}
+    unknown: tp.Dict[str, tp.List[str]] = {}
     for job in root.iter("job_list"):
         number = (job.findtext("JB_job_number") or "").strip()
         if not number.isdigit():
@@ -151,13 +158,19 @@ def parse_qstat_xml(text: str) -> tp.Dict[str, SgeJobInfo]:
         keys = [f"{number}_{t}" for t in _expand_tasks(tasks)] if tasks else [number]
         for key in keys:
             infos[key] = SgeJobInfo(key, raw, qstat_state(raw), owner, "qstat")
+        if not _known_letters(raw):
+            unknown.setdefault(raw, []).append(number)
+    if warnings is not None:
+        warnings += unknown_states("qstat", unknown)
     return infos
 
 
-def parse_qacct(text: str) -> tp.Dict[str, SgeJobInfo]:
+def parse_qacct(text: str, warnings: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, SgeJobInfo]:
     """``qacct -j`` records -> {submitit id: info of the job's or task's LAST record} (a requeued job has one
-    record per attempt, in the order they ended)."""
+    record per attempt, in the order they ended). A record hpcseg cannot read (no job number, no failed or
+    exit_status number) adds a warning to `warnings`; such a job's state is UNKNOWN."""
     infos: tp.Dict[str, SgeJobInfo] = {}
+    unreadable: tp.List[str] = []
     for block in re.split(r"^=+\s*$", text, flags=re.M):
         fields: tp.Dict[str, str] = {}
         for line in block.splitlines():
@@ -166,22 +179,32 @@ def parse_qacct(text: str) -> tp.Dict[str, SgeJobInfo]:
                 fields[key] = value.strip()
         number = fields.get("jobnumber", "")
         if not number.isdigit():
+            if block.strip():
+                unreadable.append(next(ln for ln in block.splitlines() if ln.strip()))
             continue
         task = fields.get("taskid", "undefined")
         key = f"{number}_{int(task)}" if task.isdigit() else number
         failed = int(m.group()) if (m := re.match(r"\d+", fields.get("failed", ""))) else -1
         code = int(m.group()) if (m := re.match(r"-?\d+", fields.get("exit_status", ""))) else -1
-        infos[key] = SgeJobInfo(key, f"failed={failed} exit={code}", qacct_state(failed, code),
-                                fields.get("owner", ""), "qacct", code)
+        state = qacct_state(failed, code)
+        if failed == -1 or (code == -1 and not fields.get("exit_status", "").startswith("-1")):
+            unreadable.append(f"job {number}: failed {fields.get('failed', '(none)')}, exit_status "
+                              f"{fields.get('exit_status', '(none)')}")
+            state = "UNKNOWN"
+        infos[key] = SgeJobInfo(key, f"failed={failed} exit={code}", state, fields.get("owner", ""), "qacct", code)
+    if unreadable and warnings is not None:
+        warnings.append(unreadable_lines("qacct", unreadable))
     return infos
 
 
-def _qstat(timeout_s: float, user: str = "*") -> tp.Dict[str, SgeJobInfo]:
+def _qstat(timeout_s: float, user: str = "*", warnings: tp.Optional[tp.List[str]] = None,
+           ) -> tp.Dict[str, SgeJobInfo]:
     """Every job of `user` that qstat lists (all users by default: cancel checks owners), from one call."""
-    return parse_qstat_xml(run_command(["qstat", "-xml", "-u", user], timeout_s).stdout)
+    return parse_qstat_xml(run_command(["qstat", "-xml", "-u", user], timeout_s).stdout, warnings)
 
 
-def _qacct(main_ids: tp.Collection[str], since: tp.Optional[float], timeout_s: float) -> tp.Dict[str, SgeJobInfo]:
+def _qacct(main_ids: tp.Collection[str], since: tp.Optional[float], timeout_s: float,
+           warnings: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, SgeJobInfo]:
     """Accounting records of the jobs, from one qacct call: one job by its id, several as this user's jobs that
     started after `since` (qacct takes one job id only). A job without a record (deleted while pending, or not
     yet written) is absent."""
@@ -196,23 +219,24 @@ def _qacct(main_ids: tp.Collection[str], since: tp.Optional[float], timeout_s: f
     if proc.returncode != 0 and "not found" not in proc.stderr:  # "job id N not found": no record, an answer
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
         raise CommandError(f"{' '.join(cmd[:3])} exited {proc.returncode}: {last}", proc.returncode, proc.stderr)
-    infos = parse_qacct(proc.stdout)
+    infos = parse_qacct(proc.stdout, warnings)
     return {k: v for k, v in infos.items() if k.split("_")[0] in main_ids}
 
 
-def query_sge(job_ids: tp.Sequence[str], timeout_s: float = 10,
-              since: tp.Optional[float] = None) -> tp.Dict[str, SgeJobInfo]:
+def query_sge(job_ids: tp.Sequence[str], timeout_s: float = 10, since: tp.Optional[float] = None,
+              warnings: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, SgeJobInfo]:
     """States of many jobs: ONE qstat call, and one qacct call for the jobs qstat no longer lists.
 
     ``job_ids`` may be ``12345``, ``12345_3`` or ``12345.3``; the result is keyed by submitit ids (a plain id
     naming an array under each of its tasks that qstat lists, or, once it lists none, that accounting knows: hpcseg
     asks for each task by its own id). ``since`` (a time before the jobs were submitted) bounds the
-    accounting records read. Raises CommandError when qstat or qacct fails or hangs.
+    accounting records read. Raises CommandError when qstat or qacct fails or hangs. What hpcseg cannot read in
+    their answers adds warnings to ``warnings``.
     """
     requested = [from_sge_id(j) for j in job_ids]
     if not requested:
         return {}
-    infos = _qstat(timeout_s, my_user())  # this user's jobs: hpcseg asks about its own runs
+    infos = _qstat(timeout_s, my_user(), warnings)  # this user's jobs: hpcseg asks about its own runs
 
     def pick(source: tp.Dict[str, SgeJobInfo], job_id: str) -> tp.Dict[str, SgeJobInfo]:
         if job_id in source:
@@ -226,7 +250,7 @@ def query_sge(job_ids: tp.Sequence[str], timeout_s: float = 10,
         out.update(pick(infos, job_id))
     missing = [j for j in requested if not pick(out, j)]
     if missing:
-        records = _qacct({j.split("_")[0] for j in missing}, since, timeout_s)
+        records = _qacct({j.split("_")[0] for j in missing}, since, timeout_s, warnings)
         for job_id in missing:
             out.update(pick(records, job_id))
     return out
@@ -459,8 +483,10 @@ class SgeExecutor(ScriptExecutor):
 def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dict[str, str], tp.List[str]]:
     """hpcseg's state of each run's job: one qstat call, one qacct call for the jobs qstat forgot."""
     times = [t for r in runs if isinstance(t := r.record.get("submit_time"), (int, float))]
-    infos = query_sge([r.job_id for r in runs], timeout_s, since=min(times) if times else None)
-    return {r.job_id: infos[from_sge_id(r.job_id)].state for r in runs if from_sge_id(r.job_id) in infos}, []
+    warnings: tp.List[str] = []
+    infos = query_sge([r.job_id for r in runs], timeout_s, since=min(times) if times else None, warnings=warnings)
+    return ({r.job_id: infos[from_sge_id(r.job_id)].state for r in runs if from_sge_id(r.job_id) in infos},
+            warnings)
 
 
 def job_owners(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Dict[str, str]:

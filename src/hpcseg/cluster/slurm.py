@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from ..errors import CommandError, run_command
 from .runs import my_user
 from .scripts import BoundedSubmission, dry_run_class, job_python, submission_text
+from .unreadable import unknown_states, unreadable_lines
 
 #: Slurm's job states -> hpcseg's (status.STATES)
 STATE_MAP = {
@@ -24,6 +25,8 @@ STATE_MAP = {
     "RESIZING": "RUNNING",
 }
 _RANGE = re.compile(r"^(\d+)_\[([^\]]+)\]$")
+#: a job id as sacct/squeue print it: 12, 12_3, 12_[0-9%2], 12+1 (a heterogeneous job's component)
+_JOB_ID = re.compile(r"\d+(_\d+|_\[[^\]]+\])?(\+\d+)?")
 
 
 # ---------------------------------------------------------------- sacct / squeue
@@ -42,28 +45,34 @@ def _expand_slurm_id(job_id: str) -> list[str]:
     return out
 
 
-def _parse_slurm_lines(text: str) -> dict[str, str]:
-    """`JobID|Field` lines -> {job id: the field's first word} (array ranges expanded, job steps left out)."""
+def _parse_slurm_lines(text: str, unreadable: list[str] | None = None) -> dict[str, str]:
+    """`JobID|Field` lines -> {job id: the field's first word} (array ranges expanded, job steps left out); a
+    line that is no job's (binary garbage, a message) is appended to `unreadable`."""
     states: dict[str, str] = {}
     for line in text.splitlines():
-        job_id, _, state = line.strip().partition("|")
-        if not job_id or "." in job_id:
+        job_id, sep, state = line.strip().partition("|")
+        if not line.strip() or (sep and "." in job_id and _JOB_ID.fullmatch(job_id.split(".")[0])):
+            continue  # a job step (12.batch, 12.0)
+        if not sep or not _JOB_ID.fullmatch(job_id) or not state.split():
+            if unreadable is not None:
+                unreadable.append(line)
             continue
-        raw = state.split()[0] if state.split() else ""
+        raw = state.split()[0]
         for jid in _expand_slurm_id(job_id):
             states[jid] = raw
     return states
 
 
-def _sacct_or_squeue(job_ids: list[str], field: tuple[str, str], timeout_s: float) -> tuple[dict[str, str], str]:
+def _sacct_or_squeue(job_ids: list[str], field: tuple[str, str], timeout_s: float,
+                     unreadable: list[str] | None = None) -> tuple[dict[str, str], str]:
     """One sacct call for `field` (sacct's name, squeue's %-letter) of the jobs (arrays asked by their parent
     id); where sacct is unavailable (accounting disabled, command missing), one squeue call. Returns
-    ({job id: value}, source)."""
+    ({job id: value}, source); lines of the answer that are no job's go to `unreadable`."""
     parents = sorted({j.split("_")[0] for j in job_ids})
     try:
         out = run_command(["sacct", "-n", "-P", "-X", "-o", f"JobID,{field[0]}", "-j", ",".join(parents)],
                           timeout_s).stdout
-        return _parse_slurm_lines(out), "sacct"
+        return _parse_slurm_lines(out, unreadable), "sacct"
     except CommandError as sacct_err:
         try:
             out = run_command(["squeue", "-h", "-r", "--states=all", "-u", my_user(), "-o", f"%i|{field[1]}"],
@@ -71,13 +80,22 @@ def _sacct_or_squeue(job_ids: list[str], field: tuple[str, str], timeout_s: floa
         except CommandError as squeue_err:
             raise CommandError(f"{sacct_err}; {squeue_err}") from None
         wanted = set(parents)
-        return {k: v for k, v in _parse_slurm_lines(out).items() if k.split("_")[0] in wanted}, "squeue"
+        return {k: v for k, v in _parse_slurm_lines(out, unreadable).items() if k.split("_")[0] in wanted}, "squeue"
 
 
 def query_states(runs: list, timeout_s: float) -> tuple[dict[str, str], list[str]]:
-    raw, source = _sacct_or_squeue([r.job_id for r in runs], ("State", "%T"), timeout_s)
-    states = {r.job_id: STATE_MAP.get(raw[r.job_id], "UNKNOWN") for r in runs if raw.get(r.job_id)}
+    unreadable: list[str] = []
+    raw, source = _sacct_or_squeue([r.job_id for r in runs], ("State", "%T"), timeout_s, unreadable)
+    states, unknown = {}, {}
+    for run in runs:
+        if raw.get(run.job_id):
+            states[run.job_id] = STATE_MAP.get(raw[run.job_id], "UNKNOWN")
+            if raw[run.job_id] not in STATE_MAP:
+                unknown.setdefault(raw[run.job_id], []).append(run.job_id)
     notes = [] if source == "sacct" else ["sacct unavailable: Slurm states from squeue and the runs' own files"]
+    notes += unknown_states(source, unknown)
+    if unreadable:
+        notes.append(unreadable_lines(source, unreadable))
     return states, notes
 
 

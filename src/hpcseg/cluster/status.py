@@ -5,7 +5,9 @@ The scheduler says what it knows (PENDING, RUNNING, ...); the run folder says wh
 `hpcseg cancel`, submitit's result file). A job the scheduler has forgotten (LSF after its clean period, Slurm
 without accounting) still shows COMPLETED or FAILED from its files; a scheduler command that fails or hangs
 (bounded by $HPCSEG_SCHEDULER_TIMEOUT_S, default 10 s) leaves UNKNOWN only where the files know nothing, and
-its error is in each affected run's `scheduler_error`.
+its error is in each affected run's `scheduler_error`. An answer hpcseg cannot read (a state it does not know,
+bytes that are no job's line) is a warning naming the command and what it printed, also in the
+`scheduler_warning` of each run left UNKNOWN.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Iterable
 
 from ..durations import clock
 from ..errors import CommandError
+from ..invocation import hpcseg_command
 from .backends import BACKENDS
 from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
 from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX
@@ -57,6 +60,9 @@ class RunStatus:
     path: str
     damage: list[str]
     scheduler_error: str | None = None  # the scheduler could not be asked: the state is from the files only
+    #: the scheduler's answer held something hpcseg cannot read (a state it does not know, garbage), where the
+    #: run's state is UNKNOWN: the warnings `status` prints, for `status --json`
+    scheduler_warning: str | None = None
     gpus: int | None = None  # per node, as submitted: one training process each
     nodes: int | None = None
 
@@ -73,6 +79,10 @@ def exit_code(run: Run) -> int | None:
     except (NotTrusted, OSError):
         return None
     return int(text) if re.fullmatch(r"-?\d{1,4}", text) else None
+
+
+def _see_logs(run: Run) -> str:
+    return f"see {hpcseg_command('logs', '--err', run.run_id)}"
 
 
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
@@ -106,15 +116,15 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
         state = "CANCELLED" if cancelled and sched == "FAILED" else sched
     elif sched == "COMPLETED":  # the script ended but the runner wrote no outcome
         state = "CANCELLED" if cancelled else "FAILED"
-        error = "the job ended without writing its outcome (see hpcseg logs --err)"
+        error = f"the job ended without writing its outcome ({_see_logs(run)})"
     elif cancelled:
         state = "CANCELLED"
     elif has_result:
         state = "FAILED"
-        error = "the job ended without writing its outcome (see hpcseg logs --err)"
+        error = f"the job ended without writing its outcome ({_see_logs(run)})"
     elif (code := exit_code(run)) is not None:  # LSF has forgotten the job; its batch script left this
         state = "CANCELLED" if code in CANCEL_EXIT_CODES else "FAILED"
-        error = f"the job exited with code {code} without writing its outcome (see hpcseg logs --err)"
+        error = f"the job exited with code {code} without writing its outcome ({_see_logs(run)})"
     elif sched_failed:
         state = "UNKNOWN"
     elif run.executor in BACKENDS and BACKENDS[run.executor].runs_here:  # gone, left nothing: it was killed
@@ -159,6 +169,7 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
     warnings: list[str] = []
     sched: dict[str, str | None] = {}
     failed: dict[str, str] = {}  # run id -> why its scheduler could not be asked
+    noted: dict[str, list[str]] = {}  # run id -> the warnings of its scheduler's answer
 
     def unfinished(executor: str) -> list[Run]:
         # runs whose outcome is written need no scheduler: ask only about the others
@@ -176,9 +187,12 @@ def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple
             continue
         warnings += notes
         sched.update((r.run_id, states.get(r.job_id)) for r in asked)
+        noted.update((r.run_id, notes) for r in asked if notes)
     statuses = [merge(r, sched.get(r.run_id), r.run_id in failed, now) for r in runs]
     for s in statuses:
         s.scheduler_error = failed.get(s.run_id)
+        if s.state == "UNKNOWN" and noted.get(s.run_id):
+            s.scheduler_warning = "; ".join(noted[s.run_id])
     return statuses, warnings
 
 

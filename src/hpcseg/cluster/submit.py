@@ -112,18 +112,33 @@ def split_values(text: str) -> list[str]:
 
 
 def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
-    axes = []
+    """`--sweep KEY=V1,V2,...` -> [(key, values)]; each value checked as a job's (`--sweep KEY: ...` names it),
+    every problem of every --sweep reported, one line each."""
+    from ..jobfile import JobError, override_problems  # here: the rest of this module is not this check's
+
+    axes, problems = [], []
     for item in sweeps:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or not raw.strip():
-            raise ClusterError(f"--sweep {item}: expected KEY=V1,V2,..., e.g. optim.lr=1e-3,3e-4")
-        values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
+            problems.append(f"--sweep {item}: expected KEY=V1,V2,..., e.g. optim.lr=1e-3,3e-4")
+            continue
+        try:
+            values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
+        except JobError as err:
+            problems += [p.replace("--set ", "--sweep ", 1) for p in err.problems]
+            continue
         if any(v == "" for v in values):
-            raise ClusterError(f"--sweep {item}: an empty value")
+            problems.append(f"--sweep {item}: an empty value")
+            continue
         if key in [k for k, _ in axes]:
-            raise ClusterError(f"--sweep {item}: {key} is swept twice")
+            problems.append(f"--sweep {item}: {key} is swept twice")
+            continue
+        for value in values:
+            problems += [p for p in override_problems(key, value, f"--sweep {key}") if p not in problems]
         axes.append((key, values))
+    if problems:
+        raise JobError(problems)
     return axes
 
 
