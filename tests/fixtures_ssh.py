@@ -49,7 +49,7 @@ class SshCluster:
 
     @property
     def setup_line(self) -> str:
-        return f"source {self.venv}/bin/activate"
+        return f". {self.venv}/bin/activate"  # POSIX: the local executor runs setup lines with sh
 
     def ssh(self, command: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
         """Run a shell command as the cluster user, through the test's sshd (as the laptop would)."""
@@ -236,3 +236,25 @@ def ssh_cluster(ssh_server, tmp_path, monkeypatch) -> SshCluster:
     yield cluster
     subprocess.run(["ssh", "-F", str(folder / "ssh_config"), "-o", f"ControlPath={runtime}/hpcseg-ssh/%C",
                     "-O", "exit", ALIAS], capture_output=True, env=cluster.env)  # the test's shared connection
+
+
+@pytest.fixture(scope="session")
+def cluster_data(ssh_server) -> Path:
+    """Tiny slices in the cluster account's ~/data (training, validation, test), the cluster user's own files."""
+    from fixtures_cluster import write_slices
+
+    home = ssh_server[2]
+    data = home / "data"
+    if not (home / "data" / "test_data").is_dir():
+        for split, n, seed in (("training_data", 4, 0), ("validation_data", 2, 1), ("test_data", 2, 2)):
+            write_slices(data / split, n, seed)
+        subprocess.run(["chown", "-R", USER, str(data)], check=True)
+    return data
+
+
+@pytest.fixture
+def cluster_scratch(ssh_cluster) -> str:
+    """A fresh scratch folder of the cluster account for one test (removed again over SSH)."""
+    name = f"{ssh_cluster.home}/scratch-{os.urandom(4).hex()}"
+    yield name
+    ssh_cluster.ssh(f"pkill -u {USER} -f {name} ; rm -rf {name}")

@@ -174,7 +174,7 @@ def _checked_status(dest: str, item):
     for f in dataclasses.fields(RunStatus):
         value = item.get(f.name)
         kinds = {"str": str, "int": int, "float": (int, float), "dict": dict, "list": list}
-        wanted = [kinds[t.strip()] for t in str(f.type).split("|") if t.strip() in kinds]
+        wanted = [kinds[t] for t in (t.strip().split("[")[0] for t in str(f.type).split("|")) if t in kinds]
         if value is not None and (isinstance(value, bool) or not any(isinstance(value, k) for k in wanted)):
             raise RemoteError(f"{dest}: a status answer whose {f.name} is {json.dumps(value)[:40]}")
         if f.name == "run_id" and not (isinstance(value, str) and NAME.fullmatch(value)):
