@@ -258,3 +258,16 @@ def cluster_scratch(ssh_cluster) -> str:
     name = f"{ssh_cluster.home}/scratch-{os.urandom(4).hex()}"
     yield name
     ssh_cluster.ssh(f"pkill -u {USER} -f {name} ; rm -rf {name}")
+
+
+@pytest.fixture(scope="session")
+def cluster_user_on_slurm(slurm_cluster, ssh_server):
+    """The dev Slurm's accounting knows the cluster user (an association in hpc/dev-cluster/start.sh's account),
+    so that its jobs are accepted and listed by sacct."""
+    from hpcseg.errors import run_command
+
+    shown = run_command(["sacctmgr", "-n", "-P", "show", "assoc", "account=hpcseg", f"user={USER}",
+                         "format=user"], 30, check=False)
+    if USER not in shown.stdout:
+        run_command(["sacctmgr", "-i", "add", "user", USER, "Account=hpcseg", "Cluster=hpcseg-dev"], 30)
+    return slurm_cluster

@@ -193,3 +193,22 @@ def test_a_hostile_answer_is_refused_here(ssh_cluster, tmp_path, answer, refusal
     dest = tmp_path / "dest"
     _one_line(hpcseg("collect", "--host", "cluster", "--dest", str(dest)), "refused the cluster's answer", refusal)
     assert not dest.exists() or not list(dest.rglob("*"))
+
+
+@pytest.mark.slow
+def test_submit_to_the_dev_slurm_over_ssh_and_collect(ssh_cluster, cluster_data, cluster_scratch,
+                                                       cluster_user_on_slurm, tmp_path):
+    setup = [ssh_cluster.setup_line]
+    profile = write_profile(tmp_path, setup, cluster_scratch, executor="slurm")
+    args = [a for s in TINY for a in ("--set", s)]
+    done = hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--data", str(ssh_cluster.home / "data"),
+                  "--gpus", "0", "--queue", cluster_user_on_slurm.partition, *args)
+    assert done.returncode == 0, done.stderr
+    run_id = re.search(r"submitted run (\S+)\s+job \d+\s+\(slurm\)", done.stdout).group(1)
+    try:
+        row = wait_state(run_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout_s=240)
+        assert row["state"] == "COMPLETED", row
+        collected = hpcseg("collect", run_id, "--dest", str(tmp_path / "d"))  # bare: the run is remembered
+        assert collected.returncode == 0 and "SHA256SUMS verified" in collected.stdout, collected
+    finally:
+        hpcseg("cancel", "--host", "cluster", run_id)
