@@ -212,3 +212,34 @@ def test_submit_to_the_dev_slurm_over_ssh_and_collect(ssh_cluster, cluster_data,
         assert collected.returncode == 0 and "SHA256SUMS verified" in collected.stdout, collected
     finally:
         hpcseg("cancel", "--host", "cluster", run_id)
+
+
+def test_collect_goes_through_the_profiles_transfer_host(ssh_cluster, cluster_scratch, tmp_path):
+    make_run(ssh_cluster, cluster_scratch, "20260101-000000-beef", best_mb=1)
+    config = ssh_cluster.folder / "ssh_config"
+    for transfer, rsync in (("nosuchtransfer.invalid", "rsync"), ("nosuchtransfer.invalid", "/nonexistent"),
+                            ("127.0.0.1", "rsync")):
+        profile = write_profile(tmp_path, [ssh_cluster.setup_line], cluster_scratch,
+                                extra=f'transfer_host = "hpcseg-cluster@{transfer}"')
+        assert hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run").returncode == 0
+        env = {**os.environ, "HPCSEG_RSYNC": rsync,
+               "HPCSEG_SSH": f"ssh -F {config} -o Port={ssh_cluster.port}"}
+        done = hpcseg("collect", "--host", "cluster", "--scratch", cluster_scratch, "--dest", str(tmp_path / "d"),
+                      env=env)
+        if transfer.endswith(".invalid"):  # the copies go to the transfer host, not to the login host
+            assert done.returncode == 2 and "nosuchtransfer.invalid: unknown host" in done.stderr, done
+        else:
+            assert done.returncode == 0 and "3 files copied" in done.stdout, done
+
+
+def test_submit_sends_the_job_as_content_and_checks_data_there(ssh_cluster, tmp_path):
+    private = tmp_path / "mine.toml"  # pytest's tmp folder: the cluster user cannot read it
+    private.write_text(JOB_FILE.read_text())
+    profile = write_profile(tmp_path, [ssh_cluster.setup_line], f"{ssh_cluster.home}/scratch-dry")
+    dry = hpcseg("submit", str(private), "--profile", str(profile), "--set", "train.epochs=7",
+                 "--sweep", "optim.lr=1e-3,3e-4", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("# would submit run") == 2 and "optim.lr=0.001" in dry.stdout, dry.stdout
+    assert f"{ssh_cluster.home}/scratch-dry/exercise-improved/" in dry.stdout
+    refused = hpcseg("submit", str(private), "--profile", str(profile), "--data", "/nonexistent/data")
+    _one_line(refused, "--data /nonexistent/data: no such folder")

@@ -280,6 +280,14 @@ _SSH_FAILURES = [
 ]
 
 
+def ssh_failure(dest: str, stderr: str) -> RemoteError | None:
+    """ssh's own refusal in `stderr` (unknown host, refused, authentication, host key) as one line, or None."""
+    for needle, meaning in _SSH_FAILURES:
+        if needle in stderr:
+            return RemoteError(f"{dest}: {meaning}")
+    return None
+
+
 def _failure(host: Host, command: str, code: int | None, stderr: str, hello, garbage: list[str]) -> RemoteError:
     """The one line that says why a call ended without hpcseg's answer."""
     last = next((sanitize(x.strip())[:200] for x in reversed(stderr.splitlines()) if x.strip()), "")
@@ -287,10 +295,7 @@ def _failure(host: Host, command: str, code: int | None, stderr: str, hello, gar
         return RemoteError(f"{host.dest}: the connection was lost during `hpcseg {command}` there "
                            f"({last or 'no message'}); nothing was changed here")
     if code == 255:
-        for needle, meaning in _SSH_FAILURES:
-            if needle in stderr:
-                return RemoteError(f"{host.dest}: {meaning}")
-        return RemoteError(f"{host.dest}: ssh failed: {last or 'no message'}")
+        return ssh_failure(host.dest, stderr) or RemoteError(f"{host.dest}: ssh failed: {last or 'no message'}")
     if code == 127 or "hpcseg: command not found" in stderr or "hpcseg: not found" in stderr:
         return RemoteError(f"{host.dest}: no hpcseg there after the profile's setup lines: install it there once "
                            "(pip install hpcseg in the environment the setup lines activate)")

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -28,7 +29,8 @@ from ..errors import ClusterError
 from ..outdir import blocked
 from .collect import JOB_TEST, MANIFEST, SUMS, _known, _own_folders, _read_manifest, _read_metrics, curves_png, \
     dice_lines, verify
-from .remote import Host, RemoteError, call, check_dest, remote_line, sanitize, ssh_prefix, ssh_timeout_s
+from .remote import (Host, RemoteError, call, check_dest, remote_line, sanitize, ssh_failure, ssh_prefix,
+                     ssh_timeout_s)
 from .runs import NotTrusted, open_owned
 from .scripts import NAME
 
@@ -62,9 +64,7 @@ def collect_over_ssh(host: Host, selectors, top, scratch, dest_root: Path) -> in
             continue
         try:
             line = _collect_run(host, run, dest_root, rsync)
-        except ClusterError as err:
-            if isinstance(err, RemoteError) and "lost" not in str(err) and "silent" not in str(err):
-                raise
+        except ClusterError as err:  # this run: one line, and the others are still collected
             err.show()
             failed = True
             continue
@@ -196,6 +196,9 @@ def _rsync(host: Host, run_path: str, need: list[dict], incoming: Path) -> int:
         raise
     received = re.search(rb"Total bytes received: ([\d,.]+)", out)
     moved = int(re.sub(rb"[,.]", b"", received.group(1))) if received else 0
+    refused = ssh_failure(host.copy_dest, err.decode(errors="replace"))
+    if proc.returncode != 0 and refused:  # the transfer host could not be reached at all
+        raise refused
     if proc.returncode in _RSYNC_LOST:
         raise RemoteError(f"{host.copy_dest}: the connection was lost during the copy (rsync exited "
                           f"{proc.returncode}); run collect again to move only what is missing")
@@ -208,8 +211,6 @@ def _rsync(host: Host, run_path: str, need: list[dict], incoming: Path) -> int:
 
 def _talk(proc, listing: bytes, tty: bool) -> tuple[bytes, bytes]:
     """Feed rsync its file list, show its progress on a terminal, keep its output for the stats."""
-    import threading
-
     err: list[bytes] = []
     reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
     reader.start()
@@ -245,6 +246,8 @@ def _cat(host: Host, run_path: str, need: list[dict], incoming: Path) -> int:
                                                                  f"{run_path}/{f['src']}"])]
         with open(part, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            errors: list[bytes] = []
+            threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
             try:
                 for chunk in iter(lambda: proc.stdout.read1(1 << 16), b""):
                     if have + len(chunk) > f["size"]:
@@ -259,6 +262,9 @@ def _cat(host: Host, run_path: str, need: list[dict], incoming: Path) -> int:
                 if proc.poll() is None:
                     proc.kill()
                 proc.wait()
+        refused = ssh_failure(host.copy_dest, b"".join(errors).decode(errors="replace"))
+        if proc.returncode != 0 and refused:
+            raise refused
         if proc.returncode != 0:
             raise RemoteError(f"{host.copy_dest}: the connection was lost during the copy (ssh exited "
                               f"{proc.returncode}); run collect again to move only what is missing")
