@@ -243,3 +243,21 @@ def test_submit_sends_the_job_as_content_and_checks_data_there(ssh_cluster, tmp_
     assert f"{ssh_cluster.home}/scratch-dry/exercise-improved/" in dry.stdout
     refused = hpcseg("submit", str(private), "--profile", str(profile), "--data", "/nonexistent/data")
     _one_line(refused, "--data /nonexistent/data: no such folder")
+
+
+@pytest.mark.parametrize("rsync", ["rsync", "/nonexistent/rsync"])
+def test_collect_shows_its_progress_on_a_terminal(ssh_cluster, cluster_scratch, tmp_path, rsync):
+    make_run(ssh_cluster, cluster_scratch, "20260101-000000-f00d", best_mb=3)
+    profile = write_profile(tmp_path, [ssh_cluster.setup_line], cluster_scratch)
+    assert hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run").returncode == 0
+    command = " ".join([sys.executable, "-m", "hpcseg", "collect", "--host", "cluster", "--scratch", cluster_scratch,
+                        "--dest", str(tmp_path / "d")])
+    env = {**os.environ, "HPCSEG_RSYNC": rsync, "HPCSEG_RSYNC_OPTIONS": "--bwlimit=3m"}
+    done = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout
+    if rsync == "rsync":  # rsync's own: bytes, percent, rate, time left, files
+        assert re.search(r"\d+%\s+\S+/s\s+\d+:\d\d:\d\d", done.stdout) and "to-chk=" in done.stdout, done.stdout
+    else:
+        assert re.search(r"\d/3 files\s+[\d.]+ \w?B of 3.0 MB\s+[\d.]+ \w?B/s\s+\d+ s left", done.stdout), done.stdout
+    assert "SHA256SUMS verified" in done.stdout
