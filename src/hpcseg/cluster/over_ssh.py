@@ -101,7 +101,8 @@ def _submit(local, host, kw) -> None:
     files = {"job": job.to_toml(), "job_name": Path(kw["job_file"]).stem}
     if profile is not None and profile.path is not None:
         files.update(profile=profile.path.read_text(), profile_name=profile.name)
-    answer = call(target, "submit", _argv(kw, skip={"job_file", "overrides", "profile"}), files=files)
+    answer = call(target, "submit", _argv(kw, skip={"job_file", "overrides", "profile"}), files=files,
+                  heartbeat=kw["wait"])  # --wait may rightly stay silent while a job runs
     runs = _submitted(target, answer.data, profile.name if profile else None)
     if runs or profile is not None:
         remember(target, profile.name if profile else None, runs)
@@ -127,7 +128,7 @@ def _submitted(host: Host, data, profile: str | None) -> list[RemoteRun]:
 
 def _status(local, host, kw) -> None:
     if host:
-        return _finish(call(remembered_host(host), "status", _argv(kw)).exit)
+        return _finish(call(remembered_host(host), "status", _argv(kw), heartbeat=kw["watch"]).exit)
     groups = {} if _local_scratch(kw) or kw["watch"] else by_host(kw["selectors"])
     if not groups:
         return local(**kw)
