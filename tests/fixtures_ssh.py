@@ -123,6 +123,9 @@ def install_cluster_hpcseg(home: Path) -> None:
         site = as_cluster([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"]).stdout.strip()
         deps = sysconfig.get_paths()["purelib"]
+        if as_cluster(["test", "-r", f"{deps}/click/__init__.py"]).returncode != 0:
+            pytest.fail(f"{deps}: not readable by {USER}; the cluster's venv borrows the test venv's dependencies "
+                        "(keep the checkout in a folder other users can enter, e.g. under /work or /tmp)")
         as_cluster(["sh", "-c", f"echo {deps} > {site}/test-deps.pth"])
         build = Path(tempfile.mkdtemp(prefix="hpcseg-build-"))
         shutil.copytree(copy, build / "src-copy")
@@ -272,3 +275,61 @@ def cluster_user_on_slurm(slurm_cluster, ssh_server):
     if USER not in shown.stdout:
         run_command(["sacctmgr", "-i", "add", "user", USER, "Account=hpcseg", "Cluster=hpcseg-dev"], 30)
     return slurm_cluster
+
+
+LAPTOP = "hpcseg-laptop"
+
+
+@dataclass
+class Laptop:
+    """A second unprivileged user as the laptop side: it cannot read the cluster account's home, so what it
+    gets from there came over SSH."""
+
+    home: Path
+    env: dict
+
+    def hpcseg(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", LAPTOP, "--", "env", *[f"{k}={v}" for k, v in self.env.items()],
+                               str(self.home / "venv" / "bin" / "python"), "-m", "hpcseg", *args],
+                              capture_output=True, text=True, timeout=timeout, cwd=str(self.home))
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", LAPTOP, "--", *argv], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def laptop(ssh_server) -> Laptop:
+    """The user `hpcseg-laptop` (made when absent, home 0700) with a venv that borrows this checkout and its
+    dependencies through a .pth, its own copy of the test's client key, ssh config and known hosts."""
+    folder, port, _ = ssh_server
+    try:
+        entry = pwd.getpwnam(LAPTOP)
+    except KeyError:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", LAPTOP], check=True)
+        entry = pwd.getpwnam(LAPTOP)
+    home = Path(entry.pw_dir)
+    os.chmod(home, 0o700)
+    run = lambda *argv: subprocess.run(["runuser", "-u", LAPTOP, "--", *argv], capture_output=True,  # noqa: E731
+                                       text=True)
+    if not (home / "venv" / "bin" / "python").exists():
+        python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+        assert run(python, "-m", "venv", "--without-pip", str(home / "venv")).returncode == 0
+    site = run(str(home / "venv" / "bin" / "python"), "-c",
+               "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    run("sh", "-c", f"printf '%s\\n' {REPO / 'src'} {sysconfig.get_paths()['purelib']} > {site}/test-deps.pth")
+    keys = home / "ssh-test"
+    shutil.rmtree(keys, ignore_errors=True)
+    keys.mkdir(mode=0o700)
+    shutil.copy(folder / "client_key", keys / "client_key")
+    shutil.copy(folder / "known_hosts", keys / "known_hosts")
+    (keys / "ssh_config").write_text((folder / "ssh_config").read_text().replace(str(folder), str(keys)))
+    runtime = Path(tempfile.mkdtemp(prefix="l", dir="/tmp"))
+    for path in (keys, runtime):
+        subprocess.run(["chown", "-R", LAPTOP, str(path)], check=True)
+    os.chmod(keys / "client_key", 0o600)
+    env = {"HPCSEG_SSH": f"ssh -F {keys}/ssh_config", "XDG_RUNTIME_DIR": str(runtime),
+           "XDG_STATE_HOME": str(home / "state"), "HOME": str(home), "PATH": "/usr/bin:/bin"}
+    yield Laptop(home=home, env=env)
+    subprocess.run(["runuser", "-u", LAPTOP, "--", "ssh", "-F", f"{keys}/ssh_config", "-o",
+                    f"ControlPath={runtime}/hpcseg-ssh/%C", "-O", "exit", ALIAS], capture_output=True)
+    shutil.rmtree(runtime, ignore_errors=True)

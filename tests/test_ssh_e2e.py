@@ -261,3 +261,20 @@ def test_collect_shows_its_progress_on_a_terminal(ssh_cluster, cluster_scratch, 
     else:
         assert re.search(r"\d/3 files\s+[\d.]+ \w?B of 3.0 MB\s+[\d.]+ \w?B/s\s+\d+ s left", done.stdout), done.stdout
     assert "SHA256SUMS verified" in done.stdout
+
+
+def test_the_laptop_as_another_user_gets_the_files_only_over_ssh(ssh_cluster, cluster_scratch, laptop):
+    folder = make_run(ssh_cluster, cluster_scratch, "20260101-000000-1a97", best_mb=1)
+    assert laptop.run("cat", f"{folder}/checkpoints/best.pt").returncode != 0  # not readable here directly
+    profile = laptop.home / "site.toml"
+    profile.write_text(f'name = "site"\nexecutor = "local"\nhost = "cluster"\nscratch = "{cluster_scratch}"\n'
+                       f'setup = ["{ssh_cluster.setup_line}"]\n')
+    subprocess.run(["chown", "hpcseg-laptop", str(profile)], check=True)
+    dry = laptop.hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    done = laptop.hpcseg("collect", "--host", "cluster", "--scratch", cluster_scratch, "--dest", "got")
+    assert done.returncode == 0 and "3 files copied" in done.stdout, done
+    sums = laptop.run("cat", str(laptop.home / "got" / "20260101-000000-1a97" / "SHA256SUMS")).stdout
+    assert f"{remote_sha256(ssh_cluster, folder + '/checkpoints/best.pt')}  best.pt" in sums
+    status = laptop.hpcseg("status", "--host", "cluster", "--scratch", cluster_scratch)
+    assert status.returncode == 0 and "20260101-000000-1a97" in status.stdout, status
