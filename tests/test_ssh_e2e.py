@@ -272,9 +272,11 @@ def test_the_laptop_as_another_user_gets_the_files_only_over_ssh(ssh_cluster, cl
     subprocess.run(["chown", "hpcseg-laptop", str(profile)], check=True)
     dry = laptop.hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    done = laptop.hpcseg("collect", "--host", "cluster", "--scratch", cluster_scratch, "--dest", "got")
+    dest = f"got-{os.urandom(4).hex()}"  # the laptop user's home outlives a test session
+    done = laptop.hpcseg("collect", "--host", "cluster", "--scratch", cluster_scratch, "--dest", dest)
     assert done.returncode == 0 and "3 files copied" in done.stdout, done
-    sums = laptop.run("cat", str(laptop.home / "got" / "20260101-000000-1a97" / "SHA256SUMS")).stdout
+    sums = laptop.run("cat", str(laptop.home / dest / "20260101-000000-1a97" / "SHA256SUMS")).stdout
+    laptop.run("rm", "-rf", str(laptop.home / dest))
     assert f"{remote_sha256(ssh_cluster, folder + '/checkpoints/best.pt')}  best.pt" in sums
     status = laptop.hpcseg("status", "--host", "cluster", "--scratch", cluster_scratch)
     assert status.returncode == 0 and "20260101-000000-1a97" in status.stdout, status

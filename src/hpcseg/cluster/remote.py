@@ -65,8 +65,9 @@ class Host:
     transfer: str | None = None
 
     def __post_init__(self) -> None:
-        for what, value in (("--host", self.dest), ("transfer_host", self.transfer or "x")):
-            check_dest(what, value)
+        check_dest("--host", self.dest)
+        if self.transfer is not None:
+            check_dest("transfer_host", self.transfer)
 
     @property
     def copy_dest(self) -> str:
@@ -116,6 +117,23 @@ def ssh_prefix(dest: str) -> list[str]:
     opts = ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C", "-o", f"ControlPersist={persist}",
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
     return base + opts + (["-p", port] if port else [])
+
+
+def connect(dest: str) -> None:
+    """Open the shared connection unless it is open: without a timeout and with this terminal, so that a password
+    or a second factor can be typed (once); the calls then run over it, bounded by $HPCSEG_SSH_TIMEOUT_S."""
+    target, _ = check_dest("--host", dest)
+    prefix = ssh_prefix(dest)
+    try:
+        if subprocess.run(prefix + ["-O", "check", target], capture_output=True).returncode == 0:
+            return
+        opened = subprocess.run(prefix + [target, "true"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as err:
+        raise RemoteError(f"{prefix[0]}: {err.strerror or err} (hpcseg uses your OpenSSH client)") from None
+    if opened.returncode != 0:
+        stderr = opened.stderr.decode(errors="replace")
+        last = next((sanitize(x.strip())[:200] for x in reversed(stderr.splitlines()) if x.strip()), "no message")
+        raise ssh_failure(dest, stderr) or RemoteError(f"{dest}: ssh failed: {last}")
 
 
 def ssh_argv(dest: str, words: list[str]) -> list[str]:
@@ -170,6 +188,7 @@ def call(host: Host, command: str, args: list[str], *, files: dict[str, str] | N
     request = {MARK: PROTOCOL, "hpcseg": __version__, "command": command, "args": args, "files": files or {},
                "heartbeat_s": timeout / 3 if heartbeat else None}
     argv = ssh_argv(host.dest, ["bash", "-lc", hpcseg_script(host.setup)])
+    connect(host.dest)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as err:

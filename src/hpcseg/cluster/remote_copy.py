@@ -29,7 +29,7 @@ from ..errors import ClusterError
 from ..outdir import blocked
 from .collect import JOB_TEST, MANIFEST, SUMS, _known, _own_folders, _read_manifest, _read_metrics, curves_png, \
     dice_lines, verify
-from .remote import (Host, RemoteError, call, check_dest, remote_line, sanitize, ssh_failure, ssh_prefix,
+from .remote import (Host, RemoteError, call, check_dest, connect, remote_line, sanitize, ssh_failure, ssh_prefix,
                      ssh_timeout_s)
 from .runs import NotTrusted, open_owned
 from .scripts import NAME
@@ -141,6 +141,7 @@ def _collect_run(host: Host, run: dict, dest_root: Path, rsync: bool) -> str:
         _own_folders(dest, f"{INCOMING}/x", create=True)
         for f in need:
             _own_folders(incoming, f["src"], create=True)
+        connect(host.copy_dest)  # the transfer host's own shared connection, a password typed once
         moved = (_rsync if rsync else _cat)(host, run["path"], need, incoming)
         for f in need:  # each checked against the cluster's SHA-256 before it takes its place
             got = _sha256(incoming / f["src"])
