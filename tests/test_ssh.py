@@ -200,3 +200,18 @@ def test_a_connection_lost_mid_command(ssh_cluster, tmp_path):
     _one_line(submit_with(tmp_path, [fake_hpcseg('echo \'{"hpcseg_remote": 1, "hello": true}\'; '
                                                  "sleep 1; kill -9 $PPID; sleep 5")]),
               "connection was lost during `hpcseg submit`")
+
+
+def test_a_bare_status_shows_the_local_runs_and_one_warning_for_an_unreachable_host(ssh_cluster, tmp_path):
+    from hpcseg.cluster.remote_runs import RemoteRun, remember
+
+    run = Path("hpcseg-scratch") / "exp" / "20260101-000000-0001"  # a run of this machine, in ./hpcseg-scratch
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"run_id": run.name, "experiment": "exp", "executor": "local"}))
+    remember(Host("nosuchhost.invalid"), None, [RemoteRun("nosuchhost.invalid", "20260101-000000-0002", "exp",
+                                                          "/scratch")])
+    done = hpcseg("status", cwd=os.getcwd())
+    assert done.returncode == 0 and "20260101-000000-0001" in done.stdout, done
+    assert "20260101-000000-0002" not in done.stdout
+    assert done.stderr == ("hpcseg: warning: nosuchhost.invalid: unknown host (not an alias in ~/.ssh/config, and no "
+                           "such name); its 1 remembered runs are not shown\n")
