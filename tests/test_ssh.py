@@ -215,3 +215,16 @@ def test_a_bare_status_shows_the_local_runs_and_one_warning_for_an_unreachable_h
     assert "20260101-000000-0002" not in done.stdout
     assert done.stderr == ("hpcseg: warning: nosuchhost.invalid: unknown host (not an alias in ~/.ssh/config, and no "
                            "such name); its 1 remembered runs are not shown\n")
+
+
+def test_the_users_own_control_master_is_used_where_their_config_has_one(ssh_cluster, tmp_path):
+    sockets = Path(tempfile.mkdtemp(prefix="u", dir=ssh_cluster.folder))
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host cluster\n  ControlMaster auto\n  ControlPath {sockets}/%C\n  ControlPersist 60\n"
+                      + (ssh_cluster.folder / "ssh_config").read_text())
+    env = {**os.environ, "HPCSEG_SSH": f"ssh -F {config}"}
+    remember_setup(ssh_cluster, tmp_path, [ssh_cluster.setup_line])
+    done = hpcseg("status", "--host", "cluster", "--scratch", "/nonexistent", env=env)
+    assert done.returncode == 0, done.stderr
+    assert len(list(sockets.iterdir())) == 1  # the user's socket, shared with their own ssh
+    subprocess.run(["ssh", "-F", str(config), "-O", "exit", "cluster"], capture_output=True)

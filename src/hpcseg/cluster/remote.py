@@ -9,6 +9,7 @@ Every word that reaches the remote shell is quoted here, in `remote_line`, once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -113,10 +114,25 @@ def ssh_prefix(dest: str) -> list[str]:
     """`ssh` (or $HPCSEG_SSH, e.g. `ssh -F my_config`) with the shared connection's options, up to the target."""
     target, port = check_dest("--host", dest)
     base = shlex.split(os.environ.get("HPCSEG_SSH", "ssh"))
-    persist = os.environ.get("HPCSEG_SSH_PERSIST", "600")
-    opts = ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C", "-o", f"ControlPersist={persist}",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
-    return base + opts + (["-p", port] if port else [])
+    port_opts = ["-p", port] if port else []
+    opts = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    if not _own_master(tuple(base + port_opts), target):  # else the user's ControlMaster, shared with their ssh
+        persist = os.environ.get("HPCSEG_SSH_PERSIST", "600")
+        opts += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_dir()}/%C", "-o",
+                 f"ControlPersist={persist}"]
+    return base + opts + port_opts
+
+
+@functools.lru_cache(maxsize=16)
+def _own_master(base: tuple[str, ...], target: str) -> bool:
+    """Whether the user's ssh config shares connections to `target` already (ControlMaster and ControlPath)."""
+    try:
+        shown = subprocess.run([*base, "-G", target], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    config = dict(line.split(" ", 1) for line in shown.stdout.splitlines() if " " in line)
+    return config.get("controlmaster", "false") in ("true", "auto", "ask", "autoask") \
+        and config.get("controlpath", "none") not in ("none", "")
 
 
 def connect(dest: str) -> None:
