@@ -241,6 +241,8 @@ def test_submit_sends_the_job_as_content_and_checks_data_there(ssh_cluster, tmp_
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count("# would submit run") == 2 and "optim.lr=0.001" in dry.stdout, dry.stdout
     assert f"{ssh_cluster.home}/scratch-dry/exercise-improved/" in dry.stdout
+    alone = hpcseg("submit", str(private), "--host", "cluster", "--dry-run")  # the profile remembered for DEST
+    assert alone.returncode == 0 and f"{ssh_cluster.home}/scratch-dry/exercise-improved/" in alone.stdout, alone
     refused = hpcseg("submit", str(private), "--profile", str(profile), "--data", "/nonexistent/data")
     _one_line(refused, "--data /nonexistent/data: no such folder")
 

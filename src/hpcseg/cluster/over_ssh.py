@@ -93,7 +93,7 @@ def _submit(local, host, kw) -> None:
     if not host:
         return local(**kw)
     if profile is None and remembered_profile(host):
-        with contextlib.suppress(Exception):  # the profile remembered for DEST, where it is still here
+        with contextlib.suppress(ClusterError):  # the profile remembered for DEST, where it is still here
             profile = load_profile(remembered_profile(host))
     target = Host(host, profile.setup, profile.transfer_host) if profile else remembered_host(host)
     job = load_job(kw["job_file"], kw["overrides"])  # resolved here: the job file need not exist there
@@ -105,7 +105,7 @@ def _submit(local, host, kw) -> None:
                   heartbeat=kw["wait"])  # --wait may rightly stay silent while a job runs
     runs = _submitted(target, answer.data, profile.name if profile else None)
     if runs or profile is not None:
-        remember(target, profile.name if profile else None, runs)
+        remember(target, str(profile.path) if profile and profile.path else None, runs)
     _finish(answer.exit)
 
 

@@ -67,7 +67,7 @@ def remote_runs() -> list[RemoteRun]:
 
 
 def remember(host: Host, profile: str | None, runs: list[RemoteRun]) -> None:
-    """Note the host (setup lines, transfer host, profile) and the runs just submitted there."""
+    """Note the host (setup lines, transfer host, the profile's file) and the runs just submitted there."""
     data = _load()
     data["hosts"][host.dest] = {"profile": profile, "setup": list(host.setup), "transfer_host": host.transfer}
     known = {(r.get("host"), r.get("run_id")) for r in data["runs"] if isinstance(r, dict)}
