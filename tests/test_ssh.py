@@ -228,3 +228,18 @@ def test_the_users_own_control_master_is_used_where_their_config_has_one(ssh_clu
     assert done.returncode == 0, done.stderr
     assert len(list(sockets.iterdir())) == 1  # the user's socket, shared with their own ssh
     subprocess.run(["ssh", "-F", str(config), "-O", "exit", "cluster"], capture_output=True)
+
+
+def test_profile_keys_host_and_transfer_host(tmp_path):
+    from hpcseg.cluster.profiles import load_profile
+    from hpcseg.errors import ClusterError
+
+    good = tmp_path / "good.toml"
+    good.write_text('host = "dtu"\ntransfer_host = "s123@transfer.gbar.dtu.dk"\n')
+    profile = load_profile(str(good))
+    assert (profile.host, profile.transfer_host) == ("dtu", "s123@transfer.gbar.dtu.dk")
+    for key, value in (("host", "-oProxyCommand=touch x"), ("transfer_host", "a b"), ("host", 3)):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f"{key} = {json.dumps(value)}\n")
+        with pytest.raises(ClusterError, match=rf"^{bad}: {key}"):
+            load_profile(str(bad))
