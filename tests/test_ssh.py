@@ -170,23 +170,21 @@ def test_no_hpcseg_there(ssh_cluster, tmp_path):
     _one_line(submit_with(tmp_path, ["export PATH=/usr/bin:/bin"]), "no hpcseg there", "install it there")
 
 
-def test_too_old_hpcseg_there(ssh_cluster, tmp_path):
-    _one_line(submit_with(tmp_path, [fake_hpcseg("echo \"Error: No such command '_remote'.\" >&2; exit 2")]),
-              "too old", "pip install -U hpcseg there")
-    _one_line(submit_with(tmp_path, [fake_hpcseg('echo \'{"hpcseg_remote": 0, "hello": true, "hpcseg": "0.0.9"}\'; '
-                                                 "cat >/dev/null")]),
-              "hpcseg 0.0.9 there is too old", "pip install -U hpcseg there")
-    _one_line(submit_with(tmp_path, [fake_hpcseg('echo \'{"hpcseg_remote": 7, "hello": true, "hpcseg": "9.0"}\'; '
-                                                 "cat >/dev/null")]),
-              "hpcseg 9.0 there speaks protocol 7", "pip install -U hpcseg here")
+_HELLO = '{"hpcseg_remote": 1, "hello": true}'
 
 
-def test_a_cluster_side_that_prints_garbage(ssh_cluster, tmp_path):
-    _one_line(submit_with(tmp_path, [fake_hpcseg("echo 'rm -rf / # <script>'; echo '[1, 2]'")]),
-              "did not answer as hpcseg", "rm -rf /")
-    _one_line(submit_with(tmp_path, [fake_hpcseg('echo \'{"hpcseg_remote": 1, "hello": true}\'; '
-                                                 "echo 'garbage after the hello'; cat >/dev/null")]),
-              "not hpcseg's answer", "garbage after the hello")
+@pytest.mark.parametrize("script, needles", [
+    ("echo \"Error: No such command '_remote'.\" >&2; exit 2", ["too old", "pip install -U hpcseg there"]),
+    ('echo \'{"hpcseg_remote": 0, "hello": true, "hpcseg": "0.0.9"}\'; cat >/dev/null',
+     ["hpcseg 0.0.9 there is too old", "pip install -U hpcseg there"]),
+    ('echo \'{"hpcseg_remote": 7, "hello": true, "hpcseg": "9.0"}\'; cat >/dev/null',
+     ["hpcseg 9.0 there speaks protocol 7", "pip install -U hpcseg here"]),
+    ("echo 'rm -rf / # <script>'; echo '[1, 2]'", ["did not answer as hpcseg", "rm -rf /"]),  # garbage
+    (f"echo '{_HELLO}'; echo 'garbage after the hello'; cat >/dev/null",
+     ["not hpcseg's answer", "garbage after the hello"]),
+])
+def test_a_cluster_side_that_is_too_old_too_new_or_prints_garbage(ssh_cluster, tmp_path, script, needles):
+    _one_line(submit_with(tmp_path, [fake_hpcseg(script)]), *needles)
     assert not (Path(os.environ["XDG_STATE_HOME"]) / "hpcseg" / "remote_runs.json").exists()  # nothing remembered
 
 
