@@ -94,7 +94,8 @@ def main() -> None:
         c, h, r = (statistics.median(x) for x in (cluster_s, host_s, trip_s))
         print(json.dumps({
             "runs": args.runs, "repeats": args.repeats, "cluster_s": round(c, 3), "host_s": round(h, 3),
-            "round_trip_s": round(r, 4), "first_host_call_s": round(first_s, 3), "second_host_call_s": round(second_s, 3),
+            "round_trip_s": round(r, 4), "first_host_call_s": round(first_s, 3),
+            "second_host_call_s": round(second_s, 3),
             "new_connections_second_call": new_connections, "bound_s": round(1.5 * c + r, 3),
             "within_bound": h <= 1.5 * c + r, "ratio_host_to_cluster": round(h / c, 3),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "

@@ -327,8 +327,10 @@ def _failure(host: Host, command: str, code: int | None, stderr: str, hello, gar
     """The one line that says why a call ended without hpcseg's answer."""
     last = next((sanitize(x.strip())[:200] for x in reversed(stderr.splitlines()) if x.strip()), "")
     if hello is not None:
+        there = f"; it may have gone through there: hpcseg status --host {host.dest}" if command in ("submit",
+                                                                                                       "cancel") else ""
         return RemoteError(f"{host.dest}: the connection was lost during `hpcseg {command}` there "
-                           f"({last or 'no message'}); nothing was changed here")
+                           f"({last or 'no message'}); nothing was changed here{there}")
     if code == 255:
         return ssh_failure(host.dest, stderr) or RemoteError(f"{host.dest}: ssh failed: {last or 'no message'}")
     if code == 127 or "hpcseg: command not found" in stderr or "hpcseg: not found" in stderr:
