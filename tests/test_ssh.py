@@ -21,9 +21,10 @@ def hpcseg(*args: str, env: dict | None = None, timeout: float = 120, cwd=None) 
                           env=env or dict(os.environ), cwd=cwd)
 
 
-def shared_folder(prefix: str) -> Path:
-    """A folder both users can read (pytest's own tmp folders are private to this user)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+def shared_folder(cluster, prefix: str) -> Path:
+    """A folder both users can read (pytest's own tmp folders are private to this user), in the session's folder
+    (removed with it)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=cluster.folder))
     os.chmod(folder, 0o755)
     return folder
 
@@ -53,9 +54,9 @@ def submit_with(tmp_path: Path, setup: list[str], env: dict | None = None) -> su
     return hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run", env=env, timeout=30)
 
 
-def fake_hpcseg(script: str) -> str:
+def fake_hpcseg(cluster, script: str) -> str:
     """A setup line that puts a fake `hpcseg` (this shell script) first on the cluster's PATH."""
-    folder = shared_folder("hs-fake-")
+    folder = shared_folder(cluster, "fake-")
     (folder / "hpcseg").write_text("#!/bin/sh\n" + script)
     os.chmod(folder / "hpcseg", 0o755)
     return f"export PATH={folder}:$PATH"
@@ -184,7 +185,7 @@ _HELLO = '{"hpcseg_remote": 1, "hello": true}'
      ["not hpcseg's answer", "garbage after the hello"]),
 ])
 def test_a_cluster_side_that_is_too_old_too_new_or_prints_garbage(ssh_cluster, tmp_path, script, needles):
-    _one_line(submit_with(tmp_path, [fake_hpcseg(script)]), *needles)
+    _one_line(submit_with(tmp_path, [fake_hpcseg(ssh_cluster, script)]), *needles)
     assert not (Path(os.environ["XDG_STATE_HOME"]) / "hpcseg" / "remote_runs.json").exists()  # nothing remembered
 
 
@@ -195,9 +196,8 @@ def test_a_silent_remote_command_times_out(ssh_cluster, tmp_path):
 
 def test_a_connection_lost_mid_command(ssh_cluster, tmp_path):
     # the hello, then the session's sshd process dies: the laptop sees the connection end mid-answer
-    _one_line(submit_with(tmp_path, [fake_hpcseg('echo \'{"hpcseg_remote": 1, "hello": true}\'; '
-                                                 "sleep 1; kill -9 $PPID; sleep 5")]),
-              "connection was lost during `hpcseg submit`")
+    fake = fake_hpcseg(ssh_cluster, f"echo '{_HELLO}'; sleep 1; kill -9 $PPID; sleep 5")
+    _one_line(submit_with(tmp_path, [fake]), "connection was lost during `hpcseg submit`", "status --host cluster")
 
 
 def test_a_bare_status_shows_the_local_runs_and_one_warning_for_an_unreachable_host(ssh_cluster, tmp_path):

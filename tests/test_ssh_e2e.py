@@ -187,7 +187,7 @@ def test_a_hostile_run_folder_there_writes_nothing_outside_dest(ssh_cluster, clu
 ])
 def test_a_hostile_answer_is_refused_here(ssh_cluster, tmp_path, answer, refusal):
     canned = json.dumps({"hpcseg_remote": 1, "exit": 0, "data": {"runs": [answer], "rsync": True}})
-    setup = fake_hpcseg(f"echo '{{\"hpcseg_remote\": 1, \"hello\": true}}'; echo '{canned}'")
+    setup = fake_hpcseg(ssh_cluster, f"echo '{{\"hpcseg_remote\": 1, \"hello\": true}}'; echo '{canned}'")
     profile = write_profile(tmp_path, [setup], "~/scratch")
     assert hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run").returncode == 0
     dest = tmp_path / "dest"
