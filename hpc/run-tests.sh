@@ -10,6 +10,13 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.13.0 -e '.[test]'
 
+# --- SSH tests (tests/fixtures_ssh.py starts its own sshd on a loopback port): the OpenSSH server and rsync
+if [[ ! -x /usr/sbin/sshd ]] || ! command -v rsync >/dev/null || ! command -v ssh >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync \
+        >/dev/null
+fi
+# --- end of the SSH tests' block
+
 stop_cluster=$(bash hpc/dev-cluster/use-or-start.sh slurm)
 stop_sge=$(bash hpc/dev-cluster/use-or-start.sh sge) || {
     [[ $stop_cluster == 1 ]] && bash hpc/dev-cluster/stop.sh

@@ -8,7 +8,7 @@ import pytest
 # Tests run many small torch models; more threads than cores only adds contention.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-pytest_plugins = ["fixtures_slurm", "fixtures_lsf", "fixtures_sge", "fixtures_cluster", "fixtures_commands"]
+pytest_plugins = ["fixtures_slurm", "fixtures_lsf", "fixtures_sge", "fixtures_cluster", "fixtures_commands", "fixtures_ssh"]
 
 
 @pytest.fixture(autouse=True)

@@ -191,5 +191,7 @@ def demo_data(out, overwrite) -> None:
 
 from .cluster.cli import cancel, collect, logs, status, submit  # noqa: E402 - registered on the group above
 
-for _command in (submit, status, collect, cancel, logs):
+from .cluster.remote_side import remote_call  # noqa: E402 - the cluster's end of `--host`
+
+for _command in (submit, status, collect, cancel, logs, remote_call):
     main.add_command(_command)

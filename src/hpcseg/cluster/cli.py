@@ -16,6 +16,7 @@ import click
 from ..outdir import blocked
 from ..runfiles import BEST
 from .backends import BACKENDS, executor_names
+from .over_ssh import where
 from .runs import CANCELLED, ClusterError, NotTrusted, find_one_run, find_runs, open_owned, scratches_to_search
 
 _SCRATCH_HELP = "scratch folder holding <experiment>/<run_id>/ (default: $HPCSEG_SCRATCH, else ./hpcseg-scratch " \
@@ -51,6 +52,7 @@ def _poll_interval() -> float:
 
 
 @click.command()
+@where("submit")
 @click.argument("job_file", type=click.Path(path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), help="data folder holding the job's training/validation "
               "(and test) folders; default: the current folder")
@@ -83,6 +85,8 @@ def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime,
                          overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
                          dry_run=dry_run)
     result = do_submit(opts, echo=click.echo)
+    click.get_current_context().meta["hpcseg.answer"] = {  # what a `submit --host` remembers on the laptop
+        "runs": [{"run_id": r.run_id, "experiment": r.experiment, "path": str(r.path)} for r in result.runs]}
     if wait and result.runs:
         from .runs import load_run
         from .status import TERMINAL, collect_status, format_table
@@ -124,6 +128,7 @@ def _progress(s) -> str:
 
 
 @click.command()
+@where("status")
 @click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print a JSON list of objects instead of the table (a run "
@@ -160,6 +165,7 @@ def status(selectors, scratch, as_json, watch) -> None:
 
 
 @click.command()
+@where("collect")
 @click.argument("selectors", nargs=-1, metavar="[RUN_OR_EXPERIMENT]...")
 @click.option("--dest", type=click.Path(path_type=Path), default=Path("collected"), show_default=True,
               help="copy into DEST/<run_id>/")
@@ -209,6 +215,7 @@ def collect(selectors, dest, top, scratch) -> None:
 
 
 @click.command()
+@where("cancel")
 @click.argument("selectors", nargs=-1, required=True, metavar="RUN...")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
 def cancel(selectors, scratch) -> None:
@@ -283,6 +290,7 @@ def _why_no_job_id(run) -> str:
 
 
 @click.command()
+@where("logs")
 @click.argument("run_selector", metavar="RUN")
 @click.option("--err", "stderr", is_flag=True, help="standard error instead of standard output")
 @click.option("--follow", is_flag=True, help="keep printing new lines until the job ends (Ctrl-C to stop)")

@@ -50,6 +50,8 @@ class Profile:
     cpus: int | None = None
     mem_gb: float | None = None
     time: str | None = None
+    host: str | None = None  # ssh destination the commands run on (`--host`), e.g. an alias of ~/.ssh/config
+    transfer_host: str | None = None  # ssh destination collect copies through, where the site has a transfer node
 
     def check_queue(self, queue: str | None, minutes: int, gpus: int, source: str = "--queue") -> None:
         """Refuse an unknown queue, a time above its limit or more GPUs than its nodes have."""
@@ -75,7 +77,7 @@ class Profile:
 NO_PROFILE = Profile(name="(none)")
 
 _TOP_KEYS = {"name", "description", "executor", "scratch", "queue", "queues", "setup", "signal_delay_s",
-             "max_requeues", "defaults"}
+             "max_requeues", "defaults", "host", "transfer_host"}
 _DEFAULT_KEYS = {"gpus", "cpus", "mem_gb", "time"}
 _QUEUE_KEYS = {"max_time", "max_gpus", "gpu_type", "extra"}
 
@@ -174,8 +176,19 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
         queue=queue, queues=queues, setup=tuple(setup), signal_delay_s=delay,
         max_requeues=_expect(path, "max_requeues", tree.get("max_requeues", 30), (int,), "an integer", 0),
         gpus=defaults.get("gpus"), cpus=defaults.get("cpus"), mem_gb=defaults.get("mem_gb"),
-        time=defaults.get("time"),
+        time=defaults.get("time"), host=_dest(path, "host", tree.get("host")),
+        transfer_host=_dest(path, "transfer_host", tree.get("transfer_host")),
     )
+
+
+def _dest(path: Path, key: str, value: Any) -> str | None:
+    """An ssh destination (checked as --host is), or None."""
+    if value is None:
+        return None
+    from .remote import check_dest
+
+    check_dest(f"{path}: {key}", _expect(path, key, value, (str,), "an ssh destination"))
+    return value
 
 
 def _scratch(path: Path, value: Any) -> str:
