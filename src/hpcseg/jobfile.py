@@ -410,3 +410,20 @@ def dumps_toml(tree: dict) -> str:
         if isinstance(section, dict):
             lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items()]
     return "\n".join(lines) + "\n"
+
+
+def keys_given(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """{dotted key: who gave it} for the keys the job file at `path` and the `--set` overrides set themselves (the
+    file's path, or `--set`, the last one winning); every other key of the loaded job holds its default. For a file
+    and overrides that load_job has accepted: `hpcseg submit` lets a profile's defaults fill only the resources a
+    job leaves out."""
+    with open(path, "rb") as handle:
+        tree = tomllib.loads(handle.read(MAX_FILE_BYTES + 1).decode())
+
+    def dotted(node: dict, prefix: str) -> list[str]:
+        return [k for key, value in node.items()
+                for k in (dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    given = {key: str(path) for key in dotted(tree, "")}
+    given.update((parse_override(item)[0], "--set") for item in overrides)
+    return given

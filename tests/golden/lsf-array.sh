@@ -1,5 +1,6 @@
 # would submit run <RUN_ID>-0 (lsf)  optim.lr=0.001 -> /work3/s123456/exercise-improved/<RUN_ID>-0
 # would submit run <RUN_ID>-1 (lsf)  optim.lr=0.0003 -> /work3/s123456/exercise-improved/<RUN_ID>-1
+# resources: 1 GPU, 4 cores, 16 GB (job); 02:00 (--time); queue gpua100 (--queue)
 #!/bin/bash
 
 # Parameters

@@ -1,4 +1,5 @@
 # would submit run <RUN_ID> (lsf) -> /work3/s123456/exercise-improved/<RUN_ID>
+# resources: 1 GPU, 4 cores, 16 GB, 24:00 (job); queue gpuv100 (--queue)
 #!/bin/bash
 
 # Parameters

@@ -1,6 +1,7 @@
 # would submit run <RUN_ID>-0 (sge)  train.seed=0 -> /work3/s123456/exercise-improved/<RUN_ID>-0
 # would submit run <RUN_ID>-1 (sge)  train.seed=1 -> /work3/s123456/exercise-improved/<RUN_ID>-1
 # would submit run <RUN_ID>-2 (sge)  train.seed=2 -> /work3/s123456/exercise-improved/<RUN_ID>-2
+# resources: 1 GPU (job); 2 cores (--cpus); 8 GB (--mem); 02:00 (--time); queue all.q (--queue)
 #!/bin/bash
 
 # Parameters

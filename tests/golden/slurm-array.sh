@@ -1,6 +1,7 @@
 # would submit run <RUN_ID>-0 (slurm)  train.seed=0 -> /work3/s123456/exercise-improved/<RUN_ID>-0
 # would submit run <RUN_ID>-1 (slurm)  train.seed=1 -> /work3/s123456/exercise-improved/<RUN_ID>-1
 # would submit run <RUN_ID>-2 (slurm)  train.seed=2 -> /work3/s123456/exercise-improved/<RUN_ID>-2
+# resources: 1 GPU (job); 8 cores (--cpus); 32 GB (--mem); 12:00 (--time); queue gpuv100 (--queue)
 #!/bin/bash
 
 # Parameters

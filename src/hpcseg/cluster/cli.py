@@ -56,13 +56,16 @@ def _poll_interval() -> float:
               "(and test) folders; default: the current folder")
 @click.option("--executor", type=_ExecutorChoice(), default=None, help="where to run: auto picks the first "
               f"scheduler whose command is here ({_AUTO_ORDER}), else this machine")
-@click.option("--queue", help="queue (LSF) or partition (Slurm)")
-@click.option("--gpus", type=int, help="GPUs per node, one training process each (data-parallel when more than 1)")
+@click.option("--queue", help="queue (LSF, Grid Engine) or partition (Slurm); default: the profile's queue")
+@click.option("--gpus", type=int, help="GPUs per node, one training process each (data-parallel when more than 1)"
+              "; default: the job's resources.gpus, else the profile's [defaults], else 1")
 @click.option("--nodes", type=int, default=1, show_default=True, help="nodes, each with --gpus GPUs (Slurm)")
-@click.option("--cpus", type=int, help="CPU cores per job (per node), shared by its training processes")
-@click.option("--mem", "mem_gb", type=float, help="memory per job, GB")
-@click.option("--time", "walltime", help="walltime HH:MM")
-@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, local) or a .toml file")
+@click.option("--cpus", type=int, help="CPU cores per job (per node), shared by its training processes; default "
+              "as --gpus")
+@click.option("--mem", "mem_gb", type=float, help="memory per job, GB; default as --gpus")
+@click.option("--time", "walltime", help="walltime HH:MM, or a number of minutes (90 is 01:30); default as --gpus")
+@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, sge, local) or a .toml file; LSF, Slurm, "
+              "Grid Engine or this machine, its queues, set-up lines and [defaults]")
 @click.option("--scratch", type=click.Path(path_type=Path), help="scratch folder for run folders "
               "(default: $HPCSEG_SCRATCH, the profile's, ./hpcseg-scratch)")
 @click.option("--name", help="experiment name (default: the job's name)")

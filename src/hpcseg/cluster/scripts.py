@@ -56,13 +56,16 @@ def check_queue_name(what: str, value: str) -> str:
     return value
 
 
+def activates_env(setup: list[str] | tuple[str, ...]) -> bool:
+    """Whether a setup line activates a Python environment (then the job runs its `python3`)."""
+    return any(_ACTIVATES.search(line) for line in setup)
+
+
 def job_python(setup: list[str] | tuple[str, ...]) -> str:
     """The python a job script runs, as a shell word: the activated environment's (`python3` from PATH) when a
-    setup line activates one, else the submitting python; its absolute path may not exist on the cluster."""
-    if any(_ACTIVATES.search(line) for line in setup):
-        return "python3"
-    refuse_control("the submitting python's path", sys.executable)
-    return shlex.quote(sys.executable)
+    setup line activates one, else the submitting python (`submit` refuses a path of it with a control
+    character); its absolute path may not exist on the cluster."""
+    return "python3" if activates_env(setup) else shlex.quote(sys.executable)
 
 
 def submit_timeout_s() -> float:
