@@ -78,6 +78,7 @@ def _poll_interval() -> float:
 def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
            max_parallel, dry_run, wait) -> None:
     """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
+    from .status import format_table
     from .submit import SubmitOptions
     from .submit import submit as do_submit
 
@@ -87,24 +88,61 @@ def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime,
                          dry_run=dry_run)
     result = do_submit(opts, echo=click.echo)
     if wait and result.runs:
-        from .runs import load_run
-        from .status import TERMINAL, collect_status, format_table
-
-        interval, shown = min(_poll_interval(), 2.0), ""
-        while True:
-            runs = [load_run(r.path) or r for r in result.runs]
-            statuses, _ = collect_status(runs)
-            if all(s.state in TERMINAL for s in statuses):
-                break
-            line = "waiting: " + ", ".join(_progress(s) for s in statuses)
-            if line != shown:  # a line whenever a run moves on, so the wait is not silent
-                click.echo(line)
-                shown = line
-            time.sleep(interval)
+        try:
+            statuses, runs = _wait_for(result.runs)
+        except KeyboardInterrupt:  # only the waiting stops: the job is the scheduler's (or its own session's)
+            click.echo(_still_running(result.runs), err=True)
+            sys.exit(130)
         click.echo(format_table(statuses))
         _echo_test_results([(run.run_id, run.path / "test") for run in runs])
         if any(s.state != "COMPLETED" for s in statuses):
             sys.exit(1)
+
+
+def _wait_for(submitted: list) -> tuple[list, list]:
+    """Poll until every run has ended, with a line whenever one moves on; returns (statuses, runs)."""
+    from .runs import load_run
+    from .status import TERMINAL, collect_status
+
+    interval, shown = min(_poll_interval(), 2.0), ""
+    while True:
+        runs = [load_run(r.path) or r for r in submitted]
+        statuses, _ = collect_status(runs)
+        if all(s.state in TERMINAL for s in statuses):
+            return statuses, runs
+        line = "waiting: " + ", ".join(_progress(s) for s in statuses)
+        if line != shown:  # a line whenever a run moves on, so the wait is not silent
+            click.echo(line)
+            shown = line
+        time.sleep(interval)
+
+
+def _still_running(runs: list) -> str:
+    """What Ctrl-C in `submit --wait` leaves: the jobs, and the commands that follow and end them."""
+    selector = runs[0].run_id if len(runs) == 1 else os.path.commonprefix([r.run_id for r in runs]).rstrip("-")
+    what = f"run {selector} (job {runs[0].job_id})" if len(runs) == 1 else f"the {len(runs)} runs of sweep {selector}"
+    program = hpcseg_command()
+    return (f"hpcseg: interrupted; stopped waiting, {what} still {'runs' if len(runs) == 1 else 'run'}\n"
+            f"  follow it:  {program} status {selector}\n"
+            f"  end it:     {program} cancel {selector}")
+
+
+def hpcseg_command() -> str:
+    """How to start hpcseg again, as it was started: `hpcseg` where that is what PATH finds, else the script's path
+    as given (`.venv/bin/hpcseg`), else `python -m hpcseg` with this python."""
+    import shlex
+    import shutil
+
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name == "hpcseg":
+        found = shutil.which("hpcseg")
+        try:
+            if found and os.path.samefile(found, script):
+                return "hpcseg"
+        except OSError:
+            pass
+        return shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m hpcseg"
 
 
 def _echo_test_results(folders: list[tuple[str, Path]]) -> None:

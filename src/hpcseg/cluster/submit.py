@@ -426,15 +426,16 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
 
     from .jobrunner import JobRunner
 
-    created: list[Path] = []
+    made: list[Path] = []  # every folder this submission creates, outermost first: removed if it fails
+    filled: list[Path] = []  # of them, those it writes files into
     try:
-        make_private_dir(exp_dir)
+        made += make_private_dir(exp_dir)
         runs, runners = [], []
         commit = git_commit()
         for (values, job), rid in zip(plan.elements, run_ids):
             run_dir = exp_dir / rid
-            make_private_dir(run_dir)
-            created.append(run_dir)
+            made += make_private_dir(run_dir)
+            filled.append(run_dir)
             submitit_dir = shared if shared else run_dir / "submitit"
             atomic_write_text(run_dir / "job.toml", job.to_toml())
             record = {
@@ -455,7 +456,8 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
                                      str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node))
         if shared is not None:
-            make_private_dir(shared)
+            made += make_private_dir(shared)
+            filled.append(shared)
             for run in runs:
                 os.symlink(os.path.relpath(shared, run.path), run.path / "submitit")
             ex = build_executor(plan, shared)
@@ -471,10 +473,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 run.record["array_job_id"] = str(job.job_id).split("_")[0].split("[")[0]
             write_record(run)
     except Exception as err:  # refused by us, by the scheduler, or its command is missing or hangs
-        _remove(created + ([shared] if shared is not None else []))
-        for folder in (exp_dir / ".arrays", exp_dir):  # made for this submission: removed when left empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove(made, filled)
         if isinstance(err, UserError):  # refused by hpcseg or the scheduler's command: already one line
             raise
         message = " ".join(str(err).split())  # submitit's own failures (no job id in the answer, say)
@@ -487,7 +486,13 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     return Submitted(runs=runs)
 
 
-def _remove(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove(made: list[Path], filled: list[Path]) -> None:
+    """Remove what a failed submission created: its run folders with their files, and the folders above them
+    (scratch included) where they are empty (another submission may have put its runs there meanwhile)."""
+    for folder in reversed(made):
+        if folder in filled:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
