@@ -23,7 +23,7 @@ from ..errors import CommandError
 from ..invocation import hpcseg_command
 from .backends import BACKENDS
 from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
-from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX
+from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX, SETUP_FAILED_SUFFIX
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -85,6 +85,17 @@ def _see_logs(run: Run) -> str:
     return f"see {hpcseg_command('logs', '--err', run.run_id)}"
 
 
+def setup_failure(run: Run) -> str | None:
+    """The line a job script wrote when a set-up line (or its python's `import hpcseg`) failed, or None."""
+    if not run.job_id:
+        return None
+    try:
+        text = read_owned(run.submitit_dir / f"{run.job_id}{SETUP_FAILED_SUFFIX}", 4096).decode(errors="replace")
+    except (NotTrusted, OSError):
+        return None
+    return text.strip().splitlines()[0] if text.strip() else None
+
+
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
     """The run's state from the scheduler's (normalised) state and its own files."""
     if not run.trusted:  # another user's folder: nothing in it is read
@@ -103,6 +114,8 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     if outcome and outcome.get("state") in TERMINAL:
         state = outcome["state"]
         error = outcome.get("error")
+    elif (failed_setup := setup_failure(run)) is not None:  # the job ended before Python ran
+        state, error = "FAILED", failed_setup
     elif sched in ("RUNNING", "PENDING", "REQUEUED"):
         state = sched
         if sched == "PENDING" and last_event in ("checkpoint", "requeued"):
