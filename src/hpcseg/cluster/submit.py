@@ -226,6 +226,11 @@ def _check_data_folders(opts: SubmitOptions, executor: str, base: Path, folders:
     if opts.data and not base.is_dir():
         _unreachable(opts, executor, notes, base.absolute(), f"--data {opts.data}: no such folder")
         return notes
+    if opts.data:
+        from ..data import refuse_slice_folder
+
+        refuse_slice_folder("--data", Path(opts.data), folders["train_dir"], folders["val_dir"],
+                            folders.get("test_dir", ""))
     where = f"--data {opts.data}" if opts.data else "the current folder"
     for key, path in paths.items():
         if not path.is_dir():
