@@ -41,6 +41,7 @@ OUTCOME = "outcome.json"
 ATTEMPTS = "attempts.jsonl"
 CANCELLED = "cancelled.json"
 PROGRESS = "progress.json"
+TRAIN_RECORD = "train.json"  #: the training's own record (train.RECORD): its data folders and device
 DEFAULT_SCRATCH = "hpcseg-scratch"
 #: The most a run's JSON record (run.json, progress.json, ...) may hold: more is damage, not a record.
 MAX_RECORD_BYTES = 1 << 20
