@@ -161,10 +161,35 @@ def test_a_job_files_walltime_above_the_queue_limit_names_the_file(cli, tiny_dat
 
 
 def test_keys_given_tells_the_files_and_the_overrides_keys(tmp_path: Path):
-    from hpcseg.jobfile import keys_given
+    from hpcseg.jobfile import load_job
 
     job = tmp_path / "j.toml"
     job.write_text('name = "x"\n[resources]\ntime = "01:00"\n[train]\nepochs = 3\n')
-    assert keys_given(job) == {"name": str(job), "resources.time": str(job), "train.epochs": str(job)}
-    assert keys_given(job, ["resources.time=02:00", " resources.gpus = 2"]) == {
-        "name": str(job), "resources.time": "--set", "train.epochs": str(job), "resources.gpus": "--set"}
+    given: dict = {}
+    load_job(job, [], given)
+    assert given == {"name": str(job), "resources.time": str(job), "train.epochs": str(job)}
+    given = {}
+    load_job(job, ["resources.time=02:00", " resources.gpus = 2"], given)
+    assert given == {"name": str(job), "resources.time": "--set", "train.epochs": str(job), "resources.gpus": "--set"}
+
+
+def test_a_job_file_read_from_a_pipe_keeps_its_resources(cli, tiny_data):
+    """`submit <(cat job.toml)`: the file is read once, so its resources still beat the profile's defaults."""
+    import os
+    import threading
+
+    fifo = cli.tmp / "job.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(GPU_JOB.read_text()))
+    writer.start()
+    code, out = cli("submit", fifo, "--data", tiny_data, "--profile", "dtu", "--dry-run")
+    writer.join(timeout=10)
+    assert code == 0 and "#BSUB -W 2:00" in out.splitlines(), out
+
+
+def test_help_of_queue_and_profile_names_grid_engine(cli):
+    code, out = cli("submit", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    assert "--queue TEXT queue (LSF, Grid Engine) or partition (Slurm)" in text, out
+    assert "(dtu, slurm, sge, local)" in text and "LSF, Slurm, Grid Engine or this machine" in text, out

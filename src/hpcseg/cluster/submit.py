@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..jobfile import Job, keys_given, load_job, parse_override
+from ..jobfile import Job, load_job, parse_override
 from .profiles import Profile, load_profile
 from . import backends
 from .resources import Resources, resolve as resolve_resources
@@ -148,15 +148,15 @@ def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
 def plan_submission(opts: SubmitOptions) -> Plan:
     profile = load_profile(opts.profile)
     executor = pick_executor(opts.executor, profile)
-    job = load_job(opts.job_file, list(opts.overrides))  # a JobError names every problem of the file, one a line
+    given: dict[str, str] = {}  # the keys the job file and --set give (the others are defaults)
+    job = load_job(opts.job_file, list(opts.overrides), given)  # a JobError names every problem of the file
     elements = _elements(job, parse_sweeps(opts.sweeps))
     # the experiment name becomes the scheduler's job name and a folder of every path in the job script
     experiment = check_name("--name" if opts.name else "name", opts.name or job.name)
     for _, element in elements:
         check_name("name", element.name)
     res = resolve_resources({"gpus": opts.gpus, "cpus": opts.cpus, "mem_gb": opts.mem_gb, "time": opts.time,
-                             "queue": opts.queue}, job, keys_given(opts.job_file, opts.overrides), profile, executor,
-                            opts.nodes)
+                             "queue": opts.queue}, job, given, profile, executor, opts.nodes)
     if opts.max_parallel is not None and opts.max_parallel < 1:
         raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
     base = Path(opts.data) if opts.data else Path(".")
