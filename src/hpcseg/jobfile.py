@@ -426,5 +426,9 @@ def keys_given(tree: dict, overrides: list[str] | tuple[str, ...] = (), source: 
                 for k in (dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
     given = {key: source for key in dotted(tree, "")}
-    given.update((parse_override(item)[0], "--set") for item in overrides)
+    for item in overrides:
+        try:
+            given[parse_override(item)[0]] = "--set"
+        except JobError:  # apply_overrides reports it, with the others
+            continue
     return given

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..invocation import hpcseg_command
 from ..outdir import blocked
 from ..runfiles import BEST
 from .backends import BACKENDS, executor_names
@@ -121,28 +122,9 @@ def _still_running(runs: list) -> str:
     """What Ctrl-C in `submit --wait` leaves: the jobs, and the commands that follow and end them."""
     selector = runs[0].run_id if len(runs) == 1 else os.path.commonprefix([r.run_id for r in runs]).rstrip("-")
     what = f"run {selector} (job {runs[0].job_id})" if len(runs) == 1 else f"the {len(runs)} runs of sweep {selector}"
-    program = hpcseg_command()
     return (f"hpcseg: interrupted; stopped waiting, {what} still {'runs' if len(runs) == 1 else 'run'}\n"
-            f"  follow it:  {program} status {selector}\n"
-            f"  end it:     {program} cancel {selector}")
-
-
-def hpcseg_command() -> str:
-    """How to start hpcseg again, as it was started: `hpcseg` where that is what PATH finds, else the script's path
-    as given (`.venv/bin/hpcseg`), else `python -m hpcseg` with this python."""
-    import shlex
-    import shutil
-
-    script = sys.argv[0] if sys.argv else ""
-    if Path(script).name == "hpcseg":
-        found = shutil.which("hpcseg")
-        try:
-            if found and os.path.samefile(found, script):
-                return "hpcseg"
-        except OSError:
-            pass
-        return shlex.quote(script)
-    return f"{shlex.quote(sys.executable)} -m hpcseg"
+            f"  follow it:  {hpcseg_command('status', selector)}\n"
+            f"  end it:     {hpcseg_command('cancel', selector)}")
 
 
 def _echo_test_results(folders: list[tuple[str, Path]]) -> None:
