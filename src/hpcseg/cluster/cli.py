@@ -76,15 +76,15 @@ def _poll_interval() -> float:
 @click.option("--max-parallel", type=int, help="at most this many array elements run at once")
 @click.option("--dry-run", is_flag=True, help="print the job script(s) and submit nothing")
 @click.option("--wait", is_flag=True, help="block until the submitted runs end, then print their status")
-def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
-           max_parallel, dry_run, wait) -> None:
+def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides,
+           sweeps, max_parallel, dry_run, wait) -> None:
     """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
     from .status import format_table
     from .submit import SubmitOptions
     from .submit import submit as do_submit
 
-    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes, cpus=cpus,
-                         mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
+    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes,
+                         cpus=cpus, mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
                          overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
                          dry_run=dry_run)
     result = do_submit(opts, echo=click.echo)
