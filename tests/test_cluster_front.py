@@ -77,8 +77,8 @@ def test_local_sweep_says_max_parallel_is_not_applied(cli, tiny_data):
     (["--sweep", "optim.lr=1e-3,-1"], "optim.lr: -1.0 is below the minimum"),
     (["--name", "a/b"], "--name 'a/b': an experiment name must be a plain folder name"),
     (["--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
-    (["--profile", "slurm", "--mem", "nan"], "--gpus/--cpus/--mem: must be positive"),
-    (["--profile", "dtu", "--mem", "inf"], "--gpus/--cpus/--mem: must be positive"),
+    (["--profile", "slurm", "--mem", "nan"], "--mem nan: must be a positive number of GB"),
+    (["--profile", "dtu", "--mem", "inf"], "--mem inf: must be a positive number of GB"),
     (["--scratch", "/dev/null/runs", "--dry-run"], "scratch /dev/null/runs: cannot be created, /dev/null is not a folder"),
 ])
 def test_refusals_before_submitting(cli, tiny_data, args, message):

@@ -248,7 +248,7 @@ def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(back
     """`submit --gpus 2` (the ranks train on this CPU with gloo): the job trains in two processes, the warning
     signal (sent as each scheduler sends it: here to rank 0 or to the job's one task) stops both at the same
     step, the job requeues and resumes, and it ends with exactly the asked epochs, one metrics line each; only
-    rank 0 records attempts, and status lists the run once, with its 2 GPUs."""
+    rank 0 records attempts, and status lists the run once, with its 2 processes (on the CPU here)."""
     from test_cluster_e2e import TERMINAL, _send_warning
 
     if backend in ("slurm", "sge") and _cluster_gpus(backend) < 2:
@@ -267,7 +267,9 @@ def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(back
     assert row["epoch"] == epochs and [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs + 1))
     logs = "".join(p.read_text(errors="replace") for p in (run_dir / "submitit").glob("*_log.out"))
     assert "batch 2 per rank x 2 ranks" in logs
-    assert [(r["run_id"], r["gpus"]) for r in cli.status()] == [(run_id, 2)]
+    # what it used: 2 training processes, on the GPUs where it had them, else on the CPU
+    used = 2 if torch.cuda.is_available() else 0
+    assert [(r["run_id"], r["gpus"], r["processes"]) for r in cli.status()] == [(run_id, used, 2)]
 
 
 def test_the_line_for_a_failed_run_names_the_rank_that_caused_it():

@@ -63,6 +63,10 @@ def main() -> None:
 def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | None) -> tuple[Path, Path]:
     """--train-dir / --val-dir win; else the job's folders, relative to --data when given."""
     base = Path(data) if data else Path(".")
+    if data and not (train_dir and val_dir):
+        from .data import refuse_slice_folder
+
+        refuse_slice_folder("--data", base, job.data.train_dir, job.data.val_dir, job.data.test_dir)
     return (Path(train_dir) if train_dir else base / job.data.train_dir,
             Path(val_dir) if val_dir else base / job.data.val_dir)
 

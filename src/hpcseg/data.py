@@ -160,8 +160,39 @@ def _scan(folder: Path) -> tuple[list[SlicePair], list[str]]:
         problems.append(f"{labels[slice_id]}: label without image (expected {slice_id}{IMAGE_SUFFIX}.npy or .nii.gz)")
     pairs = [SlicePair(i, images[i], labels[i]) for i in sorted(images.keys() & labels.keys())]
     if not pairs and not problems:
-        problems.append(f"{folder}: no slices (<id>{IMAGE_SUFFIX}.npy + <id>{LABEL_SUFFIX}.npy, or .nii.gz)")
+        inner = slice_subfolders(folder)  # a data folder given where one of its slice folders is expected
+        hint = f"; it holds the slice folders {', '.join(f'{name}/' for name in inner)}: give one, e.g. " \
+            f"{folder / ('test_data' if 'test_data' in inner else inner[0])}" if inner else ""
+        problems.append(f"{folder}: no slices (<id>{IMAGE_SUFFIX}.npy + <id>{LABEL_SUFFIX}.npy, or .nii.gz){hint}")
     return pairs, problems
+
+
+def holds_slices(folder: Path) -> bool:
+    """Whether `folder` itself holds slice images (it is a training, validation or test folder)."""
+    tables, _ = _index(folder, (IMAGE_SUFFIX,))
+    return bool(tables.get(IMAGE_SUFFIX))
+
+
+def slice_subfolders(folder: Path) -> list[str]:
+    """The names of the subfolders of `folder` that hold slice images."""
+    try:
+        subfolders = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
+    return [p.name for p in subfolders if holds_slices(p)]
+
+
+def refuse_slice_folder(option: str, data: Path, train_dir: str, val_dir: str, test_dir: str = "") -> None:
+    """Refuse `option` (--data) naming a slice folder where the folder holding `train_dir`/ and `val_dir`/ is
+    expected: say which folder that is."""
+    data = Path(data)
+    if not data.is_dir() or (data / train_dir).is_dir():
+        return
+    role = {train_dir: "training", val_dir: "validation", test_dir or "test_data": "test"}.get(data.name)
+    if role is None and not holds_slices(data):
+        return
+    raise DataError(f"{option} {data}: this is a {role or 'slice'} folder; give the folder that holds {train_dir}/ "
+                    f"and {val_dir}/ ({data.parent})")
 
 
 def find_pairs(folder: Path | str) -> list[SlicePair]:

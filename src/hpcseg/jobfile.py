@@ -331,8 +331,10 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[leaf] = value
 
 
-def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Job:
-    """Read, override and check a job file; raises JobError with one line naming the file and the key."""
+def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = (), given: dict[str, str] | None = None
+             ) -> Job:
+    """Read, override and check a job file; raises JobError with one line naming the file and the key. `given`, if
+    passed, receives keys_given of the file and the overrides."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:  # bounded: a job file is small, whatever the path points at
@@ -352,6 +354,8 @@ def load_job(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> J
         raise JobError(f"{path}: not valid TOML: {err}") from None
     except RecursionError:
         raise JobError(f"{path}: values nested too deeply (a job holds plain values and flat lists)") from None
+    if given is not None:
+        given.update(keys_given(tree, overrides, str(path)))
     job = job_from_dict(tree, source=str(path))
     return apply_overrides(job, overrides, "--set")
 
@@ -410,3 +414,21 @@ def dumps_toml(tree: dict) -> str:
         if isinstance(section, dict):
             lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in section.items()]
     return "\n".join(lines) + "\n"
+
+
+def keys_given(tree: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "job") -> dict[str, str]:
+    """{dotted key: who gave it} for the keys a job file's TOML `tree` and the `--set` overrides set themselves
+    (`source`, the file, or `--set`, the last one winning); every other key of the loaded job holds its default.
+    `hpcseg submit` needs it: a profile's defaults fill only the resources a job leaves out."""
+
+    def dotted(node: dict, prefix: str) -> list[str]:
+        return [k for key, value in node.items()
+                for k in (dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+    given = {key: source for key in dotted(tree, "")}
+    for item in overrides:
+        try:
+            given[parse_override(item)[0]] = "--set"
+        except JobError:  # apply_overrides reports it, with the others
+            continue
+    return given

@@ -1,5 +1,6 @@
 # would submit run <RUN_ID>-0 (lsf)  optim.lr=0.001 -> /work3/s123456/exercise-improved/<RUN_ID>-0
 # would submit run <RUN_ID>-1 (lsf)  optim.lr=0.0003 -> /work3/s123456/exercise-improved/<RUN_ID>-1
+# resources: 1 GPU, 4 cores, 16 GB (job); 02:00 (--time); queue gpua100 (--queue)
 #!/bin/bash
 
 # Parameters
@@ -17,9 +18,19 @@
 #BSUB -e /work3/s123456/exercise-improved/.arrays/<RUN_ID>/%J_%I_0_log.err
 
 # setup
+# a line that fails ends the job, named in its log and in <job id>_setup_failed
+hpcseg_job=$LSB_JOBID; [ "${LSB_JOBINDEX:-0}" = 0 ] || hpcseg_job=${LSB_JOBID}_$LSB_JOBINDEX
+hpcseg_failed=/work3/s123456/exercise-improved/.arrays/<RUN_ID>/"$hpcseg_job"_setup_failed
+rm -f "$hpcseg_failed"
+hpcseg_setup_failed() { printf 'hpcseg: error: %s\n' "$1" >&2; printf '%s\n' "$1" > "$hpcseg_failed"; exit 1; }
 module load python3/3.11.9
+[ $? = 0 ] || hpcseg_setup_failed 'set-up line 1 failed: module load python3/3.11.9 (profile dtu)'
 module load cuda/12.4
+[ $? = 0 ] || hpcseg_setup_failed 'set-up line 2 failed: module load cuda/12.4 (profile dtu)'
 source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate
+[ $? = 0 ] || hpcseg_setup_failed 'set-up line 3 failed: source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate (profile dtu)'
+python3 -c 'import hpcseg'
+[ $? = 0 ] || hpcseg_setup_failed 'python3 cannot import hpcseg: install hpcseg into the environment that the set-up lines activate (profile dtu)'
 
 # command
 export SUBMITIT_EXECUTOR=lsf

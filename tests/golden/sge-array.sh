@@ -1,6 +1,7 @@
 # would submit run <RUN_ID>-0 (sge)  train.seed=0 -> /work3/s123456/exercise-improved/<RUN_ID>-0
 # would submit run <RUN_ID>-1 (sge)  train.seed=1 -> /work3/s123456/exercise-improved/<RUN_ID>-1
 # would submit run <RUN_ID>-2 (sge)  train.seed=2 -> /work3/s123456/exercise-improved/<RUN_ID>-2
+# resources: 1 GPU (job); 2 cores (--cpus); 8 GB (--mem); 02:00 (--time); queue all.q (--queue)
 #!/bin/bash
 
 # Parameters
@@ -17,6 +18,15 @@
 #$ -tc 2
 #$ -o /work3/s123456/exercise-improved/.arrays/<RUN_ID>/$JOB_ID_$TASK_ID_0_log.out
 #$ -e /work3/s123456/exercise-improved/.arrays/<RUN_ID>/$JOB_ID_$TASK_ID_0_log.err
+
+# setup
+# a line that fails ends the job, named in its log and in <job id>_setup_failed
+hpcseg_job=$JOB_ID; [ "${SGE_TASK_ID:-undefined}" = undefined ] || hpcseg_job=${JOB_ID}_$SGE_TASK_ID
+hpcseg_failed=/work3/s123456/exercise-improved/.arrays/<RUN_ID>/"$hpcseg_job"_setup_failed
+rm -f "$hpcseg_failed"
+hpcseg_setup_failed() { printf 'hpcseg: error: %s\n' "$1" >&2; printf '%s\n' "$1" > "$hpcseg_failed"; exit 1; }
+<PYTHON> -c 'import hpcseg'
+[ $? = 0 ] || hpcseg_setup_failed '<PYTHON> cannot import hpcseg: no set-up line activates an environment, so the job runs the submitting python, which must exist on the node (profile sge)'
 
 # command
 export SUBMITIT_EXECUTOR=sge

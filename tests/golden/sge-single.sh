@@ -1,4 +1,5 @@
 # would submit run <RUN_ID> (sge) -> /work3/s123456/exercise-improved/<RUN_ID>
+# resources: 1 GPU, 4 cores, 16 GB, 24:00 (job); queue all.q (--queue)
 #!/bin/bash
 
 # Parameters
@@ -13,6 +14,15 @@
 #$ -l gpu=1
 #$ -o /work3/s123456/exercise-improved/<RUN_ID>/submitit/$JOB_ID_0_log.out
 #$ -e /work3/s123456/exercise-improved/<RUN_ID>/submitit/$JOB_ID_0_log.err
+
+# setup
+# a line that fails ends the job, named in its log and in <job id>_setup_failed
+hpcseg_job=$JOB_ID; [ "${SGE_TASK_ID:-undefined}" = undefined ] || hpcseg_job=${JOB_ID}_$SGE_TASK_ID
+hpcseg_failed=/work3/s123456/exercise-improved/<RUN_ID>/submitit/"$hpcseg_job"_setup_failed
+rm -f "$hpcseg_failed"
+hpcseg_setup_failed() { printf 'hpcseg: error: %s\n' "$1" >&2; printf '%s\n' "$1" > "$hpcseg_failed"; exit 1; }
+<PYTHON> -c 'import hpcseg'
+[ $? = 0 ] || hpcseg_setup_failed '<PYTHON> cannot import hpcseg: no set-up line activates an environment, so the job runs the submitting python, which must exist on the node (profile sge)'
 
 # command
 export SUBMITIT_EXECUTOR=sge

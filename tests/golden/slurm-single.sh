@@ -1,4 +1,5 @@
 # would submit run <RUN_ID> (slurm) -> /work3/s123456/exercise-improved/<RUN_ID>
+# resources: 1 GPU, 4 cores, 16 GB, 24:00 (job); queue gpuv100 (--queue)
 #!/bin/bash
 
 # Parameters
@@ -14,6 +15,15 @@
 #SBATCH --signal=USR2@120
 #SBATCH --time=1440
 #SBATCH --wckey=submitit
+
+# setup
+# a line that fails ends the job, named in its log and in <job id>_setup_failed
+hpcseg_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}; hpcseg_job=${hpcseg_job:-$SLURM_JOB_ID}
+hpcseg_failed=/work3/s123456/exercise-improved/<RUN_ID>/submitit/"$hpcseg_job"_setup_failed
+rm -f "$hpcseg_failed"
+hpcseg_setup_failed() { printf 'hpcseg: error: %s\n' "$1" >&2; printf '%s\n' "$1" > "$hpcseg_failed"; exit 1; }
+<PYTHON> -c 'import hpcseg'
+[ $? = 0 ] || hpcseg_setup_failed '<PYTHON> cannot import hpcseg: no set-up line activates an environment, so the job runs the submitting python, which must exist on the node (profile slurm)'
 
 # command
 export SUBMITIT_EXECUTOR=slurm

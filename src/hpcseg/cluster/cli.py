@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..invocation import hpcseg_command
 from ..outdir import blocked
 from ..runfiles import BEST
 from .backends import BACKENDS, executor_names
@@ -58,13 +59,16 @@ def _poll_interval() -> float:
               "(and test) folders; default: the current folder")
 @click.option("--executor", type=_ExecutorChoice(), default=None, help="where to run: auto picks the first "
               f"scheduler whose command is here ({_AUTO_ORDER}), else this machine")
-@click.option("--queue", help="queue (LSF) or partition (Slurm)")
-@click.option("--gpus", type=int, help="GPUs per node, one training process each (data-parallel when more than 1)")
+@click.option("--queue", help="queue (LSF, Grid Engine) or partition (Slurm); default: the profile's queue")
+@click.option("--gpus", type=int, help="GPUs per node, one training process each (data-parallel when more than 1)"
+              "; default: the job's resources.gpus, else the profile's [defaults], else 1")
 @click.option("--nodes", type=int, default=1, show_default=True, help="nodes, each with --gpus GPUs (Slurm)")
-@click.option("--cpus", type=int, help="CPU cores per job (per node), shared by its training processes")
-@click.option("--mem", "mem_gb", type=float, help="memory per job, GB")
-@click.option("--time", "walltime", help="walltime HH:MM")
-@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, local) or a .toml file")
+@click.option("--cpus", type=int, help="CPU cores per job (per node), shared by its training processes; default "
+              "as --gpus")
+@click.option("--mem", "mem_gb", type=float, help="memory per job, GB; default as --gpus")
+@click.option("--time", "walltime", help="walltime HH:MM, or a number of minutes (90 is 01:30); default as --gpus")
+@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, sge, local) or a .toml file; LSF, Slurm, "
+              "Grid Engine or this machine, its queues, set-up lines and [defaults]")
 @click.option("--scratch", type=click.Path(path_type=Path), help="scratch folder for run folders "
               "(default: $HPCSEG_SCRATCH, the profile's, ./hpcseg-scratch)")
 @click.option("--name", help="experiment name (default: the job's name)")
@@ -74,38 +78,57 @@ def _poll_interval() -> float:
 @click.option("--max-parallel", type=int, help="at most this many array elements run at once")
 @click.option("--dry-run", is_flag=True, help="print the job script(s) and submit nothing")
 @click.option("--wait", is_flag=True, help="block until the submitted runs end, then print their status")
-def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides, sweeps,
-           max_parallel, dry_run, wait) -> None:
+def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides,
+           sweeps, max_parallel, dry_run, wait) -> None:
     """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
+    from .status import format_table
     from .submit import SubmitOptions
     from .submit import submit as do_submit
 
-    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes, cpus=cpus,
-                         mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
+    opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes,
+                         cpus=cpus, mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
                          overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
                          dry_run=dry_run)
     result = do_submit(opts, echo=click.echo)
     click.get_current_context().meta["hpcseg.answer"] = {  # what a `submit --host` remembers on the laptop
         "runs": [{"run_id": r.run_id, "experiment": r.experiment, "path": str(r.path)} for r in result.runs]}
     if wait and result.runs:
-        from .runs import load_run
-        from .status import TERMINAL, collect_status, format_table
-
-        interval, shown = min(_poll_interval(), 2.0), ""
-        while True:
-            runs = [load_run(r.path) or r for r in result.runs]
-            statuses, _ = collect_status(runs)
-            if all(s.state in TERMINAL for s in statuses):
-                break
-            line = "waiting: " + ", ".join(_progress(s) for s in statuses)
-            if line != shown:  # a line whenever a run moves on, so the wait is not silent
-                click.echo(line)
-                shown = line
-            time.sleep(interval)
+        try:
+            statuses, runs = _wait_for(result.runs)
+        except KeyboardInterrupt:  # only the waiting stops: the job is the scheduler's (or its own session's)
+            click.echo(_still_running(result.runs), err=True)
+            sys.exit(130)
         click.echo(format_table(statuses))
         _echo_test_results([(run.run_id, run.path / "test") for run in runs])
         if any(s.state != "COMPLETED" for s in statuses):
             sys.exit(1)
+
+
+def _wait_for(submitted: list) -> tuple[list, list]:
+    """Poll until every run has ended, with a line whenever one moves on; returns (statuses, runs)."""
+    from .runs import load_run
+    from .status import TERMINAL, collect_status
+
+    interval, shown = min(_poll_interval(), 2.0), ""
+    while True:
+        runs = [load_run(r.path) or r for r in submitted]
+        statuses, _ = collect_status(runs)
+        if all(s.state in TERMINAL for s in statuses):
+            return statuses, runs
+        line = "waiting: " + ", ".join(_progress(s) for s in statuses)
+        if line != shown:  # a line whenever a run moves on, so the wait is not silent
+            click.echo(line)
+            shown = line
+        time.sleep(interval)
+
+
+def _still_running(runs: list) -> str:
+    """What Ctrl-C in `submit --wait` leaves: the jobs, and the commands that follow and end them."""
+    selector = runs[0].run_id if len(runs) == 1 else os.path.commonprefix([r.run_id for r in runs]).rstrip("-")
+    what = f"run {selector} (job {runs[0].job_id})" if len(runs) == 1 else f"the {len(runs)} runs of sweep {selector}"
+    return (f"hpcseg: interrupted; stopped waiting, {what} still {'runs' if len(runs) == 1 else 'run'}\n"
+            f"  follow it:  {hpcseg_command('status', selector)}\n"
+            f"  end it:     {hpcseg_command('cancel', selector)}")
 
 
 def _echo_test_results(folders: list[tuple[str, Path]]) -> None:

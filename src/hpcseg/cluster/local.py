@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..durations import hours_minutes
 from .runs import my_uid, my_user
-from .scripts import job_python
+from .scripts import fail_fast_setup, job_python
 
 
 def _default_signals() -> None:
@@ -45,16 +45,29 @@ def _executor_class() -> type:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(self.parameters["gpus_per_node"]))
             cmd: Any = [sys.executable, "-m", "submitit.local._local", str(self.folder)]
             setup = list(self.parameters.get("setup") or ())
-            if setup:
-                cmd = " && ".join(setup + [f"{job_python(setup)} {shlex.join(cmd[1:])}"])
+            if setup:  # checked set-up lines (build_executor), then the controller: bash, as a scheduler's job
+                cmd = ["/bin/bash", "-c", "\n".join([*setup, _controller(self.folder, setup)])]
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / "controller.log", "ab") as log:
-                process = subprocess.Popen(cmd, shell=bool(setup), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True,
                                            preexec_fn=_default_signals)
             return LocalJob(folder=self.folder, job_id=str(process.pid), process=process, tasks=list(range(ntasks)))
 
     return DetachedLocalExecutor
+
+
+def _setup(plan, folder: Path) -> list[str]:
+    """The profile's set-up lines, each checked (scripts.fail_fast_setup; its pid, bash's $$, is the job id)."""
+    setup = list(plan.profile.setup)
+    if not setup:
+        return []
+    profile = plan.profile.name if plan.profile.path else ""
+    return fail_fast_setup(setup, job_python(setup), folder, "hpcseg_job=$$", profile)
+
+
+def _controller(folder: Path, setup: list[str]) -> str:
+    return f"{job_python(setup)} -u -m submitit.local._local {shlex.quote(str(folder))}"
 
 
 def build_executor(plan, folder: Path, dry_run: bool = False):
@@ -66,16 +79,16 @@ def build_executor(plan, folder: Path, dry_run: bool = False):
     if plan.tasks_per_node > 1:  # one training process per GPU, started by submitit's local controller
         params["tasks_per_node"] = plan.tasks_per_node
     if plan.profile.setup:
-        params["setup"] = list(plan.profile.setup)
+        params["setup"] = _setup(plan, folder)
     ex.update_parameters(**params)
     return ex
 
 
 def job_script(plan, folder: Path, n_elements: int) -> str:
-    setup = "".join(f"{line}\n" for line in plan.profile.setup)
+    lines = [*_setup(plan, folder), _controller(folder, plan.profile.setup)]
     return ("#!/bin/bash\n# local executor: a detached background process on this machine, "
-            f"walltime {hours_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n{setup}"
-            f"{job_python(plan.profile.setup)} -u -m submitit.local._local {shlex.quote(str(folder))}\n")
+            f"walltime {hours_minutes(plan.minutes)}, USR2 {plan.signal_delay_s} s before it\n" + "\n".join(lines)
+            + "\n")
 
 
 # ---------------------------------------------------------------- the running jobs

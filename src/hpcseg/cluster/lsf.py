@@ -431,6 +431,7 @@ class LsfExecutor(ScriptExecutor):
     scheduler = "LSF"
     submit_command = "bsub"
     one_host = "span[hosts=1]"
+    job_id_line = 'hpcseg_job=$LSB_JOBID; [ "${LSB_JOBINDEX:-0}" = 0 ] || hpcseg_job=${LSB_JOBID}_$LSB_JOBINDEX'
     _make_script = staticmethod(_make_bsub_string)
 
     def _make_submission_command(self, submission_file_path: Path) -> tp.List[str]:

@@ -1,7 +1,9 @@
 """Site profiles (`hpc/<name>.toml`): which scheduler, queues and their limits, scratch, job set-up lines.
 
 A profile is found by name in `$HPCSEG_PROFILES`, `./hpc/` and the `hpc/` folder of hpcseg's own checkout, or
-given as a path to a .toml file. Command-line options override it; it overrides the job's [resources].
+given as a path to a .toml file. Its [defaults] fill the resources that neither the command line nor the job gives
+(cluster/resources.py). Values that reach a job script (setup lines, scratch, queue extras) are checked for control
+characters by `submit`, once, with the others (scripts.refuse_control).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from ..durations import hours_minutes
 from ..jobfile import parse_walltime
 from .backends import BACKENDS, executor_names
 from .runs import ClusterError
-from .scripts import check_queue_name, refuse_control
+from .scripts import check_queue_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,8 +55,10 @@ class Profile:
     host: str | None = None  # ssh destination the commands run on (`--host`), e.g. an alias of ~/.ssh/config
     transfer_host: str | None = None  # ssh destination collect copies through, where the site has a transfer node
 
-    def check_queue(self, queue: str | None, minutes: int, gpus: int, source: str = "--queue") -> None:
-        """Refuse an unknown queue, a time above its limit or more GPUs than its nodes have."""
+    def check_queue(self, queue: str | None, minutes: int, gpus: int, source: str = "--queue",
+                    time_name: str = "--time", gpus_name: str = "--gpus") -> None:
+        """Refuse an unknown queue, a time above its limit or more GPUs than its nodes have (each named as given:
+        `source`, `time_name`, `gpus_name`)."""
         if queue is None:
             return
         if not self.queues:
@@ -67,10 +71,10 @@ class Profile:
             raise ClusterError(f"{source} {queue}: unknown queue for profile '{self.name}' "
                                f"(known: {', '.join(sorted(self.queues))})")
         if q.max_time_min is not None and minutes > q.max_time_min:
-            raise ClusterError(f"--time {hours_minutes(minutes)}: above the {hours_minutes(q.max_time_min)} limit of "
-                               f"queue {queue} (profile '{self.name}')")
+            raise ClusterError(f"{time_name} {hours_minutes(minutes)}: above the {hours_minutes(q.max_time_min)} "
+                               f"limit of queue {queue} (profile '{self.name}')")
         if q.max_gpus is not None and gpus > q.max_gpus:
-            raise ClusterError(f"--gpus {gpus}: queue {queue} has at most {q.max_gpus} GPUs per node "
+            raise ClusterError(f"{gpus_name} {gpus}: queue {queue} has at most {q.max_gpus} GPUs per node "
                                f"(profile '{self.name}')")
 
 
@@ -133,9 +137,8 @@ def profile_from_dict(tree: dict, path: Path) -> Profile:
     if executor not in executor_names():
         raise ClusterError(f"{path}: executor: {executor!r} is not one of {', '.join(executor_names())}")
     setup = _expect(path, "setup", tree.get("setup", []), (list,), "a list of shell lines")
-    for i, line in enumerate(setup):
+    for line in setup:
         _expect(path, "setup", line, (str,), "a list of shell lines")
-        refuse_control(f"{path}: setup[{i}]", line)  # one line each: a newline would split the job script
     defaults = _expect(path, "defaults", tree.get("defaults", {}), (dict,), "a [defaults] table")
     unknown = sorted(set(defaults) - _DEFAULT_KEYS)
     if unknown:
@@ -192,8 +195,7 @@ def _dest(path: Path, key: str, value: Any) -> str | None:
 
 
 def _scratch(path: Path, value: Any) -> str:
-    refuse_control(f"{path}: scratch", _expect(path, "scratch", value, (str,), "a string"))
-    return value
+    return _expect(path, "scratch", value, (str,), "a string")
 
 
 def _extra(path: Path, key: str, value: Any) -> dict[str, Any]:
@@ -204,7 +206,6 @@ def _extra(path: Path, key: str, value: Any) -> dict[str, Any]:
             raise ClusterError(f"{path}: {key}: {option!r} is not a scheduler option name like 'M' or 'R'")
         for item in setting if isinstance(setting, list) else [setting]:
             _expect(path, f"{key}.{option}", item, (str, int, float, bool), "a string, number, true or a list")
-            refuse_control(f"{path}: {key}.{option}", item)
     return dict(value)
 
 

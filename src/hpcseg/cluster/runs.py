@@ -41,6 +41,7 @@ OUTCOME = "outcome.json"
 ATTEMPTS = "attempts.jsonl"
 CANCELLED = "cancelled.json"
 PROGRESS = "progress.json"
+TRAIN_RECORD = "train.json"  #: the training's own record (train.RECORD): its data folders and device
 DEFAULT_SCRATCH = "hpcseg-scratch"
 #: The most a run's JSON record (run.json, progress.json, ...) may hold: more is damage, not a record.
 MAX_RECORD_BYTES = 1 << 20
@@ -96,17 +97,24 @@ def scratches_to_search(option: str | Path | None) -> list[Path]:
     return unique or [Path(DEFAULT_SCRATCH).absolute()]
 
 
-def make_private_dir(path: Path) -> None:
-    """mkdir -p, with the new folders (and `path` itself) private to the user (0700)."""
+def make_private_dir(path: Path) -> list[Path]:
+    """mkdir -p, with the new folders (and `path` itself) private to the user (0700); returns the folders it
+    created, outermost first (a failed submission removes them again)."""
     missing = []
     p = path
     while not p.exists():
         missing.append(p)
         p = p.parent
+    created = []
     for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:  # made by someone else meanwhile: theirs, not ours to remove
+            continue
+        created.append(folder)
         os.chmod(folder, 0o700)
     os.chmod(path, 0o700)
+    return created
 
 
 # ---------------------------------------------------------------- reading a shared scratch safely

@@ -34,7 +34,7 @@ from submitit.core import core, job_environment, logger, utils
 from ..errors import ClusterError, CommandError, run_command
 from .scripts import (
     CANCEL_EXIT_CODES, CONTROL, EXIT_CODE_SUFFIX, BoundedSubmission, check_parameter, dry_run_class, is_int,
-    is_number, job_python, wait_for_child, warning_signal)
+    fail_fast_setup, is_number, job_python, wait_for_child, warning_signal)
 
 #: states after which a job will not change again
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
@@ -238,6 +238,7 @@ class ScriptExecutor(BoundedSubmission, core.PicklingExecutor):
     scheduler = "the scheduler"
     submit_command = ""
     one_host = ""  #: how a job keeps to one host, in the message refusing --nodes
+    job_id_line = ""  #: a shell line setting hpcseg_job to the job's id as submitit names it (scripts.fail_fast_setup)
 
     def __init__(self, folder: tp.Union[str, Path], max_num_timeout: int = 3, max_pickle_size_gb: float = 1.0,
                  python: tp.Optional[str] = None) -> None:
@@ -297,9 +298,8 @@ def executor_for_plan(cls: tp.Type[ScriptExecutor], plan: tp.Any, folder: Path, 
     if plan.nodes > 1:
         raise ClusterError(f"--nodes {plan.nodes}: an {cls.scheduler} job of hpcseg runs on one host ({cls.one_host}); "
                            "use --gpus for that host's GPUs")
-    setup = list(plan.profile.setup)
-    executor = dry_run_class(cls, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
-                                           python=job_python(setup))
+    setup, python = list(plan.profile.setup), job_python(plan.profile.setup)
+    executor = dry_run_class(cls, dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues, python=python)
     params: tp.Dict[str, tp.Any] = {
         "job_name": job_name, "timeout_min": plan.minutes, "cores": plan.cpus, "mem_gb": plan.mem_gb,
         "gpus": plan.gpus, "signal_delay_s": plan.signal_delay_s, "array_parallelism": plan.max_parallel}
@@ -310,8 +310,8 @@ def executor_for_plan(cls: tp.Type[ScriptExecutor], plan: tp.Any, folder: Path, 
         params.update({k: extra.pop(k) for k in settings if k in extra})
         if extra:
             params["additional_parameters"] = extra
-    if setup:
-        params["setup"] = setup
+    params["setup"] = fail_fast_setup(setup, python, folder, cls.job_id_line,
+                                      plan.profile.name if plan.profile.path else "")
     executor.update_parameters(**params)
     return executor
 

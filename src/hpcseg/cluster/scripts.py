@@ -29,6 +29,9 @@ CANCEL_EXIT_CODES = (130, 143)
 #: `<submitit folder>/<job id><EXIT_CODE_SUFFIX>`: where a batch script that outlives the scheduler's memory of
 #: the job (LSF's) writes the job's exit code
 EXIT_CODE_SUFFIX = "_exitcode"
+#: `<submitit folder>/<job id><SETUP_FAILED_SUFFIX>`: the one line naming the set-up line (or the python) that
+#: ended a job before Python ran; `hpcseg status` shows it
+SETUP_FAILED_SUFFIX = "_setup_failed"
 #: a setup line that activates a Python environment (venv, virtualenv, conda, mamba)
 _ACTIVATES = re.compile(r"(^|[;&|({]\s*)(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
 
@@ -56,13 +59,41 @@ def check_queue_name(what: str, value: str) -> str:
     return value
 
 
+def activates_env(setup: list[str] | tuple[str, ...]) -> bool:
+    """Whether a setup line activates a Python environment (then the job runs its `python3`)."""
+    return any(_ACTIVATES.search(line) for line in setup)
+
+
 def job_python(setup: list[str] | tuple[str, ...]) -> str:
     """The python a job script runs, as a shell word: the activated environment's (`python3` from PATH) when a
-    setup line activates one, else the submitting python; its absolute path may not exist on the cluster."""
-    if any(_ACTIVATES.search(line) for line in setup):
-        return "python3"
-    refuse_control("the submitting python's path", sys.executable)
-    return shlex.quote(sys.executable)
+    setup line activates one, else the submitting python (`submit` refuses a path of it with a control
+    character); its absolute path may not exist on the cluster."""
+    return "python3" if activates_env(setup) else shlex.quote(sys.executable)
+
+
+def fail_fast_setup(setup: list[str] | tuple[str, ...], python: str, folder: Path | str, job_id_line: str,
+                    profile: str = "") -> list[str]:
+    """The set-up lines of a job script, each followed by a check that ends the job if it failed, then a check
+    that the job's `python` imports hpcseg: a failure is one line `hpcseg: error: ...` in the job's log and in
+    `<folder>/<job id>_setup_failed` (which `hpcseg status` shows), instead of a bare python failing later.
+    `job_id_line` sets `hpcseg_job` to the job's id as submitit names it (`12345`, `12345_3`)."""
+    where = f" (profile {profile})" if profile else ""
+    lines = [
+        f"# a line that fails ends the job, named in its log and in <job id>{SETUP_FAILED_SUFFIX}",
+        job_id_line,
+        f'hpcseg_failed={shlex.quote(str(folder))}/"$hpcseg_job"{SETUP_FAILED_SUFFIX}',
+        'rm -f "$hpcseg_failed"',
+        "hpcseg_setup_failed() { printf 'hpcseg: error: %s\\n' \"$1\" >&2; printf '%s\\n' \"$1\" > \"$hpcseg_failed\"; "
+        "exit 1; }",
+    ]
+    for number, line in enumerate(setup, 1):
+        failed = f"set-up line {number} failed: {line}{where}"
+        lines += [line, f"[ $? = 0 ] || hpcseg_setup_failed {shlex.quote(failed)}"]
+    fix = "install hpcseg into the environment that the set-up lines activate" if activates_env(setup) else \
+        "no set-up line activates an environment, so the job runs the submitting python, which must exist on the node"
+    lines += [f"{python} -c 'import hpcseg'",
+              f"[ $? = 0 ] || hpcseg_setup_failed {shlex.quote(f'{python} cannot import hpcseg: {fix}{where}')}"]
+    return lines
 
 
 def submit_timeout_s() -> float:

@@ -457,6 +457,7 @@ class SgeExecutor(ScriptExecutor):
     scheduler = "SGE"
     submit_command = "qsub"
     one_host = "its parallel environment's slots"
+    job_id_line = 'hpcseg_job=$JOB_ID; [ "${SGE_TASK_ID:-undefined}" = undefined ] || hpcseg_job=${JOB_ID}_$SGE_TASK_ID'
     _make_script = staticmethod(_make_qsub_string)
 
     @classmethod

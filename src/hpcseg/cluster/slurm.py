@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from ..errors import CommandError, run_command
 from .runs import my_user
-from .scripts import BoundedSubmission, dry_run_class, job_python, submission_text
+from .scripts import BoundedSubmission, dry_run_class, fail_fast_setup, job_python, submission_text
 from .unreadable import unknown_states, unreadable_lines
 
 #: Slurm's job states -> hpcseg's (status.STATES)
@@ -133,10 +133,15 @@ def _executor_class() -> type:
     return BoundedSlurmExecutor
 
 
+#: the job's id as submitit names it (`12345`, `12345_3` in an array), for scripts.fail_fast_setup
+JOB_ID_LINE = ('hpcseg_job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_$SLURM_ARRAY_TASK_ID}; '
+               'hpcseg_job=${hpcseg_job:-$SLURM_JOB_ID}')
+
+
 def build_executor(plan, folder: Path, dry_run: bool = False):
-    setup = list(plan.profile.setup)
+    setup, python = list(plan.profile.setup), job_python(plan.profile.setup)
     ex = dry_run_class(_executor_class(), dry_run)(folder=folder, max_num_timeout=plan.profile.max_requeues,
-                                                   python=job_python(setup))
+                                                   python=python)
     params: dict[str, Any] = {"job_name": plan.experiment, "time": plan.minutes, "cpus_per_task": plan.cpus,
                               "mem": f"{int(plan.mem_gb)}GB" if plan.mem_gb == int(plan.mem_gb)
                               else f"{int(plan.mem_gb * 1024)}MB",
@@ -148,8 +153,9 @@ def build_executor(plan, folder: Path, dry_run: bool = False):
     if plan.tasks_per_node > 1 or plan.nodes > 1:  # one training process per GPU on every node: srun starts them
         params.update(ntasks_per_node=plan.tasks_per_node, nodes=plan.nodes,
                       cpus_per_task=max(1, plan.cpus // plan.tasks_per_node))
-    if setup:
-        params["setup"] = setup
+    # submitit's template puts these lines before srun
+    params["setup"] = fail_fast_setup(setup, python, folder, JOB_ID_LINE,
+                                      plan.profile.name if plan.profile.path else "")
     ex.update_parameters(**params)
     return ex
 

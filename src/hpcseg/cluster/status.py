@@ -22,8 +22,9 @@ from ..durations import clock
 from ..errors import CommandError
 from ..invocation import hpcseg_command
 from .backends import BACKENDS
-from .runs import CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, NotTrusted, Run, read_owned
-from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX
+from .runs import (CANCELLED, OUTCOME, OUTCOME_FIELDS, PROGRESS, PROGRESS_FIELDS, TRAIN_RECORD, NotTrusted, Run,
+                   read_owned)
+from .scripts import CANCEL_EXIT_CODES, EXIT_CODE_SUFFIX, SETUP_FAILED_SUFFIX
 
 STATES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "REQUEUED", "UNKNOWN")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}
@@ -63,8 +64,9 @@ class RunStatus:
     #: the scheduler's answer held something hpcseg cannot read (a state it does not know, garbage), where the
     #: run's state is UNKNOWN: the warnings `status` prints, for `status --json`
     scheduler_warning: str | None = None
-    gpus: int | None = None  # per node, as submitted: one training process each
+    gpus: int | None = None  # per node, as submitted; 0 where the training ran on the CPU (its train.json says)
     nodes: int | None = None
+    processes: int | None = None  # training processes per node
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +87,17 @@ def _see_logs(run: Run) -> str:
     return f"see {hpcseg_command('logs', '--err', run.run_id)}"
 
 
+def setup_failure(run: Run) -> str | None:
+    """The line a job script wrote when a set-up line (or its python's `import hpcseg`) failed, or None."""
+    if not run.job_id:
+        return None
+    try:
+        text = read_owned(run.submitit_dir / f"{run.job_id}{SETUP_FAILED_SUFFIX}", 4096).decode(errors="replace")
+    except (NotTrusted, OSError):
+        return None
+    return text.strip().splitlines()[0] if text.strip() else None
+
+
 def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunStatus:
     """The run's state from the scheduler's (normalised) state and its own files."""
     if not run.trusted:  # another user's folder: nothing in it is read
@@ -103,6 +116,8 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     if outcome and outcome.get("state") in TERMINAL:
         state = outcome["state"]
         error = outcome.get("error")
+    elif (failed_setup := setup_failure(run)) is not None:  # the job ended before Python ran
+        state, error = "FAILED", failed_setup
     elif sched in ("RUNNING", "PENDING", "REQUEUED"):
         state = sched
         if sched == "PENDING" and last_event in ("checkpoint", "requeued"):
@@ -146,19 +161,25 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
                      best_dice=progress.get("best_dice"), best_epoch=progress.get("best_epoch"),
                      updated=progress.get("updated"), time_left_s=left, error=error,
                      sweep=run.record.get("sweep") or {}, path=str(run.path), damage=list(run.damage),
-                     **_resources(run.record))
+                     **_resources(run))
 
 
-def _resources(record: dict) -> dict:
-    """The GPUs per node and the nodes run.json says the run was submitted with (None where it says no number)."""
-    res = record.get("resources")
+def _resources(run: Run) -> dict:
+    """The GPUs and training processes per node and the nodes of the run: as run.json says it was submitted (None
+    where it says no number), but no GPU where the training says it ran on the CPU (a local job on a machine
+    without one trains there in one process per GPU asked)."""
+    res = run.record.get("resources")
     res = res if isinstance(res, dict) else {}
 
     def count(key: str, default: int | None) -> int | None:
         value = res.get(key, default)
         return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 4096 else None
 
-    return {"gpus": count("gpus", None), "nodes": count("nodes", 1)}  # runs submitted before --nodes had one
+    gpus = count("gpus", None)
+    processes = count("processes", None) or (max(gpus, 1) if gpus is not None else None)  # one per GPU asked
+    if gpus and (run.read_json(TRAIN_RECORD, {"device": str}) or {}).get("device") == "cpu":
+        gpus = 0
+    return {"gpus": gpus, "nodes": count("nodes", 1), "processes": processes}  # runs before --nodes had none
 
 
 def collect_status(runs: Iterable[Run], timeout_s: float | None = None) -> tuple[list[RunStatus], list[str]]:
@@ -212,6 +233,15 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f}d ago"
 
 
+def _gpus_cell(s: RunStatus) -> str:
+    """`2` GPUs per node (`2x3` on 3 nodes); `cpu`, `cpu x2` for a run that trains on the CPU in 2 processes."""
+    if s.gpus is None:
+        return "-"
+    if s.gpus == 0:
+        return "cpu" + (f" x{s.processes}" if s.processes and s.processes > 1 else "")
+    return f"{s.gpus}x{s.nodes}" if s.nodes and s.nodes > 1 else str(s.gpus)
+
+
 def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
     now = time.time() if now is None else now
     header = ["RUN", "EXPERIMENT", "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE", "UPDATED", "LEFT"]
@@ -220,7 +250,7 @@ def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
         epoch = f"{s.epoch if s.epoch is not None else '-'}/{s.epochs if s.epochs is not None else '-'}"
         best = f"{s.best_dice:.4f} ({s.best_epoch})" if s.best_dice is not None else "-"
         updated = _age(now - s.updated) if s.updated else "-"
-        gpus = "-" if s.gpus is None else f"{s.gpus}x{s.nodes}" if s.nodes and s.nodes > 1 else str(s.gpus)
+        gpus = _gpus_cell(s)
         rows.append([s.run_id, s.experiment, s.executor, s.job_id or "-", gpus, s.state, epoch, best, updated,
                      clock(s.time_left_s) if s.time_left_s is not None and s.state not in TERMINAL else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

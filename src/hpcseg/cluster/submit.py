@@ -1,6 +1,7 @@
 """`hpcseg submit`: resolve job, profile and options into runs, build the submitit executor, submit.
 
-Order of precedence for resources: command-line option > site profile ([defaults]) > the job's [resources].
+Order of precedence for resources: command-line option > the job (file and --set) > site profile ([defaults]) >
+hpcseg's defaults (resources.py resolves them, each with its source, for the `resources:` line).
 Everything that can be refused (job file, overrides, sweep values, profile, queue, walltime, data folders) is
 checked before any folder is created or anything is submitted; a failed submission removes the run folders
 it created.
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..jobfile import Job, load_job, parse_override, parse_walltime
+from ..jobfile import Job, load_job, parse_override
 from .profiles import Profile, load_profile
 from . import backends
-from .scripts import check_name, check_queue_name, refuse_control
+from .resources import Resources, resolve as resolve_resources
+from .scripts import activates_env, check_name, refuse_control
 from ..atomic import atomic_write_text
 from ..durations import hours_minutes
 from ..errors import UserError
@@ -75,6 +77,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # printed as `hpcseg: warning:` lines
     notes: list[str] = field(default_factory=list)  # printed by a dry run above its script
     nodes: int = 1
+    resources: Resources | None = None  # where each resource came from, for the `resources:` line
 
     @property
     def tasks_per_node(self) -> int:
@@ -145,66 +148,106 @@ def parse_sweeps(sweeps: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
 def plan_submission(opts: SubmitOptions) -> Plan:
     profile = load_profile(opts.profile)
     executor = pick_executor(opts.executor, profile)
-    job = load_job(opts.job_file, list(opts.overrides))  # a JobError names every problem of the file, one a line
-    axes = parse_sweeps(opts.sweeps)
+    given: dict[str, str] = {}  # the keys the job file and --set give (the others are defaults)
+    job = load_job(opts.job_file, list(opts.overrides), given)  # a JobError names every problem of the file
+    elements = _elements(job, parse_sweeps(opts.sweeps))
+    # the experiment name becomes the scheduler's job name and a folder of every path in the job script
+    experiment = check_name("--name" if opts.name else "name", opts.name or job.name)
+    for _, element in elements:
+        check_name("name", element.name)
+    res = resolve_resources({"gpus": opts.gpus, "cpus": opts.cpus, "mem_gb": opts.mem_gb, "time": opts.time,
+                             "queue": opts.queue}, job, given, profile, executor, opts.nodes)
+    if opts.max_parallel is not None and opts.max_parallel < 1:
+        raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
+    base = Path(opts.data) if opts.data else Path(".")
+    folders = {key: getattr(job.data, key) for key in DATA_KEYS if key != "test_dir" or job.data.test_dir}
+    paths = {key: (base / rel).absolute() for key, rel in folders.items()}
+    scratch, scratch_source = resolve_scratch(opts.scratch, profile.scratch), _scratch_source(opts, profile)
+    for what, value in _script_text(opts, profile, paths, scratch_source, scratch):  # before anything reads them
+        refuse_control(what, value)
+    notes = _check_data_folders(opts, executor, base, folders, paths)
+    delay = _signal_delay(executor, profile.signal_delay_s, res.minutes.value, res.minutes.name)
+    _check_scratch(scratch_source, scratch)
+    check_data([path for path in paths.values() if path.is_dir()])  # last: it reads files
+    gpus = res.gpus.value
+    return Plan(executor=executor, profile=profile, experiment=experiment, scratch=scratch, queue=res.queue.value,
+                gpus=gpus, cpus=res.cpus.value, mem_gb=res.mem_gb.value, minutes=res.minutes.value,
+                max_parallel=opts.max_parallel or len(elements), signal_delay_s=delay,
+                train_dir=paths["train_dir"], val_dir=paths["val_dir"], test_dir=paths.get("test_dir"),
+                elements=elements, notes=notes, nodes=opts.nodes, resources=res,
+                warnings=_warnings(executor, gpus, res.gpus.name, len(elements), opts.max_parallel)
+                + _small_batch_warnings(executor, gpus, elements))
+
+
+#: the job's data folders, relative to --data (test_dir may be empty: no test)
+DATA_KEYS = ("train_dir", "val_dir", "test_dir")
+
+
+def _elements(job: Job, axes: list[tuple[str, list[Any]]]) -> list[tuple[dict[str, Any], Job]]:
+    """(sweep values, job) of each run of the submission: the grid of the sweep axes, or the job alone."""
+    for key, _ in axes:
+        if key.startswith("resources."):  # the plan, and a job array, has one set of resources
+            raise ClusterError(f"--sweep {key}: every run of one submission gets the same resources; submit once per "
+                               f"value with --set {key}=VALUE")
     elements = []
     for combo in itertools.product(*[values for _, values in axes]):
         values = {key: value for (key, _), value in zip(axes, combo)}
         elements.append((values, job.replace(**values) if values else job))
     if len(elements) > 1000:
         raise ClusterError(f"--sweep: {len(elements)} combinations; at most 1000 per submission")
-    # the experiment name becomes the scheduler's job name and a folder of every path in the job script
-    experiment = check_name("--name" if opts.name else "name", opts.name or job.name)
-    for _, element in elements:
-        check_name("name", element.name)
+    return elements
 
-    res = job.resources
-    gpus = opts.gpus if opts.gpus is not None else profile.gpus if profile.gpus is not None else res.gpus
-    cpus = opts.cpus if opts.cpus is not None else profile.cpus if profile.cpus is not None else res.cpus
-    mem_gb = opts.mem_gb if opts.mem_gb is not None else profile.mem_gb if profile.mem_gb is not None else res.mem_gb
-    time_text = opts.time or profile.time or res.time
-    minutes = parse_walltime(time_text, "--time" if opts.time else "time")
-    if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:  # NaN fails the last test too
-        raise ClusterError("--gpus/--cpus/--mem: must be positive")
-    if not 1 <= opts.nodes <= 1024:
-        raise ClusterError(f"--nodes {opts.nodes}: must be 1..1024")
-    if opts.nodes > 1 and backends.BACKENDS[executor].runs_here:
-        raise ClusterError(f"--nodes {opts.nodes}: the {executor} executor runs on this machine alone")
-    queue = opts.queue or profile.queue
-    if queue is not None:
-        check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
-    if not backends.BACKENDS[executor].queues:
-        if opts.queue and not profile.queues:
-            raise ClusterError(f"--queue {opts.queue}: the {executor} executor has no queues")
-        queue = None
-    profile.check_queue(queue, minutes, gpus, source="--queue" if opts.queue else f"{profile.path}: queue")
-    if opts.max_parallel is not None and opts.max_parallel < 1:
-        raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
 
+def _script_text(opts: SubmitOptions, profile: Profile, paths: dict[str, Path], scratch_source: str,
+                 scratch: Path) -> list[tuple[str, Any]]:
+    """(what, value) of every free text that may reach a job script (paths, set-up lines, scheduler options): each
+    is checked for control characters once, here (names and queues have their own character sets)."""
+    where = profile.path
+    items: list[tuple[str, Any]] = [(f"{where}: setup[{i}]", line) for i, line in enumerate(profile.setup)]
+    if profile.scratch is not None:
+        items.append((f"{where}: scratch", profile.scratch))
+    for name, queue in profile.queues.items():
+        items += [(f"{where}: queues.{name}.extra.{option}", item) for option, setting in queue.extra.items()
+                  for item in (setting if isinstance(setting, list) else [setting])]
+    if not activates_env(profile.setup):  # the script runs the submitting python then
+        items.append(("the submitting python's path", sys.executable))
     if opts.data:
-        refuse_control("--data", opts.data)
-    base = Path(opts.data) if opts.data else Path(".")
-    notes: list[str] = []
-    base_missing = bool(opts.data) and not base.is_dir()
-    if base_missing:
-        _unreachable(opts, notes, base.absolute(), f"--data {opts.data}: no such folder")
-    folders = {}
-    for key in ("train_dir", "val_dir", "test_dir"):
-        rel = getattr(job.data, key)
-        if key == "test_dir" and not rel:
-            folders[key] = None
-            continue
-        path = (base / rel).absolute()
-        refuse_control(f"data.{key}", path)
-        if not base_missing and not path.is_dir():
-            where = f"--data {opts.data}" if opts.data else "the current folder"
-            _unreachable(opts, notes, path, f"data.{key} = {rel!r}: no folder {path} (relative to {where})")
-        folders[key] = path
+        items.append(("--data", opts.data))
+    items += [(f"data.{key}", path) for key, path in paths.items()]
+    items.append((scratch_source, scratch))
+    return items
 
-    delay = _signal_delay(executor, profile.signal_delay_s, minutes, "--time" if opts.time else "time")
-    scratch = resolve_scratch(opts.scratch, profile.scratch)
-    source = _scratch_source(opts, profile)
-    refuse_control(source, scratch)
+
+def _check_data_folders(opts: SubmitOptions, executor: str, base: Path, folders: dict[str, str],
+                        paths: dict[str, Path]) -> list[str]:
+    """Refuse a data folder missing here; a dry run for a scheduler (from a laptop, say, of a cluster path) notes it
+    instead and returns the notes (printed above the script)."""
+    notes: list[str] = []
+    if opts.data and not base.is_dir():
+        _unreachable(opts, executor, notes, base.absolute(), f"--data {opts.data}: no such folder")
+        return notes
+    if opts.data:
+        from ..data import refuse_slice_folder
+
+        refuse_slice_folder("--data", Path(opts.data), folders["train_dir"], folders["val_dir"],
+                            folders.get("test_dir", ""))
+    where = f"--data {opts.data}" if opts.data else "the current folder"
+    for key, path in paths.items():
+        if not path.is_dir():
+            _unreachable(opts, executor, notes, path,
+                         f"data.{key} = {folders[key]!r}: no folder {path} (relative to {where})")
+    return notes
+
+
+def _unreachable(opts: SubmitOptions, executor: str, notes: list[str], path: Path, refusal: str) -> None:
+    """A data folder missing here: a real submission refuses it, and so does a dry run of a job that would run
+    here; a dry run for a scheduler notes it instead."""
+    if not opts.dry_run or backends.BACKENDS[executor].runs_here:
+        raise ClusterError(refusal)
+    notes.append(f"# note: data folder {path} not reachable from here, not checked")
+
+
+def _check_scratch(source: str, scratch: Path) -> None:
     unset = re.search(r"\$\{?(\w+)", str(scratch))  # expandvars leaves unset variables as they are
     if unset:
         raise ClusterError(f"{source} {str(scratch)!r}: ${unset.group(1)} is not set here, so the path cannot be "
@@ -212,22 +255,6 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     problem = blocked(scratch)
     if problem:  # a --dry-run that accepts it would promise a submission that cannot happen
         raise ClusterError(f"scratch {problem}")
-    check_data([path for path in folders.values() if path is not None and path.is_dir()])  # last: it reads files
-    return Plan(executor=executor, profile=profile, experiment=experiment,
-                scratch=scratch, queue=queue, gpus=gpus, cpus=cpus,
-                mem_gb=float(mem_gb), minutes=minutes, max_parallel=opts.max_parallel or len(elements),
-                signal_delay_s=delay, train_dir=folders["train_dir"], val_dir=folders["val_dir"],
-                test_dir=folders["test_dir"], elements=elements, notes=notes, nodes=opts.nodes,
-                warnings=_warnings(executor, gpus, "--gpus" if opts.gpus is not None else "gpus", len(elements),
-                                   opts.max_parallel) + _small_batch_warnings(executor, gpus, elements))
-
-
-def _unreachable(opts: SubmitOptions, notes: list[str], path: Path, refusal: str) -> None:
-    """A data folder missing here: a real submission refuses it; a dry run (from a laptop, say, of a cluster path)
-    notes it above the script instead."""
-    if not opts.dry_run:
-        raise ClusterError(refusal)
-    notes.append(f"# note: data folder {path} not reachable from here, not checked")
 
 
 def check_data(folders: list[Path]) -> None:
@@ -397,21 +424,23 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
         for (values, _), rid in zip(plan.elements, run_ids):
             where = f"  {' '.join(f'{k}={v!r}' for k, v in values.items())}" if values else ""
             echo(f"# would submit run {rid} ({plan.executor}){where} -> {exp_dir / rid}")
+        echo(f"# {plan.resources.line()}")
         for script in scripts:
             echo(script.rstrip("\n"))
         return Submitted(runs=[], scripts=scripts)
 
     from .jobrunner import JobRunner
 
-    created: list[Path] = []
+    made: list[Path] = []  # every folder this submission creates, outermost first: removed if it fails
+    filled: list[Path] = []  # of them, those it writes files into
     try:
-        make_private_dir(exp_dir)
+        made += make_private_dir(exp_dir)
         runs, runners = [], []
         commit = git_commit()
         for (values, job), rid in zip(plan.elements, run_ids):
             run_dir = exp_dir / rid
-            make_private_dir(run_dir)
-            created.append(run_dir)
+            made += make_private_dir(run_dir)
+            filled.append(run_dir)
             submitit_dir = shared if shared else run_dir / "submitit"
             atomic_write_text(run_dir / "job.toml", job.to_toml())
             record = {
@@ -420,7 +449,8 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 "submit_time": time.time(), "hpcseg_version": __version__, "git_commit": commit,
                 "command_line": command_line(), "job_file": str(Path(opts.job_file).absolute()),
                 "profile": plan.profile.name, "queue": plan.queue,
-                "resources": {"gpus": plan.gpus, "nodes": plan.nodes, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
+                "resources": {"gpus": plan.gpus, "nodes": plan.nodes, "processes": plan.tasks_per_node,
+                              "cpus": plan.cpus, "mem_gb": plan.mem_gb,
                               "time": hours_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
                 "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
                          "test_dir": str(plan.test_dir) if plan.test_dir else None},
@@ -432,7 +462,8 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
                                      str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node))
         if shared is not None:
-            make_private_dir(shared)
+            made += make_private_dir(shared)
+            filled.append(shared)
             for run in runs:
                 os.symlink(os.path.relpath(shared, run.path), run.path / "submitit")
             ex = build_executor(plan, shared)
@@ -448,22 +479,26 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 run.record["array_job_id"] = str(job.job_id).split("_")[0].split("[")[0]
             write_record(run)
     except Exception as err:  # refused by us, by the scheduler, or its command is missing or hangs
-        _remove(created + ([shared] if shared is not None else []))
-        for folder in (exp_dir / ".arrays", exp_dir):  # made for this submission: removed when left empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove(made, filled)
         if isinstance(err, UserError):  # refused by hpcseg or the scheduler's command: already one line
             raise
         message = " ".join(str(err).split())  # submitit's own failures (no job id in the answer, say)
         raise ClusterError(f"submitting to {plan.executor} failed: {message[:400]}") from None
     remember_scratch(plan.scratch)
+    echo(plan.resources.line())
     for run in runs:
         sweep = "  " + " ".join(f"{k}={v}" for k, v in run.record["sweep"].items()) if run.record["sweep"] else ""
         echo(f"submitted run {run.run_id}  job {run.job_id}  ({plan.executor}){sweep}  {run.path}")
     return Submitted(runs=runs)
 
 
-def _remove(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+def _remove(made: list[Path], filled: list[Path]) -> None:
+    """Remove what a failed submission created: its run folders with their files, and the folders above them
+    (scratch included) where they are empty (another submission may have put its runs there meanwhile)."""
+    for folder in reversed(made):
+        if folder in filled:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
