@@ -50,3 +50,23 @@ def test_a_python_without_hpcseg_ends_the_job_at_once(cli, backend, tiny_data):
     _failed_at_setup(cli, backend, tiny_data, [f"source {env}/bin/activate"],
                      "python3 cannot import hpcseg: install hpcseg into the environment that the set-up lines "
                      "activate (profile site)")
+
+
+def test_cancel_ends_a_local_job_with_set_up_lines(cli, tiny_data):
+    """With set-up lines the local job is a bash that runs them, then the controller: the controller must take
+    bash's pid (the job id), or `hpcseg cancel` would end bash and leave the training running."""
+    import os
+
+    profile = _profile(cli.tmp, ["export HPCSEG_PROBE=1"])
+    [(run_id, job_id)] = cli.submit("--executor", "local", "--profile", profile, data=tiny_data,
+                                    sets=["train.epochs=100000", "train.val_interval=1000"])
+    cli.wait(run_id, ("RUNNING",), timeout_s=90, until=lambda r: (r["epoch"] or 0) >= 1)
+    with open(f"/proc/{job_id}/cmdline", "rb") as handle:
+        assert b"submitit.local._local" in handle.read()  # the job id is the controller itself
+    code, out = cli("cancel", run_id)
+    assert code == 0 and "cancelled" in out, out
+    cli.wait(run_id, ("CANCELLED",), timeout_s=90)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{job_id}") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{job_id}") or open(f"/proc/{job_id}/stat").read().split()[2] == "Z"

@@ -39,7 +39,8 @@ def _executor_class() -> type:
                 SUBMITIT_LOCAL_TIMEOUT_S=str(int(60 * self.parameters.get("timeout_min", 5))),
                 SUBMITIT_LOCAL_SIGNAL_DELAY_S=str(int(self.parameters.get("signal_delay_s", 30))),
                 SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_JOB_NUM_NODES="1", SUBMITIT_STDERR_TO_STDOUT="",
-                SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="1" if self.parameters.get("setup") else "",
+                # the controller execs after the set-up lines: its own pid is the job id, not its parent's
+                SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_WITH_SHELL="",
             )
             if self.parameters.get("gpus_per_node") is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(k) for k in range(self.parameters["gpus_per_node"]))
@@ -67,7 +68,8 @@ def _setup(plan, folder: Path) -> list[str]:
 
 
 def _controller(folder: Path, setup: list[str]) -> str:
-    return f"{job_python(setup)} -u -m submitit.local._local {shlex.quote(str(folder))}"
+    # exec: the controller takes bash's pid, the job id that `hpcseg cancel` signals (else only bash would end)
+    return f"exec {job_python(setup)} -u -m submitit.local._local {shlex.quote(str(folder))}"
 
 
 def build_executor(plan, folder: Path, dry_run: bool = False):
