@@ -158,9 +158,12 @@ def _progress(s) -> str:
               "whose scheduler could not be asked has its error in scheduler_error; one left UNKNOWN by an answer "
               "hpcseg cannot read, the warning in scheduler_warning)")
 @click.option("--watch", is_flag=True, help="refresh until every run has ended or is damaged (Ctrl-C to stop)")
-def status(selectors, scratch, as_json, watch) -> None:
-    """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
-    from .status import TERMINAL, collect_status, format_table
+@click.option("--sort", type=click.Choice(["run", "dice", "state"]), default="run", show_default=True,
+              help="order of each experiment's runs: by run id, best validation Dice (best first) or state")
+def status(selectors, scratch, as_json, watch, sort) -> None:
+    """State, epoch, best validation Dice and time left of runs (one scheduler query per backend), with a column
+    per swept key."""
+    from .status import TERMINAL, collect_status, format_table, sort_statuses
 
     scratches = scratches_to_search(scratch)
     while True:
@@ -171,9 +174,10 @@ def status(selectors, scratch, as_json, watch) -> None:
         for warning in warnings:  # on stderr with --json too (each UNKNOWN run's are in its scheduler_warning)
             click.echo(f"hpcseg: warning: {warning}", err=True)
         if as_json:
-            click.echo(json.dumps([s.to_dict() for s in statuses], indent=1))
+            click.echo(json.dumps([s.to_dict() for s in sort_statuses(statuses, sort)], indent=1))
         else:
-            click.echo(format_table(statuses) if statuses else f"no runs under {', '.join(map(str, scratches))}")
+            click.echo(format_table(statuses, sort=sort) if statuses else
+                       f"no runs under {', '.join(map(str, scratches))}")
         if not watch or all(s.state in TERMINAL or s.damage for s in statuses):  # a damaged run will not change
             return
         try:
