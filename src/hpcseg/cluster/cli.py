@@ -238,6 +238,28 @@ def collect(selectors, dest, top, scratch) -> None:
         raise ClusterError("no run has a best checkpoint yet")
 
 
+# ---------------------------------------------------------------- report
+
+
+@click.command()
+@click.argument("selectors", nargs=-1, required=True, metavar="EXPERIMENT...")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True,
+              help="the HTML file to write (self-contained: opens offline)")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+def report(selectors, out, scratch) -> None:
+    """One HTML page comparing runs: an experiment, run or sweep id, or a folder (an experiment's, a run's, or one
+    `hpcseg collect` wrote)."""
+    from ..report import write_report
+
+    problem = blocked(out.parent if str(out.parent) else Path("."))
+    if problem:
+        raise ClusterError(f"--out {problem}")
+    if out.is_dir():
+        raise ClusterError(f"--out {out}: a folder; give a file name such as {out / 'report.html'}")
+    path, count = write_report(list(selectors), scratches_to_search(scratch), out)
+    click.echo(f"wrote {path}: {count} runs")
+
+
 # ---------------------------------------------------------------- cancel
 
 
