@@ -10,6 +10,7 @@ ended by a NUL byte, on file descriptors 3 and 4), with nothing but the standard
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
@@ -36,13 +37,13 @@ class Browser:
         self.profile.mkdir(parents=True, exist_ok=True)
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
-        # the child reads commands on fd 3 and writes answers on fd 4
-        def child_fds():
-            os.dup2(to_browser_r, 3)
-            os.dup2(from_browser_w, 4)
+        def child_fds():  # the child reads commands on fd 3 and writes answers on fd 4
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_browser_r, from_browser_w)]  # clear of 3, 4
+            os.dup2(high[0], 3)  # dup2's copies are inherited; the other fds of this process are not
+            os.dup2(high[1], 4)
 
         self.process = subprocess.Popen([chromium(), *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                        pass_fds=(3, 4, to_browser_r, from_browser_w), preexec_fn=child_fds,
+                                        close_fds=False, preexec_fn=child_fds,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_browser_r)
         os.close(from_browser_w)

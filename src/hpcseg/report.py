@@ -177,8 +177,12 @@ def distribution_png(runs: list[RunResult], items: list[list[float]], colours: l
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 1.0 + 0.28 * len(shown)))
     positions = list(range(len(shown), 0, -1))
-    box = ax.boxplot([v for _, v, _ in shown], positions=positions, vert=False, widths=0.6, patch_artist=True,
-                     showfliers=False)
+    import matplotlib
+
+    sideways = {"orientation": "horizontal"} if tuple(map(int, matplotlib.__version__.split(".")[:2])) >= (3, 10) \
+        else {"vert": False}  # `vert` is deprecated from 3.10 on
+    box = ax.boxplot([v for _, v, _ in shown], positions=positions, widths=0.6, patch_artist=True,
+                     showfliers=False, **sideways)
     for patch, (_, _, colour) in zip(box["boxes"], shown):
         patch.set(facecolor=colour, alpha=0.35, edgecolor=colour)
     for y, (_, values, colour) in zip(positions, shown):
