@@ -4,7 +4,8 @@ The page holds a table of the runs (swept values, state, epochs, best validation
 time, GPU hours, requeues; the best run starred; sorted by a click on any header), the runs' curves overlaid, the
 distribution of each run's per-slice test Dice, the three worst test slices of each run, and a mean ± sd per
 setting where the runs are folds of a cross-validation. Styles, the sorting script and every picture are inline
-(pictures as data: URIs): it opens offline, from a laptop or an e-mail, and asks the network for nothing.
+(plots as SVG, the test's overlay PNGs as data: URIs): it opens offline, from a laptop or an e-mail, and asks the
+network for nothing.
 Everything read from run folders (run ids, experiment names, job values) is HTML-escaped.
 """
 
@@ -24,9 +25,12 @@ from .atomic import atomic_write_text
 from .cluster.runs import (RUN_RECORD, ClusterError, MAX_RECORD_BYTES, NotTrusted, find_runs, folder_problem,
                            load_run, read_owned)
 from .results import RunResult, differing_keys, load_result, tissue_names
+from .svgplot import Series, box_chart, colours as run_colours, line_chart
 
 #: The worst test slices shown per run.
 WORST = 3
+#: Runs open in the page's section of worst slices; the others are one click away.
+OPEN_SECTIONS = 6
 #: The largest overlay PNG inlined (a bigger one is named, not embedded).
 MAX_PNG_BYTES = 4 * MAX_RECORD_BYTES
 SHORT = {"csf": "CSF", "grey_matter": "GM", "white_matter": "WM", "mean": "mean"}
@@ -58,24 +62,6 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _colours(n: int) -> list[str]:
-    """A colour per run: matplotlib's tab10/tab20 while they last, then evenly spaced hues."""
-    from matplotlib import colormaps, colors
-
-    if n <= 10:
-        cmap = colormaps["tab10"]
-        return [colors.to_hex(cmap(i)) for i in range(n)]
-    if n <= 20:
-        cmap = colormaps["tab20"]
-        return [colors.to_hex(cmap(i)) for i in range(n)]
-    cmap = colormaps["turbo"]
-    return [colors.to_hex(cmap(0.05 + 0.9 * i / (n - 1))) for i in range(n)]
-
-
-#: Runs open in the page's section of worst slices; the others are one click away.
-OPEN_SECTIONS = 6
-
-
 def labeller(runs: list[RunResult], keys: list[str]):
     """The short name of each run in legends: its run id past what all the page's ids share, and its values."""
     prefix = _common_prefix([r.run_id for r in runs])
@@ -95,56 +81,23 @@ def _common_prefix(ids: list[str]) -> str:
     return prefix[: prefix.rfind("-") + 1]
 
 
-def _figure_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return _png_uri(buffer.getvalue())
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def curves_png(runs: list[RunResult], colours: list[str], label) -> str:
-    """Training loss and validation mean Dice of every run, overlaid, one colour per run, with a legend below."""
-    plt = _plt()
-    from matplotlib.ticker import MaxNLocator
-
-    columns = 1 if len(runs) <= 4 else 2 if len(runs) <= 12 else 4
-    legend_rows = math.ceil(len(runs) / columns)
-    fig = plt.figure(figsize=(11, 3.6 + 0.19 * legend_rows))
-    grid = fig.add_gridspec(2, 2, height_ratios=[3.6, 0.19 * legend_rows + 0.3])
-    ax_loss, ax_dice = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+def curves(runs: list[RunResult], colours: list[str], label) -> str:
+    """Training loss and validation mean Dice of every run, overlaid, one colour per run (the best run bold), and
+    a legend of the runs below them."""
     best = _best_index(runs)
+    loss, dice = [], []
     for i, (run, colour) in enumerate(zip(runs, colours)):
-        epochs = [m["epoch"] for m in run.metrics]
-        name = label(run).replace("$", r"\$") + (" (best)" if i == best else "")  # '$' starts mathtext
-        lw, z = (2.6, 3) if i == best else (1.2, 2)  # the best run stands out among many
-        ax_loss.plot(epochs, [m["train_loss"] for m in run.metrics], color=colour, lw=lw, zorder=z, label=name)
+        name = label(run) + (" (best)" if i == best else "")
+        loss.append(Series(colour, name, [m["epoch"] for m in run.metrics], [m["train_loss"] for m in run.metrics],
+                           bold=i == best))
         val = [m for m in run.metrics if "val_mean_dice" in m]
-        ax_dice.plot([m["epoch"] for m in val], [m["val_mean_dice"] for m in val], "-o", color=colour, lw=lw,
-                     zorder=z, markersize=2.5)
-    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
-    ax_dice.set(title="validation mean Dice", xlabel="epoch", ylabel="Dice", ylim=(0, 1))
-    for ax in (ax_loss, ax_dice):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 1.25
-    legend_ax = fig.add_subplot(grid[1, :])
-    legend_ax.axis("off")
-    handles, labels = ax_loss.get_legend_handles_labels()
-    if handles:
-        legend_ax.legend(handles, labels, loc="upper center", ncol=columns, fontsize=8, frameon=False,
-                         handlelength=1.5, columnspacing=1.2)
-    fig.tight_layout()
-    return _figure_uri(fig)
+        dice.append(Series(colour, name, [m["epoch"] for m in val], [m["val_mean_dice"] for m in val], bold=i == best))
+    legend = "".join(f'<li><span class="swatch" style="background:{c}"></span>{_esc(label(r))}'
+                     f'{" <b>(best)</b>" if i == best else ""}</li>'
+                     for i, (r, c) in enumerate(zip(runs, colours)))
+    return (f'<div class="charts">{line_chart(loss, "training loss", "loss")}'
+            f'{line_chart(dice, "validation mean Dice", "Dice", ylim=(0, 1), markers=True)}</div>'
+            f'<ul class="legend">{legend}</ul>')
 
 
 def per_item_dice(run: RunResult) -> tuple[str, list[tuple[str, float]], Path | None]:
@@ -168,30 +121,10 @@ def per_item_dice(run: RunResult) -> tuple[str, list[tuple[str, float]], Path | 
     return "slice", [], None
 
 
-def distribution_png(runs: list[RunResult], items: list[list[float]], colours: list[str], label,
-                     kind: str) -> str | None:
-    """One box (and its points) per run of the per-slice (or per-scan) test Dice, in the table's order."""
-    shown = [(run, values, colour) for run, values, colour in zip(runs, items, colours) if values]
-    if not shown:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(11, 1.0 + 0.28 * len(shown)))
-    positions = list(range(len(shown), 0, -1))
-    import matplotlib
-
-    sideways = {"orientation": "horizontal"} if tuple(map(int, matplotlib.__version__.split(".")[:2])) >= (3, 10) \
-        else {"vert": False}  # `vert` is deprecated from 3.10 on
-    box = ax.boxplot([v for _, v, _ in shown], positions=positions, widths=0.6, patch_artist=True,
-                     showfliers=False, **sideways)
-    for patch, (_, _, colour) in zip(box["boxes"], shown):
-        patch.set(facecolor=colour, alpha=0.35, edgecolor=colour)
-    for y, (_, values, colour) in zip(positions, shown):
-        ax.plot(values, [y] * len(values), "|", color=colour, markersize=7, alpha=0.8)
-    ax.set_yticks(positions, [label(r).replace("$", r"\$") for r, _, _ in shown], fontsize=8)
-    ax.set(xlim=(0, 1), xlabel=f"test mean Dice per {kind}")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return _figure_uri(fig)
+def distribution(runs: list[RunResult], items: list[list[float]], colours: list[str], label, kind: str) -> str:
+    """One box per run of its per-slice (or per-scan) test Dice, in the table's first order."""
+    rows = [(colour, label(run), values) for run, values, colour in zip(runs, items, colours) if values]
+    return box_chart(rows, f"test mean Dice per {kind}") if rows else ""
 
 
 def _cell(value, digits: int = 3, best: bool = False) -> str:
@@ -303,6 +236,8 @@ def worst_section(run: RunResult, rows: list[tuple[str, float]], folder: Path | 
     for item, value in sorted(rows, key=lambda row: row[1])[:WORST]:
         png = folder / "png" / f"{item}.png"
         try:
+            if "/" in item or item.startswith("."):  # an id from the CSV names a file of png/, nothing else
+                raise ValueError(item)
             uri = _png_uri(read_owned(png, MAX_PNG_BYTES))
             picture = f'<img src="{uri}" alt="{_esc(item)}">'
         except (FileNotFoundError, NotTrusted, OSError, ValueError):
@@ -313,7 +248,8 @@ def worst_section(run: RunResult, rows: list[tuple[str, float]], folder: Path | 
             f"min {min(values):.3f}, max {max(values):.3f}")
     return (f'<details class="run"{" open" if open_ else ""}><summary><span class="swatch" '
             f'style="background:{colour}"></span><b>{_esc(label(run))}</b> <span class="id">'
-            f'{_esc(run.run_id)} &middot; median {statistics.median(values):.3f}</span></summary><p class="note">{line}; the {min(WORST, len(values))} worst:</p>'
+            f'{_esc(run.run_id)} &middot; median {statistics.median(values):.3f}</span></summary>'
+            f'<p class="note">{line}; the {min(WORST, len(values))} worst:</p>'
             f'<div class="worst">{"".join(figures)}</div></details>')
 
 
@@ -334,7 +270,8 @@ tr.best td{background:#fff7d6}.star{color:#d4a000}
 tbody tr:hover td{background:#eef4ff}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:baseline}
 .state.completed{color:#18794e}.state.failed,.state.timeout{color:#c0262d}.state.running{color:#0b62c4}
-img.plot{max-width:100%;height:auto;display:block}
+.charts{display:flex;flex-wrap:wrap;gap:16px}svg.chart{max-width:100%;height:auto}
+ul.legend{list-style:none;padding:0;margin:6px 0;columns:4 260px;font-size:12px}ul.legend li{break-inside:avoid}
 .worst{display:flex;gap:12px;flex-wrap:wrap}.worst figure{margin:0}
 .worst img{max-height:260px;max-width:100%;width:auto;display:block}
 figcaption{font-size:12px;color:#444}.missing{color:#999;font-size:12px}
@@ -371,12 +308,11 @@ def render(runs: list[ReportRun], title: str, notes: list[str] = ()) -> str:
     keys = [k for k in differing_keys(results) if not (k == "fold" or k.endswith(".fold"))]
     label = labeller(results, keys)
     tissues = tissue_names(results)
-    colours = _colours(len(results))
+    colours = run_colours(len(results))
     kinds_rows = [per_item_dice(r) for r in results]
     kind = next((k for k, rows, _ in kinds_rows if rows), "slice")
-    distribution = distribution_png(results, [[v for _, v in rows] for _, rows, _ in kinds_rows], colours, label,
-                                    kind)
-    curves = curves_png(results, colours, label) if any(r.metrics for r in results) else None
+    boxes = distribution(results, [[v for _, v in rows] for _, rows, _ in kinds_rows], colours, label, kind)
+    charts = curves(results, colours, label) if any(r.metrics for r in results) else ""
     swept = ", ".join(keys) if keys else "none (the runs' job keys are the same)"
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [f"<h1>{_esc(title)}</h1>",
@@ -386,12 +322,11 @@ def render(runs: list[ReportRun], title: str, notes: list[str] = ()) -> str:
     parts += [f'<p class="note">{_esc(note)}</p>' for note in notes]
     parts.append(f'<div class="scroll">{runs_table(runs, keys, tissues, colours)}</div>')
     parts.append(cv_table(results, keys))
-    if curves:
-        parts.append(f'<h2>Curves</h2><img class="plot" src="{curves}" alt="training loss and validation Dice '
-                     'of every run">')
-    if distribution:
-        parts.append(f'<h2>Test Dice per {kind}</h2><p class="note">one box per run (quartiles), each {kind} a '
-                     f'tick</p><img class="plot" src="{distribution}" alt="test Dice per {kind} of every run">')
+    if charts:
+        parts.append(f"<h2>Curves</h2>{charts}")
+    if boxes:
+        parts.append(f'<h2>Test Dice per {kind}</h2><p class="note">one box per run: quartiles, the median as a bar, '
+                     f'whiskers to the lowest and highest, each {kind} a tick</p><div class="scroll">{boxes}</div>')
         sections = [worst_section(r, rows, folder, k, c, label, open_=i < OPEN_SECTIONS)
                     for i, (r, (k, rows, folder), c) in enumerate(zip(results, kinds_rows, colours))]
         hidden = f"; the runs after the first {OPEN_SECTIONS} open on a click" if len(results) > OPEN_SECTIONS else ""
