@@ -95,8 +95,10 @@ def curves(runs: list[RunResult], colours: list[str], label) -> str:
     legend = "".join(f'<li><span class="swatch" style="background:{c}"></span>{_esc(label(r))}'
                      f'{" <b>(best)</b>" if i == best else ""}</li>'
                      for i, (r, c) in enumerate(zip(runs, colours)))
-    return (f'<div class="charts">{line_chart(loss, "training loss", "loss")}'
-            f'{line_chart(dice, "validation mean Dice", "Dice", ylim=(0, 1), markers=True)}</div>'
+    epochs = [m["epoch"] for r in runs for m in r.metrics] or [1]
+    xlim = (min(epochs), max(epochs))  # both charts over the same epochs, though validation is every N-th
+    return (f'<div class="charts">{line_chart(loss, "training loss", "loss", xlim=xlim)}'
+            f'{line_chart(dice, "validation mean Dice", "Dice", ylim=(0, 1), markers=True, xlim=xlim)}</div>'
             f'<ul class="legend">{legend}</ul>')
 
 
@@ -364,13 +366,10 @@ def gather(selectors: list[str], scratches: list[Path]) -> tuple[list[ReportRun]
     folders: list[tuple[Path, bool]] = []  # (run folder, whether it sits in a scratch's <experiment>/ folder)
     named = []
     for selector in selectors:
-        path = Path(selector)
-        if path.is_dir():
-            found = _run_folders(path)
-            if not found:
-                raise ClusterError(f"{selector}: no run folders in it (none holds run.json or metrics.jsonl)")
+        found = _run_folders(Path(selector)) if Path(selector).is_dir() else []
+        if found:
             folders += [(f, False) for f in found]
-        else:
+        else:  # a name (a folder of the same name without runs, `demo` of the quick start's data, is no run)
             named.append(selector)
     if named:
         folders += [(r.path, True) for r in find_runs(named, scratches)]

@@ -62,12 +62,13 @@ class Series:
 
 
 def line_chart(series: list[Series], title: str, ylabel: str, ylim: tuple[float, float] | None = None,
-               width: int = 540, height: int = 320, markers: bool = False) -> str:
+               width: int = 540, height: int = 320, markers: bool = False,
+               xlim: tuple[float, float] | None = None) -> str:
     """Lines of y over epochs, one per series (the bold one drawn last, thicker), in an SVG element."""
     left, right, top, bottom = 56, 12, 26, 40
     xs = [x for s in series for x in s.xs]
     ys = [y for s in series for y in s.ys]
-    x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
+    x_lo, x_hi = xlim or ((min(xs), max(xs)) if xs else (0, 1))
     if ylim:
         y_lo, y_hi = ylim
     else:
@@ -110,7 +111,8 @@ def line_chart(series: list[Series], title: str, ylabel: str, ylim: tuple[float,
         parts.append(f'<polyline points="{points}" fill="none" stroke="{s.colour}" stroke-width="{width_px}" '
                      f'stroke-linejoin="round"><title>{_esc(s.label)}</title></polyline>')
         if markers and len(s.xs) <= 60:
-            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{s.colour}"/>'
+            radius = 2.2 if len(s.xs) > 1 else 4  # a lone validation point must still be seen
+            parts += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{radius}" fill="{s.colour}"/>'
                       for x, y in zip(s.xs, s.ys)]
     parts.append("</svg>")
     return "".join(parts)
