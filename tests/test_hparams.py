@@ -71,3 +71,20 @@ def test_the_hparams_plugin_builds_the_sweep_from_the_sessions(local_sweep):
     assert (infos["optim.lr"].domain_interval.min_value, infos["optim.lr"].domain_interval.max_value) == (1e-3, 3e-3)
     metrics = {m.name.tag for m in experiment.metric_infos}
     assert {"results/best_val_dice_mean", "results/test_dice_mean", "dice/mean", "loss/train"} <= metrics
+
+
+def test_a_collected_folder_shows_the_same_sessions(local_sweep, tmp_path):
+    from click.testing import CliRunner
+
+    from hpcseg.cli import main
+
+    dest = tmp_path / "collected"
+    result = CliRunner().invoke(main, ["collect", "sweep", "--dest", str(dest)],
+                                env={"HPCSEG_SCRATCH": str(local_sweep.scratch)}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    mux = _multiplexer(dest)
+    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    assert sorted(content) == [f"{p.name}/tb" for p in local_sweep.runs]
+    for run in content:
+        assert "loss/train" in mux.GetAccumulator(run).Tags()["tensors"]
+        assert _last_value(mux, run, "results/epochs") == 3
