@@ -1,6 +1,6 @@
-"""TensorBoard's HPARAMS tab for a real local sweep, read with TensorBoard's own reader: each run's `tb/` is a
-session holding its swept and fixed settings and its results, and the hparams plugin's backend builds the
-experiment from them (optim.lr differing, the results as metrics)."""
+"""TensorBoard's HPARAMS tab for a real local sweep, read with TensorBoard's own reader: each run folder is a
+session holding its swept and fixed settings and its results (its curves in `tb/` below it), and the hparams
+plugin's backend builds the experiment from them (optim.lr differing, the results and curves as metrics)."""
 
 from __future__ import annotations
 
@@ -32,10 +32,8 @@ def _last_value(mux, run: str, tag: str) -> float:
 
 def test_each_run_is_a_session_with_its_settings_and_results(local_sweep):
     mux = _multiplexer(local_sweep.scratch / "sweep")
-    content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
-    sessions = {run.split("/")[0]: tags for run, tags in content.items()}
-    assert sorted(sessions) == [p.name for p in local_sweep.runs]
-    assert all(run.endswith("/tb") for run in content)  # beside the run's training curves
+    sessions = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    assert sorted(sessions) == [p.name for p in local_sweep.runs]  # a session per run, named by its run id
     lrs = set()
     for run_id, tags in sessions.items():
         start = metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG])
@@ -43,8 +41,8 @@ def test_each_run_is_a_session_with_its_settings_and_results(local_sweep):
                    for k, v in start.hparams.items()}
         lrs.add(hparams["optim.lr"])
         assert hparams["train.batch_size"] == 2 and hparams["gpus"] == 0 and hparams["train.precision"] == "fp32"
-        run = f"{run_id}/tb"
-        assert "loss/train" in mux.GetAccumulator(run).Tags()["tensors"]  # the curves are in the same session
+        run = run_id
+        assert "loss/train" in mux.GetAccumulator(f"{run}/tb").Tags()["tensors"]  # its curves, below the session
         progress = (local_sweep.scratch / "sweep" / run_id / "progress.json").read_text()
         assert _last_value(mux, run, "results/best_val_dice_mean") == pytest.approx(json.loads(progress)["best_dice"])
         summary = json.loads((local_sweep.scratch / "sweep" / run_id / "test" / "test_data" / "summary.json")
@@ -69,8 +67,9 @@ def test_the_hparams_plugin_builds_the_sweep_from_the_sessions(local_sweep):
     infos = {h.name: h for h in experiment.hparam_infos}
     assert infos["optim.lr"].differs and not infos["train.batch_size"].differs
     assert (infos["optim.lr"].domain_interval.min_value, infos["optim.lr"].domain_interval.max_value) == (1e-3, 3e-3)
-    metrics = {m.name.tag for m in experiment.metric_infos}
-    assert {"results/best_val_dice_mean", "results/test_dice_mean", "dice/mean", "loss/train"} <= metrics
+    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
+    assert {("", "results/best_val_dice_mean"), ("", "results/test_dice_mean"), ("tb", "dice/mean"),
+            ("tb", "loss/train")} <= metrics
 
 
 def test_a_collected_folder_shows_the_same_sessions(local_sweep, tmp_path):
@@ -84,7 +83,7 @@ def test_a_collected_folder_shows_the_same_sessions(local_sweep, tmp_path):
     assert result.exit_code == 0, result.output
     mux = _multiplexer(dest)
     content = mux.PluginRunToTagToContent(metadata.PLUGIN_NAME)
-    assert sorted(content) == [f"{p.name}/tb" for p in local_sweep.runs]
+    assert sorted(content) == [p.name for p in local_sweep.runs]
     for run in content:
-        assert "loss/train" in mux.GetAccumulator(run).Tags()["tensors"]
+        assert "loss/train" in mux.GetAccumulator(f"{run}/tb").Tags()["tensors"]
         assert _last_value(mux, run, "results/epochs") == 3

@@ -1,12 +1,13 @@
 """The run's settings and results as TensorBoard's HParams summary, so that `tensorboard --logdir
 <scratch>/<experiment>` lists the experiment's runs in its HPARAMS tab, their curves beside them.
 
-Each run's `tb/` folder is one session: its training curves (written by train.py) and one event file
-`events.out.tfevents.hparams` holding the session's settings (the job keys that differ between the experiment's
-runs, plus batch, lr, precision, GPUs and the fold) and its results as scalars under `results/` (best validation
-Dice per tissue and mean, test Dice, epochs, wall time). No experiment summary is written: TensorBoard then builds
-the experiment from all sessions, so runs submitted apart still line up. The file is replaced whole on each write
-(after training, again after the job's test): TensorBoard keeps the first session record of a run it reads.
+Each run folder is one session, named by its run id: the event file `events.out.tfevents.hparams` in the run
+folder holds the session's settings (the job keys that differ between the experiment's runs, plus batch, lr,
+precision, GPUs and the fold) and its results as scalars under `results/` (best validation Dice per tissue and
+mean, test Dice, epochs, wall time); the training curves in its `tb/` (train.py's) are the session's too, as the
+metric group `tb`. No experiment summary is written: TensorBoard then builds the experiment from all sessions, so
+runs submitted apart still line up. The file is replaced whole on each write (after training, again after the
+job's test): TensorBoard keeps the first session record of a run it reads.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from .cluster.runs import RUN_RECORD
 from .results import ALWAYS, RunResult, differing_keys, load_result
 
-#: The event file of the session record, beside the training's own event files in `tb/` (sorted after them).
+#: The event file of the session record, in the run folder (`tb/` below it holds the training's own).
 EVENT_FILE = "events.out.tfevents.hparams"
 #: Sibling runs compared for differing settings, at most (the newest ones).
 MAX_SIBLINGS = 1000
@@ -60,16 +61,15 @@ def session(result: RunResult, others: list[RunResult]) -> tuple[dict, dict]:
 
 
 def write_hparams(run_dir: Path) -> Path:
-    """Write (or replace) the run's HParams session record in `run_dir/tb/`; returns the event file."""
+    """Write (or replace) the run's HParams session record in `run_dir`; returns the event file."""
     from torch.utils.tensorboard.summary import hparams, scalar
     from torch.utils.tensorboard.writer import FileWriter
 
     result = load_result(Path(run_dir))
     settings, metrics = session(result, _siblings(result))
-    tb = Path(run_dir) / "tb"
-    tb.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
     step = result.epochs_done or 0
-    with tempfile.TemporaryDirectory(prefix=".hparams-", dir=tb) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".hparams-", dir=run_dir) as tmp:  # the writer names its file itself
         writer = FileWriter(tmp)
         _, start, end = hparams(settings, metrics)  # the experiment summary is left out (see above)
         writer.add_summary(start, step)
@@ -78,5 +78,5 @@ def write_hparams(run_dir: Path) -> Path:
             writer.add_summary(scalar(tag, float(value)), step)
         writer.close()
         (written,) = Path(tmp).iterdir()
-        os.replace(written, tb / EVENT_FILE)
-    return tb / EVENT_FILE
+        os.replace(written, run_dir / EVENT_FILE)
+    return run_dir / EVENT_FILE
