@@ -5,8 +5,7 @@ time, GPU hours, requeues; the best run starred; sorted by a click on any header
 distribution of each run's per-slice test Dice, the three worst test slices of each run, and a mean ± sd per
 setting where the runs are folds of a cross-validation. Styles, the sorting script and every picture are inline
 (plots as SVG, the test's overlay PNGs as data: URIs): it opens offline, from a laptop or an e-mail, and asks the
-network for nothing.
-Everything read from run folders (run ids, experiment names, job values) is HTML-escaped.
+network for nothing. Everything read from run folders (run ids, experiment names, job values) is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import datetime as _dt
 import html
 import io
 import math
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from pathlib import Path
 from .atomic import atomic_write_text
 from .cluster.runs import (RUN_RECORD, ClusterError, MAX_RECORD_BYTES, NotTrusted, find_runs, folder_problem,
                            load_run, read_owned)
+from .cluster.status import collect_status, sweep_value
 from .results import RunResult, differing_keys, load_result, tissue_names
 from .svgplot import Series, box_chart, colours as run_colours, line_chart
 
@@ -49,13 +50,8 @@ def _esc(value) -> str:
 
 
 def _value_text(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+    """A setting as `status` shows it (0.001, true, [4, 8]); `-` for none."""
+    return "-" if value is None else sweep_value(value)
 
 
 def _png_uri(data: bytes) -> str:
@@ -75,8 +71,6 @@ def labeller(runs: list[RunResult], keys: list[str]):
 
 def _common_prefix(ids: list[str]) -> str:
     """What the ids share up to the last '-' of their common start ('20261201-213733-7fdd-' for a sweep)."""
-    import os.path
-
     prefix = os.path.commonprefix(ids) if len(ids) > 1 else ""
     return prefix[: prefix.rfind("-") + 1]
 
@@ -361,8 +355,6 @@ def _run_folders(folder: Path) -> list[Path]:
 def gather(selectors: list[str], scratches: list[Path]) -> tuple[list[ReportRun], list[str]]:
     """The runs the arguments name, with their state, and notes on runs left out. An argument is a folder (a run,
     an experiment folder, or a folder `collect` wrote), else an experiment, run or sweep id under `scratches`."""
-    from .cluster.status import collect_status
-
     folders: list[tuple[Path, bool]] = []  # (run folder, whether it sits in a scratch's <experiment>/ folder)
     named = []
     for selector in selectors:
