@@ -79,6 +79,12 @@ def vary_copies(template: Path, experiment_dir: Path, n: int, seed: int = 0) -> 
                 m["val_mean_dice"] = sum(m["val_dice"].values()) / len(m["val_dice"])
             lines.append(json.dumps(m))
         (dest / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        validated = [json.loads(line) for line in lines if "val_mean_dice" in line]
+        if validated:  # what `status` shows: the best epoch of the varied metrics
+            best = max(validated, key=lambda m: m["val_mean_dice"])
+            progress = json.loads((dest / "progress.json").read_text())
+            progress.update(best_dice=best["val_mean_dice"], best_epoch=best["epoch"])
+            (dest / "progress.json").write_text(json.dumps(progress))
         for test in (dest / "test").iterdir():
             csv_path = test / "per_slice.csv"
             rows = csv_path.read_text().splitlines()
