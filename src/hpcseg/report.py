@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .cluster.runs import (RUN_RECORD, ClusterError, MAX_RECORD_BYTES, NotTrusted, find_runs, folder_problem,
+from .cluster.runs import (MAX_RECORD_BYTES, RUN_RECORD, ClusterError, NotTrusted, find_runs, folder_problem,
                            load_run, read_owned)
 from .cluster.status import collect_status, sweep_value
 from .results import RunResult, differing_keys, load_result, tissue_names
