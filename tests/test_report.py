@@ -80,7 +80,8 @@ def test_report_of_a_scratch_and_of_a_collected_folder(local_sweep, tmp_path):
 
 
 def test_text_from_run_folders_is_escaped(local_sweep, tmp_path):
-    hostile = '<img src=x onerror="alert(1)">&'
+    """In the page as HTML; in the status table, a terminal's escape sequence shows as '?'."""
+    hostile = '<img src=x onerror="alert(1)">&\x1b[2J'
     folder = tmp_path / "exp"
     for run in local_sweep.runs:
         shutil.copytree(run, folder / run.name, symlinks=True)
@@ -89,8 +90,10 @@ def test_text_from_run_folders_is_escaped(local_sweep, tmp_path):
         (folder / run.name / "run.json").write_text(json.dumps(record))
     page = _report(tmp_path, folder, env={"HPCSEG_SCRATCH": str(tmp_path / "none")})
     assert hostile not in page and "onerror=\"alert" not in page
-    assert html_escaped(hostile) in page
+    assert html_escaped(hostile.replace("\x1b", "?")) in page and "\x1b" not in page
     _self_contained(page)
+    code, out = hpcseg("status", "--scratch", tmp_path, env={})
+    assert code == 0 and "\x1b" not in out and '<img src=x onerror="alert(1)">&?[2J' in out, out
 
 
 def html_escaped(text: str) -> str:

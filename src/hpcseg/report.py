@@ -24,7 +24,7 @@ from pathlib import Path
 from .atomic import atomic_write_text
 from .cluster.runs import (MAX_RECORD_BYTES, RUN_RECORD, ClusterError, NotTrusted, find_runs, folder_problem,
                            load_run, read_owned)
-from .cluster.status import collect_status, sweep_value
+from .cluster.status import collect_status, printable, sweep_value
 from .results import RunResult, differing_keys, load_result, tissue_names
 from .svgplot import Series, box_chart, colours as run_colours, line_chart
 
@@ -46,7 +46,8 @@ class ReportRun:
 
 
 def _esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    """Text from a run folder as HTML: escaped, and a control character shown as '?'."""
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _value_text(value) -> str:

@@ -242,6 +242,11 @@ def _gpus_cell(s: RunStatus) -> str:
     return f"{s.gpus}x{s.nodes}" if s.nodes and s.nodes > 1 else str(s.gpus)
 
 
+def printable(text: str) -> str:
+    """A run record's text for the terminal: a control character (an escape sequence's start) shows as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def swept_keys(statuses: list[RunStatus]) -> list[str]:
     """The job keys any of the runs swept (their run records' sweep values), in the order first seen."""
     keys: dict[str, None] = {}
@@ -256,7 +261,7 @@ def sweep_value(value) -> str:
         return str(value).lower()
     if isinstance(value, float):
         return f"{value:g}"
-    return str(value)
+    return printable(str(value))
 
 
 def sort_statuses(statuses: list[RunStatus], by: str = "run") -> list[RunStatus]:
@@ -276,8 +281,8 @@ def format_table(statuses: list[RunStatus], now: float | None = None, sort: str 
     now = time.time() if now is None else now
     statuses = sort_statuses(statuses, sort)
     swept = swept_keys(statuses)  # a column per swept key, after the experiment's name
-    header = ["RUN", "EXPERIMENT", *swept, "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE", "UPDATED",
-              "LEFT"]
+    header = ["RUN", "EXPERIMENT", *map(printable, swept), "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE",
+              "UPDATED", "LEFT"]
     rows = [header]
     for s in statuses:
         epoch = f"{s.epoch if s.epoch is not None else '-'}/{s.epochs if s.epochs is not None else '-'}"
