@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
 .venv/bin/pip install --quiet torch==2.13.0 -e '.[test]'
+# headless Chromium for the report's browser test (tests/test_report.py)
+command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || true
 
 # --- SSH tests (tests/fixtures_ssh.py starts its own sshd on a loopback port): the OpenSSH server and rsync
 if [[ ! -x /usr/sbin/sshd ]] || ! command -v rsync >/dev/null || ! command -v ssh >/dev/null; then

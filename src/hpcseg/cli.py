@@ -193,9 +193,9 @@ def demo_data(out, overwrite) -> None:
     click.echo(f"wrote {out}: " + ", ".join(f"{n} {split}" for split, n in counts.items()))
 
 
-from .cluster.cli import cancel, collect, logs, status, submit  # noqa: E402 - registered on the group above
+from .cluster.cli import cancel, collect, logs, report, status, submit  # noqa: E402 - registered on the group above
 
 from .cluster.remote_side import remote_call  # noqa: E402 - the cluster's end of `--host`
 
-for _command in (submit, status, collect, cancel, logs, remote_call):
+for _command in (submit, status, collect, cancel, logs, report, remote_call):
     main.add_command(_command)

@@ -291,6 +291,9 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
         # this attempt's wall time by phase, for the user and the benchmarks
         run_record["phases_s"] = phases.summary()
         atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
+        from .hparams import write_hparams  # TensorBoard's HPARAMS tab: the run's settings and results
+
+        write_hparams(run_dir)
     log(phases.line())
     summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}

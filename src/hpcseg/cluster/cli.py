@@ -158,9 +158,12 @@ def _progress(s) -> str:
               "whose scheduler could not be asked has its error in scheduler_error; one left UNKNOWN by an answer "
               "hpcseg cannot read, the warning in scheduler_warning)")
 @click.option("--watch", is_flag=True, help="refresh until every run has ended or is damaged (Ctrl-C to stop)")
-def status(selectors, scratch, as_json, watch) -> None:
-    """State, epoch, best validation Dice and time left of runs (one scheduler query per backend)."""
-    from .status import TERMINAL, collect_status, format_table
+@click.option("--sort", type=click.Choice(["run", "dice", "state"]), default="run", show_default=True,
+              help="order of each experiment's runs: by run id, best validation Dice (best first) or state")
+def status(selectors, scratch, as_json, watch, sort) -> None:
+    """State, epoch, best validation Dice and time left of runs (one scheduler query per backend), with a column
+    per swept key."""
+    from .status import TERMINAL, collect_status, format_table, sort_statuses
 
     scratches = scratches_to_search(scratch)
     while True:
@@ -171,9 +174,10 @@ def status(selectors, scratch, as_json, watch) -> None:
         for warning in warnings:  # on stderr with --json too (each UNKNOWN run's are in its scheduler_warning)
             click.echo(f"hpcseg: warning: {warning}", err=True)
         if as_json:
-            click.echo(json.dumps([s.to_dict() for s in statuses], indent=1))
+            click.echo(json.dumps([s.to_dict() for s in sort_statuses(statuses, sort)], indent=1))
         else:
-            click.echo(format_table(statuses) if statuses else f"no runs under {', '.join(map(str, scratches))}")
+            click.echo(format_table(statuses, sort=sort) if statuses else
+                       f"no runs under {', '.join(map(str, scratches))}")
         if not watch or all(s.state in TERMINAL or s.damage for s in statuses):  # a damaged run will not change
             return
         try:
@@ -232,6 +236,28 @@ def collect(selectors, dest, top, scratch) -> None:
         sys.exit(ClusterError.exit_code)
     if not done:
         raise ClusterError("no run has a best checkpoint yet")
+
+
+# ---------------------------------------------------------------- report
+
+
+@click.command()
+@click.argument("selectors", nargs=-1, required=True, metavar="EXPERIMENT...")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report.html"), show_default=True,
+              help="the HTML file to write (self-contained: opens offline)")
+@click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
+def report(selectors, out, scratch) -> None:
+    """One HTML page comparing runs: an experiment, run or sweep id, or a folder (an experiment's, a run's, or one
+    `hpcseg collect` wrote)."""
+    from ..report import write_report
+
+    problem = blocked(out.parent if str(out.parent) else Path("."))
+    if problem:
+        raise ClusterError(f"--out {problem}")
+    if out.is_dir():
+        raise ClusterError(f"--out {out}: a folder; give a file name such as {out / 'report.html'}")
+    path, count = write_report(list(selectors), scratches_to_search(scratch), out)
+    click.echo(f"wrote {path}: {count} runs")
 
 
 # ---------------------------------------------------------------- cancel

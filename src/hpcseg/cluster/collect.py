@@ -1,10 +1,10 @@
 """`hpcseg collect`: copy each run's results to `DEST/<run_id>/` with a verified `SHA256SUMS`.
 
-Copied: `checkpoints/best.pt` (as `best.pt`), `job.toml`, `metrics.jsonl`, `run.json`, the job's own test of
-each test folder (`test/<folder>/` as `job-test/<folder>/`: `summary.json`, `per_slice.csv` and the overlay PNGs
-in `png/`) and `curves.png` (training loss and validation Dice per epoch, drawn here). The job's test lands
-in `job-test/` so that a later `hpcseg test` of the collected folder (which writes `test/<folder>/`) never mixes
-its files with the job's.
+Copied: `checkpoints/best.pt` (as `best.pt`), `job.toml`, `metrics.jsonl`, `run.json`, TensorBoard's event files
+(`tb/` and the HParams session), the job's own test of each test folder (`test/<folder>/` as `job-test/<folder>/`: `summary.json`,
+`per_slice.csv` and the overlay PNGs in `png/`) and `curves.png` (training loss and validation Dice per epoch,
+drawn here). The job's test lands in `job-test/` so that a later `hpcseg test` of the collected folder (which
+writes `test/<folder>/`) never mixes its files with the job's.
 
 The run folder may lie on a shared scratch: only regular files of this user are copied (never through a link),
 and collect writes only inside `DEST/<run_id>/`, in folders it made (a link there is refused, not followed). Its
@@ -46,12 +46,15 @@ APPEND_ONLY = {"metrics.jsonl"}
 #: copies of a file that changed while it was read, before collect names it as one it cannot copy
 COPY_ATTEMPTS = 5
 #: every name collect may write (and so remove) in DEST/<run_id>/; a manifest entry of any other name is ignored
-_FIXED = {"best.pt", "job.toml", "metrics.jsonl", "run.json", "curves.png"}
+_FIXED = {"best.pt", "job.toml", "metrics.jsonl", "run.json", "curves.png",
+          "events.out.tfevents.hparams"}  # the run's TensorBoard HParams session (hparams.EVENT_FILE)
 _TEST_FILE = re.compile(rf"{JOB_TEST}/[^./][^/]*/(summary\.json|per_slice\.csv|per_subject\.csv|png/[^./][^/]*\.png)")
+#: TensorBoard's event files (curves and the HParams session), so that `tensorboard --logdir DEST` compares runs
+_TB_FILE = re.compile(r"tb/events\.out\.tfevents\.[^/]+")
 
 
 def _known(name: str) -> bool:
-    return name in _FIXED or bool(_TEST_FILE.fullmatch(name))
+    return name in _FIXED or bool(_TEST_FILE.fullmatch(name)) or bool(_TB_FILE.fullmatch(name))
 
 
 def _sha256_file(path: Path) -> str:
@@ -212,13 +215,16 @@ def _own_folders(dest: Path, name: str, create: bool) -> bool:
 def _sources(run: Run) -> dict[str, Path]:
     """{name in DEST/<run_id>/: file in the run folder} of everything collect copies (links left out)."""
     sources = {"best.pt": run.path / BEST, "job.toml": run.path / "job.toml",
-               "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json"}
+               "metrics.jsonl": run.path / "metrics.jsonl", "run.json": run.path / "run.json",
+               "events.out.tfevents.hparams": run.path / "events.out.tfevents.hparams"}
     for test in _scan(run.path / "test", dirs=True):
         for name in ("summary.json", "per_slice.csv", "per_subject.csv"):
             sources[f"{JOB_TEST}/{test.name}/{name}"] = test / name
         for png in _scan(test / "png", dirs=False):
             if png.name.endswith(".png"):
                 sources[f"{JOB_TEST}/{test.name}/png/{png.name}"] = png
+    for event in _scan(run.path / "tb", dirs=False):
+        sources[f"tb/{event.name}"] = event
     return {name: path for name, path in sources.items() if _known(name)}
 
 

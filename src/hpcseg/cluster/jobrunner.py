@@ -96,6 +96,9 @@ class JobRunner(submitit.helpers.Checkpointable):
                 from ..evaluate import test_run
 
                 test = test_run(run_dir, Path(self.test_dir))
+                from ..hparams import write_hparams  # the HParams session again, now with the test's Dice
+
+                write_hparams(run_dir)
                 result["test"] = {"data": self.test_dir, "mean_dice": test.get("mean_dice"),
                                   "dice_per_class": test.get("dice_per_class")}
         except submitit.core.utils.UncompletedJobError as err:  # timed out more often than allowed

@@ -242,17 +242,56 @@ def _gpus_cell(s: RunStatus) -> str:
     return f"{s.gpus}x{s.nodes}" if s.nodes and s.nodes > 1 else str(s.gpus)
 
 
-def format_table(statuses: list[RunStatus], now: float | None = None) -> str:
+def printable(text: str) -> str:
+    """A run record's text for the terminal: a control character (an escape sequence's start) shows as '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def swept_keys(statuses: list[RunStatus]) -> list[str]:
+    """The job keys any of the runs swept (their run records' sweep values), in the order first seen."""
+    keys: dict[str, None] = {}
+    for s in statuses:
+        keys.update((str(k), None) for k in s.sweep)
+    return list(keys)
+
+
+def sweep_value(value) -> str:
+    """A swept value as the user wrote it on the command line: 0.001, [4, 8], true."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return printable(str(value))
+
+
+def sort_statuses(statuses: list[RunStatus], by: str = "run") -> list[RunStatus]:
+    """The runs grouped by experiment, and inside each by run id, by best validation Dice (best first, runs
+    without one last) or by state."""
+    def rank(s: RunStatus):
+        if by == "dice":
+            return (s.experiment, s.best_dice is None, -(s.best_dice or 0.0), s.run_id)
+        if by == "state":
+            return (s.experiment, s.state, s.run_id)
+        return (s.experiment, s.run_id)
+
+    return sorted(statuses, key=rank)
+
+
+def format_table(statuses: list[RunStatus], now: float | None = None, sort: str = "run") -> str:
     now = time.time() if now is None else now
-    header = ["RUN", "EXPERIMENT", "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE", "UPDATED", "LEFT"]
+    statuses = sort_statuses(statuses, sort)
+    swept = swept_keys(statuses)  # a column per swept key, after the experiment's name
+    header = ["RUN", "EXPERIMENT", *map(printable, swept), "EXECUTOR", "JOB", "GPUS", "STATE", "EPOCH", "BEST DICE",
+              "UPDATED", "LEFT"]
     rows = [header]
     for s in statuses:
         epoch = f"{s.epoch if s.epoch is not None else '-'}/{s.epochs if s.epochs is not None else '-'}"
         best = f"{s.best_dice:.4f} ({s.best_epoch})" if s.best_dice is not None else "-"
         updated = _age(now - s.updated) if s.updated else "-"
         gpus = _gpus_cell(s)
-        rows.append([s.run_id, s.experiment, s.executor, s.job_id or "-", gpus, s.state, epoch, best, updated,
-                     clock(s.time_left_s) if s.time_left_s is not None and s.state not in TERMINAL else "-"])
+        values = [sweep_value(s.sweep[k]) if k in s.sweep else "-" for k in swept]
+        rows.append([s.run_id, s.experiment, *values, s.executor, s.job_id or "-", gpus, s.state, epoch, best,
+                     updated, clock(s.time_left_s) if s.time_left_s is not None and s.state not in TERMINAL else "-"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     for s in statuses:
