@@ -18,7 +18,9 @@ on the other two. The single models (baseline and +aug) train on fold 0 for ``--
 trains its three folds for ``--budget / 3`` each, so every variant costs the same training time. The variants
 train round-robin, ``--slice`` seconds at a time, so that the load other processes put on this machine falls on
 all of them alike; each one's clock counts only its own training (its validations, every quarter of its budget,
-choose its best weights and are left off). TTA rows reuse a model: they cost inference only.
+choose its best weights and are left off). TTA rows reuse a model: they cost inference only. Validation reads every
+``--val-stride``-th slice of the fold's brain, the test every ``--test-stride``-th of the held-out one (neighbouring
+1 mm planes are nearly the same).
 
 Example:  python benchmarks/heldout_brain.py --work /tmp/heldout --budget 240 --heldout mni2009sym
 """
@@ -69,7 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--slice", dest="slice_s", type=float, default=15.0, help="round-robin training slice, seconds")
     p.add_argument("--job", type=Path, default=JOB)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--val-stride", type=int, default=2, help="validate on every N-th slice of the fold's brain")
+    p.add_argument("--val-stride", type=int, default=4, help="validate on every N-th slice of the fold's brain")
+    p.add_argument("--test-stride", type=int, default=2, help="test on every N-th slice of the held-out brain")
+    p.add_argument("--validations", type=int, default=2, help="validations per model, evenly over its budget")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -135,8 +139,8 @@ def prepare_brains(work: Path, folders: dict[str, Path]) -> dict[str, Path]:
     for brain, folder in folders.items():
         data = work / "slices" / brain
         if not (data / "test_data").is_dir():
-            subprocess.run([sys.executable, "-m", "hpcseg", "prepare", str(folder), "--out", str(data), "--test", brain],
-                           check=True, stdout=subprocess.DEVNULL)
+            command = [sys.executable, "-m", "hpcseg", "prepare", str(folder), "--out", str(data), "--test", brain]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         out[brain] = data / "test_data"
     return out
 
@@ -155,9 +159,9 @@ def groups(split: Split, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class Trainer:
-    """One model trained on `train` for `budget` seconds of its own, validated on `val` every quarter of it."""
+    """One model trained on `train` for `budget` seconds of its own, validated on `val` `validations` times."""
 
-    def __init__(self, name: str, job, train: Split, val: Split, budget: float, device) -> None:
+    def __init__(self, name: str, job, train: Split, val: Split, budget: float, device, validations: int) -> None:
         self.name, self.job, self.budget, self.device = name, job, budget, device
         torch.manual_seed(job.train.seed)
         self.generator = torch.Generator(device=device).manual_seed(job.train.seed)
@@ -167,7 +171,8 @@ class Trainer:
         self.images, self.labels, self.sizes = (t.to(device) for t in train.stacked(min_size=(MIN_SIZE, MIN_SIZE)))
         self.val = groups(val, device)
         self.spent, self.samples, self.epoch = 0.0, 0, None
-        self.next_val, self.best, self.best_dice, self.history = budget / 4, None, -1.0, []
+        self.every = budget / validations
+        self.next_val, self.best, self.best_dice, self.history = self.every, None, -1.0, []
 
     @property
     def done(self) -> bool:
@@ -190,7 +195,7 @@ class Trainer:
                 self.epoch = None
         self.spent += time.perf_counter() - start
         if self.spent >= min(self.next_val, self.budget) - 1e-6:
-            self.next_val += self.budget / 4
+            self.next_val += self.every
             dice = nanmean(T.validate(self.model, self.val, self.job)[0].tolist())
             self.history.append((round(self.spent, 1), round(dice, 4)))
             if dice > self.best_dice:
@@ -226,19 +231,26 @@ def dice_of(models, split: Split, job, tta: str, device) -> dict[str, float]:
 
 
 def measure(heldout: str, slices: dict[str, Path], args, device, log) -> list[dict]:
+    """Train every variant with `heldout` left out, then score each on it: the table's rows, then each model's."""
     job = load_job(args.job, ["train.epochs=1000000", *args.overrides])
     aug = load_job(args.job, ["train.epochs=1000000", *args.overrides, *SCANNER])
     brains = {b: load_split(p, job.data.num_classes) for b, p in slices.items()}
     folds = [b for b in BRAINS if b != heldout]
     train = lambda k: joined([brains[b] for b in folds if b != folds[k]])  # noqa: E731
     val = lambda k: joined([brains[folds[k]]], args.val_stride)  # noqa: E731
-    trainers = [Trainer("baseline", job, train(0), val(0), args.budget, device),
-                Trainer("aug", aug, train(0), val(0), args.budget, device)]
-    trainers += [Trainer(f"fold{k}", aug, train(k), val(k), args.budget / len(folds), device) for k in range(len(folds))]
+    n = args.validations
+    trainers = [Trainer("baseline", job, train(0), val(0), args.budget, device, n),
+                Trainer("aug", aug, train(0), val(0), args.budget, device, n)]
+    trainers += [Trainer(f"fold{k}", aug, train(k), val(k), args.budget / len(folds), device, n)
+                 for k in range(len(folds))]
     log(f"held out {heldout}: folds validate on {', '.join(folds)}; single models train on "
         f"{' + '.join(b for b in folds[1:])}")
     round_robin(trainers, args.slice_s, log)
-    test = brains[heldout]
+    saved = args.work / "models" / heldout
+    saved.mkdir(parents=True, exist_ok=True)
+    for t in trainers:  # kept, so that the scoring can be looked at again without training
+        torch.save(t.best, saved / f"{t.name}.pt")
+    test = joined([brains[heldout]], args.test_stride)
     single = {t.name: t.best_model() for t in trainers}
     ensemble = [single[f"fold{k}"] for k in range(len(folds))]
     rows = []
@@ -246,11 +258,9 @@ def measure(heldout: str, slices: dict[str, Path], args, device, log) -> list[di
                                     ("baseline + flip TTA", [single["baseline"]], "flip", job),
                                     ("+ scanner augmentation", [single["aug"]], "none", aug),
                                     ("+ scanner augmentation + flip TTA", [single["aug"]], "flip", aug),
-                                    ("3-fold ensemble (+ augmentation)", ensemble, "none", aug),
-                                    ("3-fold ensemble (+ augmentation) + flip TTA", ensemble, "flip", aug)):
+                                    ("3-fold ensemble (+ augmentation)", ensemble, "none", aug)):
         dice = dice_of(models, test, job_, tta, device)
-        budget = (f"{args.budget:g} s" if len(models) == 1 else
-                  f"3 x {args.budget / len(folds):g} s")
+        budget = f"{args.budget:g} s" if len(models) == 1 else f"3 x {args.budget / len(folds):g} s"
         rows.append({"heldout": heldout, "variant": name, **dice, "budget": budget})
         log(f"  {name}: {dice}")
     for t in trainers:
