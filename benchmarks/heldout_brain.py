@@ -52,6 +52,11 @@ from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.metrics import FolderDice, named, nanmean  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
 
+try:
+    from hpcseg.infer import ensemble_labels  # ensembles and flip TTA (issue 17)
+except ImportError:  # pragma: no cover - an hpcseg without them: say so before training for half an hour
+    sys.exit("heldout_brain: this hpcseg has no hpcseg.infer.ensemble_labels (ensembles and flip TTA, issue 17)")
+
 JOB = C.REPO / "jobs" / "demo.toml"
 BRAINS = ("mni2009sym", "avg152", "avg305", "colin27")
 SPM = "fsroot/_spm/cleaned/spm/"
@@ -219,9 +224,7 @@ def round_robin(trainers: list[Trainer], slice_s: float, log) -> None:
 
 
 def dice_of(models, split: Split, job, tta: str, device) -> dict[str, float]:
-    """Per-tissue Dice over every slice of the held-out brain: softmax averaged over `models` and the mirrors."""
-    from hpcseg.infer import ensemble_labels
-
+    """Per-tissue Dice over the held-out brain's slices: softmax averaged over `models` and the mirrors."""
     cfg = replace(job.infer, tta=tta)
     folder = FolderDice(job.data.num_classes, device=device)
     for images, labels in groups(split, device):

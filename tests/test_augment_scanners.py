@@ -122,18 +122,18 @@ def test_low_resolution_at_zoom_one_is_the_image():
     torch.testing.assert_close(out, images, atol=1e-6, rtol=0)
 
 
-def test_brightness_contrast_gamma_equal_monai():
-    for key, check in (
-        ("brightness", lambda img, d, b: ScaleIntensity(minv=None, maxv=None, factor=float(d["brightness_factor"][b]))(img)),
-        ("contrast", lambda img, d, b: ScaleIntensityFixedMean(factor=float(d["contrast_factor"][b]), fixed_mean=True,
-                                                               preserve_range=True)(img)),
-        ("gamma", lambda img, d, b: AdjustContrast(float(d["gamma_value"][b]))(img)),
-    ):
-        images, out, d = run(only(**{f"{key}_prob": 1.0}), seed=len(key))
-        for b in range(len(images)):
-            ref = torch.as_tensor(np.asarray(check(images[b], d, b)))
-            torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=1e-5, msg=key)
-        assert not torch.allclose(out, images), key
+@pytest.mark.parametrize("key, monai", [
+    ("brightness", lambda f: ScaleIntensity(minv=None, maxv=None, factor=f)),
+    ("contrast", lambda f: ScaleIntensityFixedMean(factor=f, fixed_mean=True, preserve_range=True)),
+    ("gamma", AdjustContrast),
+])
+def test_brightness_contrast_gamma_equal_monai(key, monai):
+    drawn_as = {"brightness": "brightness_factor", "contrast": "contrast_factor", "gamma": "gamma_value"}[key]
+    images, out, d = run(only(**{f"{key}_prob": 1.0}), seed=len(key))
+    for b in range(len(images)):
+        ref = torch.as_tensor(np.asarray(monai(float(d[drawn_as][b]))(images[b])))
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(out, images)
 
 
 def test_each_transform_only_where_drawn_and_all_together_on_bfloat16():
