@@ -19,11 +19,26 @@ Conventions (all checked against MONAI 1.6.1):
   ``RandAffine``/``RandAffined``; labels use ``mode="nearest"`` so their values stay in the input's class set.
 * Gaussian noise follows ``RandGaussianNoise(sample_std=True)``: each noisy sample draws its standard deviation
   uniformly from ``[0, noise_std)`` and then zero-mean normal noise with it.
+
+Scanner augmentation (intensity and resolution of other scanners; every one off unless its probability is set, and
+then drawn after everything above, so jobs without it draw exactly the numbers they drew before):
+
+* Bias field: ``RandBiasField``: the image times ``exp(sum c_ij P_i(row) P_j(col))``, Legendre polynomials of total
+  degree <= ``bias_degree`` on ``linspace(-1, 1)`` per axis, each coefficient uniform in ``bias_coeff``.
+* Blur: ``RandGaussianSmooth``/``GaussianSmooth``: sigma per axis uniform in ``blur_sigma`` (pixels), MONAI's
+  ``erf`` kernel truncated at 4 sigma, zero padding, rows filtered first.
+* Low resolution: ``RandSimulateLowResolution`` (nearest down, bilinear up, ``align_corners=False``): one zoom per
+  sample uniform in ``lowres_zoom``, the low-resolution size ``round(size * zoom)`` per axis.
+* Brightness: ``RandScaleIntensity``: ``x * (1 + f)``, f uniform in ``[-brightness, brightness]``.
+* Contrast: ``RandScaleIntensityFixedMean(preserve_range=True)``: ``(x - mean) * (1 + f) + mean`` clipped to the
+  sample's own range, f uniform in ``[-contrast, contrast]``.
+* Gamma: ``RandAdjustContrast``/``AdjustContrast``: ``((x - min) / (range + 1e-7)) ** g * range + min``, g uniform
+  in ``gamma``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +58,32 @@ class AugmentParams:
     noise_std: float = 0.1  # each noisy sample draws its std uniformly in [0, noise_std), as sample_std=True
     shift_prob: float = 0.5
     shift: float = 0.1  # intensity offset uniform in [-shift, shift]
+    # Scanner augmentation: probabilities 0 (off), so that the recipe draws what it always drew.
+    bias_prob: float = 0.0
+    bias_degree: int = 3  # Legendre polynomials of total degree <= this, as RandBiasField's degree
+    bias_coeff: tuple[float, float] = (0.0, 0.1)  # each coefficient uniform in [low, high), as coeff_range
+    blur_prob: float = 0.0
+    blur_sigma: tuple[float, float] = (0.5, 1.0)  # pixels, uniform per axis, as RandGaussianSmooth's sigma_x/y
+    lowres_prob: float = 0.0
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)  # one zoom per sample, as zoom_range
+    brightness_prob: float = 0.0
+    brightness: float = 0.25  # factor 1 + uniform(-brightness, brightness), as RandScaleIntensity's factors
+    contrast_prob: float = 0.0
+    contrast: float = 0.25  # about the mean, 1 + uniform(-contrast, contrast), as RandScaleIntensityFixedMean
+    gamma_prob: float = 0.0
+    gamma: tuple[float, float] = (0.7, 1.5)  # exponent uniform in [low, high), as RandAdjustContrast's gamma
+
+    @classmethod
+    def from_config(cls, config) -> "AugmentParams":
+        """The parameters of a job's [augment] section (every field of the same name; lists as tuples)."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    @property
+    def scanner(self) -> bool:
+        """Whether any scanner augmentation is on (only then are its random numbers drawn)."""
+        return any(p > 0 for p in (self.bias_prob, self.blur_prob, self.lowres_prob, self.brightness_prob,
+                                   self.contrast_prob, self.gamma_prob))
 
 
 def _uniform(u: Tensor, half_range: float) -> Tensor:
@@ -125,6 +166,138 @@ def _draw(
     }
 
 
+def _between(u: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Map uniform [0, 1) draws to [low, high)."""
+    return bounds[0] + u * (bounds[1] - bounds[0])
+
+
+def bias_terms(degree: int) -> tuple[list[int], list[int]]:
+    """The (row, column) polynomial degrees of the bias field's coefficients, in RandBiasField's order (2D)."""
+    return [i for i in range(degree + 1) for _ in range(i + 1)], [j for i in range(degree + 1) for j in range(i + 1)]
+
+
+def _draw_scanner(
+    batch: int, params: AugmentParams, generator: torch.Generator, device: torch.device
+) -> dict[str, Tensor]:
+    """The scanner augmentation's decisions and parameters of one batch, from one fixed-shape draw."""
+    n_coeff = len(bias_terms(params.bias_degree)[0])
+    u = torch.rand(batch, 12 + n_coeff, generator=generator, device=device)
+    return {
+        "bias": u[:, 0] < params.bias_prob,
+        "blur": u[:, 1] < params.blur_prob,
+        "sigma": _between(u[:, 2:4], params.blur_sigma),
+        "lowres": u[:, 4] < params.lowres_prob,
+        "zoom": _between(u[:, 5], params.lowres_zoom),
+        "brightness": u[:, 6] < params.brightness_prob,
+        "brightness_factor": _uniform(u[:, 7], params.brightness),
+        "contrast": u[:, 8] < params.contrast_prob,
+        "contrast_factor": _uniform(u[:, 9], params.contrast),
+        "gamma": u[:, 10] < params.gamma_prob,
+        "gamma_value": _between(u[:, 11], params.gamma),
+        "coeff": _between(u[:, 12:], params.bias_coeff),
+    }
+
+
+def _legendre(x: Tensor, degree: int) -> Tensor:
+    """Legendre polynomials P_0 .. P_degree at ``x``, stacked (degree + 1, len(x)), by Bonnet's recursion."""
+    p = [torch.ones_like(x), x]
+    for n in range(1, degree):
+        p.append(((2 * n + 1) * x * p[n] - n * p[n - 1]) / (n + 1))
+    return torch.stack(p[: degree + 1])
+
+
+def bias_field(coeff: Tensor, degree: int, height: int, width: int) -> Tensor:
+    """Multiplicative fields (B, 1, h, w) ``exp(sum_k coeff[:, k] P_i(row) P_j(col))`` as RandBiasField draws."""
+    kw = {"device": coeff.device, "dtype": torch.float32}
+    rows, cols = (_legendre(torch.linspace(-1.0, 1.0, n, **kw), degree) for n in (height, width))
+    i, j = bias_terms(degree)
+    field = torch.einsum("bk,khw->bhw", coeff.float(), rows[i][:, :, None] * cols[j][:, None, :])
+    return field.exp()[:, None]
+
+
+def _gaussian_kernels(sigma: Tensor, max_sigma: float) -> Tensor:
+    """MONAI's ``gaussian_1d(approx="erf", truncated=4)`` for each sigma (B,), zero-padded to the widest (B, K)."""
+    widest = int(max(max_sigma * 4.0, 0.5) + 0.5)
+    x = torch.arange(-widest, widest + 1, device=sigma.device, dtype=torch.float32)
+    tail = torch.floor(torch.clamp(sigma * 4.0, min=0.5) + 0.5)  # int(max(4 sigma, 0.5) + 0.5) per sample
+    t = 0.70710678 / sigma.abs()[:, None]
+    kernel = (0.5 * ((t * (x + 0.5)).erf() - (t * (x - 0.5)).erf())).clamp(min=0)
+    return torch.where(x.abs() <= tail[:, None], kernel, 0.0)
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
+    """Each sample (B, 1, h, w) float32 smoothed with its own (row, column) sigma (B, 2), as GaussianSmooth."""
+    batch, _, height, width = images.shape
+    x = images.reshape(1, batch, height, width)  # samples as channels: one grouped convolution per axis
+    for axis in (0, 1):
+        kernel = _gaussian_kernels(sigma[:, axis], max_sigma)
+        pad = kernel.shape[1] // 2
+        shape = (batch, 1, -1, 1) if axis == 0 else (batch, 1, 1, -1)
+        padding = (0, 0, pad, pad) if axis == 0 else (pad, pad, 0, 0)
+        x = F.conv2d(F.pad(x, padding), kernel.reshape(shape), groups=batch)
+    return x.reshape(images.shape)
+
+
+def _down_up(size: int, zoom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample, along an axis of ``size``: where each output pixel reads after torch's nearest downsampling to
+    ``round(size * zoom)`` and bilinear upsampling back (``align_corners=False``): two source indices (B, size)
+    and the weight of the second."""
+    low = torch.round(size * zoom.double()).clamp(min=1).float()[:, None]  # as MONAI: round in double
+    full = torch.full_like(low, size)  # tensor / tensor: a correctly rounded quotient, as torch's kernels compute
+    out = torch.arange(size, device=zoom.device, dtype=torch.float32)[None]
+    src = ((low / full) * (out + 0.5) - 0.5).clamp(min=0)  # bilinear up: source position on the low grid
+    i0 = torch.minimum(src.floor(), low - 1)
+    lam = (src - i0).clamp(0, 1)
+    i1 = torch.where(i0 < low - 1, i0 + 1, i0)
+    near = lambda k: torch.clamp(torch.floor(k * (full / low)), max=size - 1).long()  # noqa: E731 nearest down
+    return near(i0), near(i1), lam
+
+
+def low_resolution(images: Tensor, zoom: Tensor) -> Tensor:
+    """Each sample (B, 1, h, w) float32 down- and upsampled at its own zoom (B,), as RandSimulateLowResolution."""
+    batch, _, height, width = images.shape
+    r0, r1, wr = _down_up(height, zoom)
+    c0, c1, wc = _down_up(width, zoom)
+    rows = lambda i: images.gather(2, i[:, None, :, None].expand(batch, 1, height, width))  # noqa: E731
+    x = rows(r0) * (1 - wr)[:, None, :, None] + rows(r1) * wr[:, None, :, None]
+    cols = lambda i: x.gather(3, i[:, None, None, :].expand(batch, 1, height, width))  # noqa: E731
+    return cols(c0) * (1 - wc)[:, None, None, :] + cols(c1) * wc[:, None, None, :]
+
+
+def _per_sample(x: Tensor, reduce) -> Tensor:
+    """A per-sample reduction of (B, 1, h, w), shaped (B, 1, 1, 1) to broadcast."""
+    return reduce(x.flatten(1), 1)[:, None, None, None]
+
+
+def _scanner(images: Tensor, params: AugmentParams, d: dict[str, Tensor]) -> Tensor:
+    """Bias field, blur and low resolution, in float32 (the image's dtype is restored by the caller)."""
+    x = images.float()
+    if params.bias_prob > 0:
+        x = _where(d["bias"], x * bias_field(d["coeff"], params.bias_degree, *x.shape[-2:]), x)
+    if params.blur_prob > 0:
+        x = _where(d["blur"], gaussian_blur(x, d["sigma"], max(params.blur_sigma)), x)
+    if params.lowres_prob > 0:
+        x = _where(d["lowres"], low_resolution(x, d["zoom"]), x)
+    return x
+
+
+def _intensity(images: Tensor, params: AugmentParams, d: dict[str, Tensor]) -> Tensor:
+    """Brightness, contrast and gamma, in float32."""
+    x = images.float()
+    if params.brightness_prob > 0:
+        x = _where(d["brightness"], x * (1 + d["brightness_factor"][:, None, None, None]), x)
+    if params.contrast_prob > 0:
+        low, high, mean = (_per_sample(x, f) for f in (torch.amin, torch.amax, torch.mean))
+        scaled = (x - mean) * (1 + d["contrast_factor"][:, None, None, None]) + mean
+        x = _where(d["contrast"], torch.minimum(torch.maximum(scaled, low), high), x)
+    if params.gamma_prob > 0:
+        low = _per_sample(x, torch.amin)
+        span = _per_sample(x, torch.amax) - low
+        curved = ((x - low) / (span + 1e-7)) ** d["gamma_value"][:, None, None, None] * span + low
+        x = _where(d["gamma"], curved, x)
+    return x
+
+
 def _where(do: Tensor, changed: Tensor, x: Tensor) -> Tensor:
     """Per sample: ``changed`` where ``do`` (B,), else ``x`` unchanged (bit for bit)."""
     return torch.where(do[:, None, None, None], changed, x)
@@ -133,11 +306,13 @@ def _where(do: Tensor, changed: Tensor, x: Tensor) -> Tensor:
 def augment_batch(
     images: Tensor, labels: Tensor, params: AugmentParams, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """The recipe's augmentation for a batch: flip rows, flip columns, affine, Gaussian noise, intensity shift.
+    """The recipe's augmentation for a batch: flip rows, flip columns, affine, [bias field, blur, low resolution],
+    Gaussian noise, [brightness, contrast, gamma], intensity shift (bracketed: the scanner augmentation, where on).
 
     ``images`` (B, 1, h, w) float32 or bfloat16, ``labels`` (B, 1, h, w) integer. Each sample draws each
     transform independently with its probability. Returns the image in its dtype and the labels as int64.
-    Noise and shift are added in float32 (MONAI adds float32 noise) and rounded back to the image's dtype.
+    Noise and shift are added in float32 (MONAI adds float32 noise) and rounded back to the image's dtype; the
+    scanner steps compute in float32 too.
     """
     d = _draw(images.shape[0], params, generator, images.device)
     noise = torch.randn(images.shape, generator=generator, device=images.device)
@@ -147,11 +322,16 @@ def augment_batch(
         labels = _where(d[flip], labels.flip(dim), labels)
     grid = _affine_grid(d["rotate"], d["translate"], d["scale"], *images.shape[-2:])
     images, labels = _affine(images, labels, grid, d["affine"])
+    scanner = _draw_scanner(images.shape[0], params, generator, images.device) if params.scanner else None
+    if scanner is not None:
+        images = _scanner(images, params, scanner).to(images.dtype)
     std = d["noise_std"][:, None, None, None]
     images = _where(d["noise"], (images.float() + noise * std).to(images.dtype), images)
+    if scanner is not None:
+        images = _intensity(images, params, scanner).to(images.dtype)
     offset = d["offset"][:, None, None, None]
     images = _where(d["shift"], (images.float() + offset).to(images.dtype), images)
     return images, labels
 
 
-__all__ = ["AugmentParams", "augment_batch", "crop_batch"]
+__all__ = ["AugmentParams", "augment_batch", "bias_field", "crop_batch", "gaussian_blur", "low_resolution"]

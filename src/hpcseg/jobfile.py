@@ -128,6 +128,27 @@ class AugmentConfig:
     noise_std: float = _spec(0.1, lo=0.0, hi=10.0)
     shift_prob: float = _spec(0.5, lo=0.0, hi=1.0)
     shift: float = _spec(0.1, lo=0.0, hi=10.0)
+    # Scanner augmentation (docs/augmentation.md): each off (probability 0) unless set.
+    bias_prob: float = _spec(0.0, lo=0.0, hi=1.0, help="smooth multiplicative bias field, as RandBiasField")
+    bias_degree: int = _spec(3, lo=1, hi=6, help="bias field: Legendre polynomials of total degree up to this")
+    bias_coeff: tuple[float, ...] = _spec((0.0, 0.1), lo=-1.0, hi=1.0, length=2,
+                                          help="bias field: each coefficient uniform in [low, high)")
+    blur_prob: float = _spec(0.0, lo=0.0, hi=1.0, help="Gaussian blur, as RandGaussianSmooth")
+    blur_sigma: tuple[float, ...] = _spec((0.5, 1.0), lo=0.05, hi=20.0, length=2,
+                                          help="blur: sigma in pixels, uniform in [low, high) per axis")
+    lowres_prob: float = _spec(0.0, lo=0.0, hi=1.0, help="simulated low resolution, as RandSimulateLowResolution")
+    lowres_zoom: tuple[float, ...] = _spec((0.5, 1.0), lo=0.05, hi=1.0, length=2,
+                                           help="low resolution: zoom uniform in [low, high); nearest down, linear up")
+    brightness_prob: float = _spec(0.0, lo=0.0, hi=1.0, help="multiplicative brightness, as RandScaleIntensity")
+    brightness: float = _spec(0.25, lo=0.0, hi=0.9, help="brightness: image x (1 + uniform(-b, b))")
+    contrast_prob: float = _spec(0.0, lo=0.0, hi=1.0,
+                                 help="contrast about the mean, as RandScaleIntensityFixedMean(preserve_range)")
+    contrast: float = _spec(0.25, lo=0.0, hi=0.9, help="contrast: (x - mean) x (1 + uniform(-c, c)) + mean, clipped")
+    gamma_prob: float = _spec(0.0, lo=0.0, hi=1.0, help="gamma, as RandAdjustContrast")
+    gamma: tuple[float, ...] = _spec((0.7, 1.5), lo=0.05, hi=10.0, length=2, help="gamma: uniform in [low, high)")
+
+    #: The keys that are a [low, high) range.
+    RANGES = ("bias_coeff", "blur_sigma", "lowres_zoom", "gamma")
 
 
 @dataclass(frozen=True)
@@ -276,6 +297,12 @@ def _check_relations(section: Any, prefix: str, source: str) -> None:
         raise JobError(f"{source}: {prefix}dice_weight: dice_weight and ce_weight cannot both be 0")
     if isinstance(section, ResourcesConfig):
         parse_walltime(section.time, f"{source}: {prefix}time")
+    if isinstance(section, AugmentConfig):
+        ranges = {key: getattr(section, key) for key in AugmentConfig.RANGES}
+        reversed_ = [f"{source}: {prefix}{key}: {list(v)} is not a range [low, high]: low is above high"
+                     for key, v in ranges.items() if v[0] > v[1]]
+        if reversed_:
+            raise JobError(reversed_)
 
 
 def parse_walltime(text: str, where: str = "time") -> int:

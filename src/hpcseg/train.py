@@ -89,9 +89,7 @@ def augment_params(job: Job) -> AugmentParams | None:
     a = job.augment
     if not a.enabled:
         return None
-    return AugmentParams(flip_prob=tuple(a.flip_prob), affine_prob=a.affine_prob, rotate=a.rotate,
-                         translate=a.translate, scale=a.scale, noise_prob=a.noise_prob, noise_std=a.noise_std,
-                         shift_prob=a.shift_prob, shift=a.shift)
+    return AugmentParams.from_config(a)
 
 
 def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bool = False,
