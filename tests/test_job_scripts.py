@@ -157,7 +157,7 @@ def test_the_job_runs_the_python_of_the_environment_its_setup_activates(cli, tin
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--profile", profile, "--dry-run")
     assert code == 0 and " python3 -u -m submitit.core._submit " in out and sys.executable not in out, out
     code, out = cli("submit", JOB_FILE, "--data", tiny_data, "--executor", "local", "--profile", profile, "--dry-run")
-    assert code == 0 and "\npython3 -u -m submitit.local._local " in out, out
+    assert code == 0 and "\nexec python3 -u -m submitit.local._local " in out, out  # exec: the job id is its pid
 
 
 def test_an_unset_variable_in_the_scratch_path_is_refused(cli, tiny_data, monkeypatch):
