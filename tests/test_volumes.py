@@ -209,9 +209,9 @@ def test_predict_writes_a_label_volume_on_each_scan(run_and_scans, tmp_path):
 
 
 def test_predicting_a_volume_equals_predicting_its_slices_one_by_one(run_and_scans, tmp_path):
-    from hpcseg.evaluate import load_best_model
     from hpcseg.infer import predict_logits
-    from hpcseg.predict import segment_volume
+    from hpcseg.segment import segment_volume
+    from hpcseg.trained import load_best_model
 
     run, scans = run_and_scans
     best = load_best_model(run)
