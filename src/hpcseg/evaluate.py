@@ -113,7 +113,8 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
                             f"{nanmean(list(dice.values())):.6f}"])
             save_nifti(tmp / "predictions" / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
             grid_truth = volumes.resample(truth, seg.source.affine, seg.cut.grid.affine, seg.cut.grid.shape, order=0)
-            save_views(tmp / "png" / f"{scan.scan}.png", seg.cut.image, seg.slices, grid_truth)
+            save_views(tmp / "png" / f"{scan.scan}.png", seg.cut.image, seg.slices, grid_truth, scan.scan,
+                       list(dice.values()))
         dice = named(folder_dice.dice())
         summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "scans": len(scans),
                    "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),

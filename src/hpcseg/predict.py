@@ -97,7 +97,7 @@ def predict_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print) -> 
         for scan in scans:
             seg = segment_volume(best, scan.image, percentile)
             save_nifti(tmp / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
-            save_views(tmp / f"{scan.scan}_views.png", seg.cut.image, seg.slices)
+            save_views(tmp / f"{scan.scan}_views.png", seg.cut.image, seg.slices, scan_id=scan.scan)
             counts[scan.scan] = np.bincount(seg.labels.ravel(), minlength=classes).tolist()
             log(f"{scan.scan}: {seg.cut.grid.shape[0]} slices")
         summary = {"run": str(run_dir), "checkpoint": str(best.path), "checkpoint_epoch": best.epoch,
