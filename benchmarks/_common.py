@@ -26,7 +26,7 @@ def default_data() -> Path:
 def device(name: str) -> torch.device:
     """``auto``: hpcseg's choice (CUDA with cuDNN's autotuner where present, else the CPU); any other name as it is.
     The autotuner is a process setting: in one process it serves the exercise loop as much as hpcseg."""
-    from hpcseg.train import pick_device
+    from hpcseg.device import pick_device
 
     if name == "auto" or name == "cuda" and torch.cuda.is_available():
         return pick_device()
@@ -36,7 +36,7 @@ def device(name: str) -> torch.device:
 def start(args) -> tuple[torch.device, dict]:
     """What every benchmark does first: ``args.data`` defaulted, the device picked from ``args.device``, one
     thread per core, and the machine described (before the run, so its load average is the one at the start)."""
-    from hpcseg.train import set_threads
+    from hpcseg.device import set_threads
 
     args.data = Path(args.data or default_data())
     chosen = device(args.device)

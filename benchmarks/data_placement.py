@@ -29,11 +29,12 @@ import _common as C  # noqa: E402
 from hpcseg.augment import augment_batch, crop_batch  # noqa: E402
 from hpcseg.batches import HostBatches, Placement, training_tensors  # noqa: E402
 from hpcseg.dataparallel import rank_batch  # noqa: E402
+from hpcseg.device import pick_device  # noqa: E402
 from hpcseg.distributed import Ranks  # noqa: E402
 from hpcseg.data import load_split  # noqa: E402
 from hpcseg.jobfile import load_job  # noqa: E402
 from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer  # noqa: E402
-from hpcseg.train import augment_params, new_epoch, pick_device, train_one_epoch  # noqa: E402
+from hpcseg.train import augment_params, new_epoch, train_one_epoch  # noqa: E402
 
 PLACEMENTS = ("device", "host", "mapped")
 

@@ -36,10 +36,11 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, results) -
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from hpcseg.data import load_splits
     from hpcseg.dataparallel import seed_ranks, wrap_model
+    from hpcseg.device import set_threads
     from hpcseg.distributed import process_group, ranks_from_env
     from hpcseg.jobfile import load_job
     from hpcseg.model import MIN_SIZE, build_loss, build_model, build_optimizer
-    from hpcseg.train import augment_params, new_epoch, set_threads, train_one_epoch
+    from hpcseg.train import augment_params, new_epoch, train_one_epoch
 
     set_threads(args.threads)
     job = load_job(C.REPO / "jobs" / "exercise-improved.toml",

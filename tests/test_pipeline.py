@@ -96,7 +96,7 @@ def test_test_command_writes_predictions_pngs_csv_and_summary(trained, tiny_data
 def test_overlay_png_has_a_title_a_legend_and_keeps_the_t1_visible(tmp_path):
     from PIL import Image
 
-    from hpcseg.evaluate import COLOURS, save_overlay
+    from hpcseg.views import COLOURS, save_overlay
 
     image = np.tile(np.linspace(0, 1, 30, dtype=np.float32), (20, 1))  # a ramp from left to right
     label = np.zeros((20, 30), np.uint8)

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import volume_phantom as P
+from PIL import Image
 
 from hpcseg import volumes as V
 from hpcseg.data import DataError
@@ -206,12 +207,15 @@ def test_predict_writes_a_label_volume_on_each_scan(run_and_scans, tmp_path):
         assert pred.get_data_dtype() == np.uint8 and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
     summary = json.loads((tmp_path / "out" / "predict.json").read_text())
     assert summary["scans"] == 2 and summary["normalisation"] == V.RULE
+    # no label to compare with: the plain scan above the prediction, and the scan's id as the title
+    assert Image.open(tmp_path / "out" / "sub-02_views.png").text == {
+        "Title": "sub-02", "Views": "coronal, axial, sagittal", "Rows": "scan, prediction"}
 
 
 def test_predicting_a_volume_equals_predicting_its_slices_one_by_one(run_and_scans, tmp_path):
-    from hpcseg.evaluate import load_best_model
     from hpcseg.infer import predict_logits
-    from hpcseg.predict import segment_volume
+    from hpcseg.segment import segment_volume
+    from hpcseg.trained import load_best_model
 
     run, scans = run_and_scans
     best = load_best_model(run)
@@ -258,6 +262,36 @@ def test_test_gives_3d_dice_per_scan_and_over_the_folder(run_and_scans, tmp_path
     by_hand = [2 * tp / (2 * tp + fp + fn) for tp, fp, fn in counts[1:]]
     assert list(summary["dice_per_class"].values()) == pytest.approx(by_hand)
     assert summary["scans"] == 2 and set(summary["dice_per_scan"]) == {"sub-01", "sub-02"}
+    for row in rows:  # each scan's PNG: its id and its own 3D Dice, the label above the prediction
+        dice = ", ".join(f"{name} {float(row[t]):.3f}" for name, t in
+                         zip(("CSF", "grey matter", "white matter"), ("csf", "grey_matter", "white_matter")))
+        assert Image.open(out / "png" / f"{row['scan']}.png").text == {
+            "Title": f"{row['scan']}   Dice {float(row['mean']):.3f}   ({dice})", "Views": "coronal, axial, sagittal",
+            "Rows": "label, prediction"}
+
+
+@pytest.mark.parametrize("with_label", [True, False])
+def test_3d_views_have_a_title_view_and_row_names_and_a_legend(tmp_path, with_label):
+    from hpcseg.views import COLOURS, save_views
+
+    result, sliced, _ = cut(*P.RAS)
+    predicted = np.where(sliced == 3, 2, sliced)  # white matter taken for grey: a Dice below 1
+    truth = sliced if with_label else None
+    described = save_views(tmp_path / "v.png", result.image, predicted, truth, "sub-07",
+                           [1.0, 1.0, 0.0] if with_label else None)
+    rows = ["label", "prediction"] if with_label else ["scan", "prediction"]
+    title = "sub-07   Dice 0.667   (CSF 1.000, grey matter 1.000, white matter 0.000)" if with_label else "sub-07"
+    assert described == {"title": title, "views": ["coronal", "axial", "sagittal"], "rows": rows,
+                         "legend": ["CSF", "grey matter", "white matter"]}
+    png = Image.open(tmp_path / "v.png")
+    assert png.text == {"Title": title, "Views": "coronal, axial, sagittal", "Rows": ", ".join(rows)}
+    pixels = np.asarray(png.convert("RGB")).astype(int)
+    assert (pixels[:18] < 100).any()  # the title is drawn
+    legend = pixels[-18:]
+    for colour in (COLOURS[1:] * 255).round().astype(int):  # a swatch of each tissue's colour in the legend
+        assert (legend == colour).all(axis=-1).sum() >= 90
+    white_matter = (pixels == (COLOURS[3] * 255).round()).all(axis=-1)[:-18]  # its outline, legend left out
+    assert white_matter.any() == with_label  # drawn in the label row only: the prediction has none
 
 
 def test_predict_refuses_a_bad_scan_and_writes_nothing(run_and_scans, tmp_path):

@@ -90,7 +90,7 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs)
             raise click.UsageError("JOB_FILE is required unless --resume continues a run")
         job_file = run_dir / "job.toml"
     job = load_job(job_file, overrides)  # before importing torch: a bad job file is refused at once
-    from .train import RECORD, recorded_data
+    from .runfiles import RECORD, recorded_data
     from .train import train as run_training
 
     given = [(option, Path(value).absolute()) for option, value in
@@ -120,7 +120,7 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs)
 
 def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
     """How to continue an interrupted `hpcseg train`, as one command line."""
-    from .train import LAST, RECORD
+    from .runfiles import LAST, RECORD
 
     if not (run_dir / LAST).exists() and not (run_dir / RECORD).exists():
         return "training had not started, nothing to resume: run the same command again"

@@ -5,64 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import TISSUES
+from . import TISSUES, volumes
 from .atomic import writing
-from .checkpoint import load_checkpoint, load_weights
 from .data import load_split
 from .infer import predict_slices, stack
-from .jobfile import Job, job_from_dict
 from .metrics import FolderDice, named, nanmean, per_slice_dice
 from .outdir import check_replaceable, replacing
-from .model import build_model
-from .train import BEST, pick_device, set_threads
-from .volumes import LABEL_SUFFIX, is_volume_folder
+from .segment import save_nifti, segment_volume
+from .trained import load_best_model, trained_rule
+from .views import save_overlay, save_views
 
-#: Overlay colours of CSF, grey matter, white matter, and their names in the legend.
-COLOURS = np.array([[0.0, 0.0, 0.0], [0.2, 0.5, 1.0], [1.0, 0.3, 0.2], [1.0, 0.9, 0.2]])
-LEGEND = ("CSF", "grey matter", "white matter")
-#: Overlay panels of small slices are enlarged (by a whole factor, at most 8) towards this many pixels.
-OVERLAY_SIZE = 160
 #: What a test output folder holds; `--out` is replaced as a whole, so only such a folder (or an empty one) may be.
 OUTPUTS = {"predictions", "png", "per_slice.csv", "per_subject.csv", "summary.json"}
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """A run folder's `checkpoints/best.pt`, or the `best.pt` of a folder that `hpcseg collect` wrote."""
-    collected = run_dir / "best.pt"
-    return collected if not (run_dir / BEST).exists() and collected.is_file() else run_dir / BEST
-
-
-@dataclass
-class BestModel:
-    """A run's best model with its weights loaded, on the device, with its job and where its checkpoint came from."""
-
-    model: torch.nn.Module
-    job: Job
-    path: Path
-    epoch: int | None
-    device: torch.device
-    #: The normalisation rule of the data it was trained on, as its checkpoint records it (None: none recorded), and
-    #: whether the checkpoint says at all (those written before hpcseg recorded it do not).
-    normalisation: dict | None = None
-    says_normalisation: bool = False
-
-
-def load_best_model(run_dir: Path) -> BestModel:
-    """The model of `run_dir`'s best checkpoint (a run folder, or a folder from `hpcseg collect`), on the device."""
-    best = best_checkpoint(Path(run_dir))
-    ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata
-    job = job_from_dict(ckpt["job"], source=str(best))
-    device = pick_device()
-    set_threads(job.train.threads)
-    model = build_model(job).to(device)
-    load_weights(model, ckpt, best)
-    return BestModel(model, job, best, ckpt.get("epoch"), device, ckpt.get("normalisation"), "normalisation" in ckpt)
 
 
 def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print, **volume_labels) -> dict:
@@ -70,7 +29,7 @@ def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=pri
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
     check_replaceable(out_dir, "test", OUTPUTS.__contains__, "summary.json")
-    if is_volume_folder(data_dir):
+    if volumes.is_volume_folder(data_dir):
         return test_volumes(run_dir, data_dir, out_dir, log, **volume_labels)
     best = load_best_model(run_dir)
     job, device = best.job, best.device
@@ -113,57 +72,6 @@ def _write_outputs(out_dir: Path, split, predictions, slice_dice, summary) -> No
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def save_overlay(path: Path, image: np.ndarray, label: np.ndarray, pred: np.ndarray, slice_id: str = "",
-                 dice: list[float] | None = None) -> None:
-    """One PNG: a title with the slice id and its Dice (mean over tissues, then each), the image with the label
-    (left) and with the prediction (right), each tissue a light fill with a solid outline so the T1 shows through,
-    and a colour legend. Drawn with Pillow, not a matplotlib figure: `hpcseg test` writes one per slice."""
-    from PIL import Image, ImageDraw, ImageFont
-    from PIL.PngImagePlugin import PngInfo
-
-    scale = max(1, min(8, -(-OVERLAY_SIZE // max(min(image.shape), 1))))  # small slices enlarged, pixels kept sharp
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)[..., None].repeat(3, axis=-1)
-    grey = _enlarge(grey, scale)
-
-    def overlay(classes: np.ndarray) -> np.ndarray:
-        classes = _enlarge(np.clip(classes, 0, len(COLOURS) - 1), scale)
-        padded = np.pad(classes, 1, mode="edge")
-        edge = ((padded[1:-1, 1:-1] != padded[:-2, 1:-1]) | (padded[1:-1, 1:-1] != padded[2:, 1:-1])
-                | (padded[1:-1, 1:-1] != padded[1:-1, :-2]) | (padded[1:-1, 1:-1] != padded[1:-1, 2:]))
-        alpha = np.where(classes > 0, np.where(edge, 1.0, 0.25), 0.0)[..., None]
-        return grey * (1 - alpha) + COLOURS[classes] * alpha
-
-    font = ImageFont.load_default(size=13)
-    line = 18
-    title = slice_id
-    if dice is not None:
-        shown = ", ".join(f"{name} {'-' if d != d else f'{d:.3f}'}" for name, d in zip(LEGEND, dice))
-        title += f"   Dice {nanmean(list(dice)):.3f}   ({shown})"
-    left, right = (Image.fromarray((overlay(c) * 255).round().astype(np.uint8)) for c in (label, pred))
-    gap = 6
-    width = max(left.width + gap + right.width, int(font.getlength(title)) + 8, 330)
-    canvas = Image.new("RGB", (width, 2 * line + left.height + line + 4), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill="black", font=font)
-    draw.text((4, line + 2), "label", fill="black", font=font)
-    draw.text((left.width + gap + 4, line + 2), "prediction", fill="black", font=font)
-    canvas.paste(left, (0, 2 * line))
-    canvas.paste(right, (left.width + gap, 2 * line))
-    x, y = 4, 2 * line + left.height + 4
-    for name, colour in zip(LEGEND, COLOURS[1:]):
-        draw.rectangle((x, y + 2, x + 11, y + 13), fill=tuple(round(c * 255) for c in colour), outline="black")
-        draw.text((x + 16, y), name, fill="black", font=font)
-        x += 16 + int(font.getlength(name)) + 14
-    info = PngInfo()
-    info.add_text("Title", title)
-    canvas.save(path, pnginfo=info)
-
-
-def _enlarge(array: np.ndarray, scale: int) -> np.ndarray:
-    return array.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else array
-
-
 def format_table(summary: dict) -> str:
     lines = [f"{'tissue':<14}{'Dice':>8}"]
     lines += [f"{name:<14}{value:>8.4f}" for name, value in summary["dice_per_class"].items()]
@@ -172,14 +80,11 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_suffix: str = LABEL_SUFFIX,
+def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_suffix: str = volumes.LABEL_SUFFIX,
                  mapping: str | None = None) -> dict:
     """`test_run` on a folder of 3D scans with labels (`<scan>_T1w<label_suffix>.nii[.gz]`, codes by `mapping` as
     prepare's): Dice per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as
     `predict` writes them."""
-    from . import volumes
-    from .predict import _save_nifti, save_views, segment_volume, trained_rule
-
     codes = volumes.parse_mapping(mapping)
     scans = volumes.find_volumes(data_dir, label_suffix)
     volumes.check_scans(scans, codes)
@@ -206,9 +111,10 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
             per_scan[scan.scan] = dice = named(one.dice())
             table.writerow([scan.scan, scan.subject, *(f"{d:.6f}" for d in dice.values()),
                             f"{nanmean(list(dice.values())):.6f}"])
-            _save_nifti(tmp / "predictions" / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
+            save_nifti(tmp / "predictions" / f"{scan.scan}_prediction.nii.gz", seg.labels, seg.source, classes)
             grid_truth = volumes.resample(truth, seg.source.affine, seg.cut.grid.affine, seg.cut.grid.shape, order=0)
-            save_views(tmp / "png" / f"{scan.scan}.png", seg.cut.image, seg.slices, grid_truth)
+            save_views(tmp / "png" / f"{scan.scan}.png", seg.cut.image, seg.slices, grid_truth, scan.scan,
+                       list(dice.values()))
         dice = named(folder_dice.dice())
         summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "scans": len(scans),
                    "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,11 +21,12 @@ from . import __version__, volumes
 from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import (
-    HostBatches, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
+    HostBatches, Placement, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import Spill, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
-from .distributed import Group, Ranks, device_for, process_group, ranks_from_env
+from .device import pick_device, set_threads
+from .distributed import Group, Ranks, process_group, ranks_from_env
 from .errors import UserError
 from .infer import autocast, predict_labels
 from .jobfile import Job, JobError, job_from_dict
@@ -36,16 +37,10 @@ from .phases import Phases
 from .precision import choose_precision, make_scaler, restore_scaler, scaler_state
 from .preempt import DeferredSignal, Preempted
 from .progress import EpochProgress
-from .runfiles import BEST, LAST
+from .runfiles import BEST, LAST, RECORD, RunDirError, recorded_data  # noqa: F401 - recorded_data: also from here
 
-#: The data folders a run was started with, so that `--resume` needs no `--data`.
-RECORD = "train.json"
 #: What training writes into a run folder, atomically (a kill during a write leaves a temporary beside it).
 WRITTEN = (LAST, BEST, "job.toml", "progress.json", "metrics.jsonl", RECORD)
-
-
-class RunDirError(UserError):
-    """A run folder that cannot be started or resumed as asked."""
 
 
 class DivergedError(UserError):
@@ -63,19 +58,73 @@ class LoopState:
     stopped_early: bool = False
 
 
-def pick_device(ranks: Ranks = Ranks()) -> torch.device:
-    """CUDA where present, with cuDNN's autotuner on (training crops have one shape, validation a few), else CPU;
-    with several ranks on a machine, this rank's GPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.backends.cudnn.benchmark = True
-    return device_for(ranks) or torch.device("cuda")
+@dataclass
+class Run:
+    """One attempt at a run, fixed once it starts: the job, its folder, the process group, how it reports, and what
+    train.json records of it."""
+
+    job: Job
+    run_dir: Path
+    group: Group
+    log: Callable[..., None] = print
+    progress: bool | None = None
+    warning: DeferredSignal | None = None  # the scheduler's signal: stop after a step, save `last`, requeue
+    phases: Phases = field(default_factory=Phases)
+    resumed: bool = False  # this attempt continues from `last`
+    #: train.json: the data folders, the device, the precision, the data's normalisation rule; at the end, phases
+    record: dict = field(default_factory=dict)
+    precision: str = field(init=False)  # job.toml keeps "auto"; train.json the choice
+
+    def __post_init__(self) -> None:
+        self.precision = choose_precision(self.job.train.precision, self.group.device)
+
+    @property
+    def leader(self) -> bool:
+        return self.group.ranks.leader
 
 
-def set_threads(requested: int, processes: int = 1) -> None:
-    """`requested` threads, or by default the cores available shared among this machine's training processes."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(requested or max(1, available // processes))
+@dataclass
+class Learner:
+    """What training changes and `last` saves: the weights, the optimiser and fp16's scaler, the random streams (the
+    epochs' order; this rank's crops, augmentation and dropout), the loop's state and an epoch stopped part-way."""
+
+    model: torch.nn.Module  # what is saved; `step_model` is what steps (DDP with several ranks, compiled if asked)
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    scaler: torch.amp.GradScaler | None
+    generator: torch.Generator
+    augment_rng: torch.Generator
+    augment: AugmentParams | None
+    step_model: torch.nn.Module | None = None
+    state: LoopState = field(default_factory=LoopState)
+    partial: dict | None = None  # new_epoch's dict of the epoch under way
+
+
+@dataclass
+class Placed:
+    """The splits where the loop reads them (batches.place): the training tensors and the validation groups."""
+
+    placement: Placement
+    images: torch.Tensor
+    labels: torch.Tensor
+    sizes: torch.Tensor
+    val_groups: list
+    val_slices: int
+
+    @property
+    def n(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Epochs:
+    """What the epoch loop keeps for itself: where it reports, its last epoch, what stops it, when `last` was saved."""
+
+    writer: object  # TensorBoard's SummaryWriter on rank 0
+    bar: object  # EpochProgress on rank 0
+    last_epoch: int
+    stop: Callable[[], bool] | None  # whether the scheduler's warning reached any rank
+    saved_at: float  # time.monotonic() of the last save of `last`, for train.checkpoint_every_s
 
 
 class _Silent:
@@ -120,25 +169,40 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     try:
         with process_group(ranks, pick_device(ranks)) as group, \
                 writing(run_dir, "writing the run; once there is space, continue it with --resume"):
-            return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases, group,
-                          spill.spilled)
+            run = Run(job, run_dir, group, log, progress, warning, phases, resumed=last is not None)
+            return _train(run, train_split, val_split, last, spill.spilled)
     finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
         shutil.rmtree(spill.folder, ignore_errors=True)
 
 
-def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning,
-           phases: Phases | None = None, group: Group | None = None, spilled: bool = False) -> dict:
-    resume = last is not None
-    phases = phases or Phases()
-    group = group or Group(Ranks(), pick_device())
-    ranks, device, leader = group.ranks, group.device, group.ranks.leader
+def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = False) -> dict:
+    """One attempt, step by step: set up the run, restore `last`, place the data, the epoch loop, finish."""
     setup_started = time.perf_counter()
-    if leader:
-        remove_stale_temporaries(*(run_dir / name for name in WRITTEN))  # left by a kill during a save
-    if leader and not resume:  # what an attempt that saved no `last` left: it starts over
-        _clear_attempt(run_dir)
-    precision = choose_precision(job.train.precision, device)  # job.toml keeps "auto"; train.json the choice
-    scaler = make_scaler(precision, device)
+    _tidy_run_dir(run)
+    learner = _set_up(run)
+    if last is not None:
+        _restore(run, learner, last)
+    _write_record(run, train_split, val_split)
+    learner.step_model = maybe_compile(wrap_model(learner.model, run.group), run.job, run.log)  # DDP: several ranks
+    data = _place(run, train_split, val_split, spilled)
+    run.phases.seconds["setup"] += time.perf_counter() - setup_started
+    _epochs(run, learner, data)
+    return _finish(run, learner)
+
+
+def _tidy_run_dir(run: Run) -> None:
+    """Rank 0 removes what earlier attempts left: a kill's half-saved temporaries, and all that an attempt which
+    saved no `last` wrote (this one starts over)."""
+    if run.leader:
+        remove_stale_temporaries(*(run.run_dir / name for name in WRITTEN))
+    if run.leader and not run.resumed:
+        _clear_attempt(run.run_dir)
+
+
+def _set_up(run: Run) -> Learner:
+    """The model, its optimiser, loss and fp16's scaler, and the random streams: the same start on every rank."""
+    job, device, ranks = run.job, run.group.device, run.group.ranks
+    scaler = make_scaler(run.precision, device)
     set_threads(job.train.threads, ranks.local_world)
     torch.manual_seed(job.train.seed)  # the same initial weights on every rank
     generator = torch.Generator(device=device).manual_seed(job.train.seed)  # the epochs' order: the same on all
@@ -148,154 +212,199 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
         model = model.to(memory_format=torch.channels_last)
     # the learning-rate rule holds for the global batch, all ranks' batches together
     optimizer = build_optimizer(job.optim, model, job.train.batch_size * ranks.world, device)
-    loss_fn = build_loss(job.loss)
-    state, partial = LoopState(), None
-    if resume:
-        state, partial = _restore(last, model, optimizer, generator, device, run_dir / LAST)
-        restore_scaler(scaler, (last.get("amp") or {}).get("scaler"))
-        restore_rank_states(last, group, augment_rng, run_dir / LAST, log)
-        if partial is not None and not leader:  # rank 0's part-done epoch holds the loss summed over the ranks
-            partial["loss_sum"] = torch.zeros_like(partial["loss_sum"])
-        if leader:
-            _truncate_metrics(run_dir / "metrics.jsonl", state.epoch)
-    run_record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
+    return Learner(model, optimizer, build_loss(job.loss), scaler, generator, augment_rng, augment_params(job))
+
+
+def _restore(run: Run, learner: Learner, last: dict) -> None:
+    """Continue from `last`: weights, optimiser, scaler, every random state, the loop's state and a part-done epoch;
+    metrics.jsonl loses the epochs after it (an attempt killed mid-epoch wrote them, this one redoes them)."""
+    path, group = run.run_dir / LAST, run.group
+    learner.state, learner.partial = _load_state(last, learner.model, learner.optimizer, learner.generator,
+                                                 group.device, path)
+    restore_scaler(learner.scaler, (last.get("amp") or {}).get("scaler"))
+    restore_rank_states(last, group, learner.augment_rng, path, run.log)
+    if learner.partial is not None and not run.leader:  # rank 0's part-done epoch holds the loss summed over ranks
+        learner.partial["loss_sum"] = torch.zeros_like(learner.partial["loss_sum"])
+    if run.leader:
+        _truncate_metrics(run.run_dir / "metrics.jsonl", learner.state.epoch)
+
+
+def _write_record(run: Run, train_split, val_split) -> None:
+    """train.json (the data folders, so that `--resume` needs no `--data`) and job.toml, written by rank 0."""
+    device = run.group.device
+    run.record = {"train_dir": str(train_split.folder.absolute()), "val_dir": str(val_split.folder.absolute()),
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "precision": precision,
+                  "precision": run.precision,
                   # the scans' intensity rule of data from `hpcseg prepare`: predict and test apply it to new scans
                   "normalisation": volumes.prepared_rule(train_split.folder.parent)}
-    if leader:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
-        atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
-    step_model = maybe_compile(wrap_model(model, group), job, log)  # DDP with several ranks; `model` is saved
+    if run.leader:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.run_dir / "job.toml", run.job.to_toml(), "job file")
+        atomic_write_text(run.run_dir / RECORD, json.dumps(run.record, indent=2) + "\n", "data record")
 
-    def save_last(epoch: int, partial: dict | None = None) -> None:
-        """`last`, written by rank 0; with several ranks a collective (it gathers their random states)."""
-        ckpt = _checkpoint(job, model, optimizer, generator, state, epoch, partial, scaler=scaler)
-        add_rank_states(ckpt, group, augment_rng)
-        if leader:
-            save_checkpoint(ckpt, run_dir / LAST)
 
-    # on the device where the splits fit, else in host memory (or memory-mapped files) with batches copied over
+def _place(run: Run, train_split, val_split, spilled: bool) -> Placed:
+    """The splits on the device where they fit, else in host memory (or memory-mapped files), batches copied over."""
+    job, device, ranks = run.job, run.group.device, run.group.ranks
     placement = place(split_bytes(train_split, val_split, (MIN_SIZE, MIN_SIZE)), device, job.data.device_memory_gb,
-                      job.data.host_memory_gb, run_dir, ranks.rank, ranks.local_world, spilled)
-    log(placement.line)
+                      job.data.host_memory_gb, run.run_dir, ranks.rank, ranks.local_world, spilled)
+    run.log(placement.line)
     images, labels, sizes = training_tensors(train_split, placement, device, (MIN_SIZE, MIN_SIZE))
     val_groups = validation_groups(val_split, placement, device, job.infer.batch_size * job.infer.sw_batch_size)
-    params = augment_params(job)
-    n, batch = images.shape[0], job.train.batch_size
-    phases.seconds["setup"] += time.perf_counter() - setup_started
-    with phases("tensorboard"):
+    return Placed(placement, images, labels, sizes, val_groups, len(val_split.ids))
+
+
+def _epochs(run: Run, learner: Learner, data: Placed) -> None:
+    """The epochs from the one after `last` to the job's last, or to an early stop. However the loop ends (Ctrl-C, a
+    full disk, a divergence, the scheduler's warning), the progress bar's line ends, TensorBoard is flushed and the
+    data's mapped files go."""
+    loop = _start_epochs(run, learner, data)
+    try:
+        # the warning only stops the loop where `last` holds the state: after a step, or after an epoch's saves
+        with run.warning.deferred() if run.warning else contextlib.nullcontext():
+            for epoch in range(learner.state.epoch + 1, loop.last_epoch + 1):
+                _epoch(run, learner, data, loop, epoch)
+                if learner.state.stopped_early:
+                    break
+    except BaseException:
+        with contextlib.suppress(Exception):  # a full disk fails this too; the error above is the one to show
+            loop.writer.close()
+        loop.bar.close()
+        release(data.placement)
+        raise
+    with run.phases("tensorboard"):
+        loop.writer.close()
+    loop.bar.close()
+    release(data.placement)
+
+
+def _start_epochs(run: Run, learner: Learner, data: Placed) -> Epochs:
+    """Rank 0's TensorBoard writer and progress bar, the last epoch to train, and the log line that says what is to
+    do."""
+    job, state, group = run.job, learner.state, run.group
+    with run.phases("tensorboard"):
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.epoch + 1 if resume else None) if leader \
-            else _Silent()
-    bar = EpochProgress(job.train.epochs, state.epoch, enabled=progress) if leader else _Silent()
+        writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=state.epoch + 1 if run.resumed else None) \
+            if run.leader else _Silent()
+    bar = EpochProgress(job.train.epochs, state.epoch, enabled=run.progress) if run.leader else _Silent()
     last_epoch = state.epoch if state.stopped_early else job.train.epochs  # a resumed early stop stays stopped
     to_go = (f"epochs {state.epoch + 1}..{last_epoch}" if state.epoch < last_epoch else
              f"nothing to do: stopped early at epoch {state.epoch}" if state.stopped_early else
              f"nothing to do: {state.epoch} of {job.train.epochs} epochs done (raise train.epochs to go on)")
-    per_rank = f" per rank x {ranks.world} ranks" if group.active else ""
-    log(f"training {job.name}: {n} training / {len(val_split.ids)} validation slices on {device}, {to_go}, batch {batch}"
-        f"{per_rank}, precision {precision}" + (" with a gradient scaler" if scaler is not None else ""))
+    per_rank = f" per rank x {group.ranks.world} ranks" if group.active else ""
+    run.log(f"training {job.name}: {data.n} training / {data.val_slices} validation slices on {group.device}, "
+            f"{to_go}, batch {job.train.batch_size}{per_rank}, precision {run.precision}"
+            + (" with a gradient scaler" if learner.scaler is not None else ""))
+    warning = run.warning
     stop = (lambda: group.any(warning.requested())) if warning else None  # all ranks stop at the same step
+    return Epochs(writer, bar, last_epoch, stop, time.monotonic())
 
-    try:  # a Ctrl-C, a full disk or a divergence still ends the progress bar's line and flushes TensorBoard
-        last_saved = time.monotonic()
-        # the warning only stops the loop where `last` holds the state: after a step, or after an epoch's saves
-        with warning.deferred() if warning else contextlib.nullcontext():
-            for epoch in range(state.epoch + 1, last_epoch + 1):
-                started = time.perf_counter()
-                partial = partial or new_epoch(n, device, generator)
-                with phases("train"):
-                    stopped = train_one_epoch(step_model, optimizer, loss_fn, images, labels, sizes, job, params,
-                                              augment_rng, partial, stop=stop, scaler=scaler, ranks=ranks,
-                                              resident=placement.resident)
-                    loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
-                if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
-                    save_last(state.epoch, partial)
-                    group.barrier()  # no rank ends before `last` is saved (a launcher would stop rank 0)
-                    log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
-                    raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
-                partial = None
-                train_loss = loss_sum / n
-                if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics
-                    raise DivergedError(f"{run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
-                                        f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
-                                        f"train.precision = \"fp32\"")
-                train_seconds = time.perf_counter() - started
-                record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-                          "samples_per_s": n / train_seconds}
 
-                validating = epoch % job.train.val_interval == 0 or epoch == job.train.epochs
-                if validating:
-                    with phases("validate"):
-                        dice, example = validate(model, val_groups, job, group)
-                        record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
-                    improved = record["val_mean_dice"] > state.best_dice
-                    state.stale_rounds = 0 if improved else state.stale_rounds + 1
-                    if improved:
-                        state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
-                        if leader:
-                            with phases("checkpoint"):
-                                save_checkpoint({**_checkpoint(job, model, None, None, state, epoch),
-                                                 "normalisation": run_record["normalisation"]}, run_dir / BEST)
-                    state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
-                    with phases("tensorboard"):
-                        _log_validation(writer, record, example, epoch, job)
+def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -> None:
+    """One epoch: its steps (on the scheduler's warning: `last` saved mid-epoch, `Preempted`), validation and `best`
+    when due, the epoch's records, `last` when due, and the warning's stop after the epoch."""
+    job, group, state, phases = run.job, run.group, learner.state, run.phases
+    started = time.perf_counter()
+    partial = learner.partial = learner.partial or new_epoch(data.n, group.device, learner.generator)
+    with phases("train"):
+        stopped = train_one_epoch(learner.step_model, learner.optimizer, learner.loss_fn, data.images, data.labels,
+                                  data.sizes, job, learner.augment, learner.augment_rng, partial, stop=loop.stop,
+                                  scaler=learner.scaler, ranks=group.ranks, resident=data.placement.resident)
+        loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
+    if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
+        _save_last(run, learner, state.epoch, partial)
+        group.barrier()  # no rank ends before `last` is saved (a launcher would stop rank 0)
+        run.log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
+        raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
+    learner.partial = None
+    train_loss = loss_sum / data.n
+    if not math.isfinite(train_loss):  # stop before this epoch's weights reach a checkpoint or metrics
+        raise DivergedError(f"{run.run_dir}: training diverged in epoch {epoch} (training loss {train_loss}); "
+                            f"{LAST} still holds epoch {state.epoch}: lower optim.lr or set "
+                            f"train.precision = \"fp32\"")
+    train_seconds = time.perf_counter() - started
+    record = {"epoch": epoch, "train_loss": train_loss, "lr": learner.optimizer.param_groups[0]["lr"],
+              "samples_per_s": data.n / train_seconds}
+    if epoch % job.train.val_interval == 0 or epoch == job.train.epochs:
+        _validate(run, learner, data, loop, record)
 
-                state.epoch = epoch
-                record["seconds"] = time.perf_counter() - started
-                # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops
-                if leader:
-                    with phases("records"):
-                        _append_jsonl(run_dir / "metrics.jsonl", record)
-                        _write_progress(run_dir, job, state, record["seconds"], finished=False)
-                # by default every epoch; a GPU epoch (and its validation) can take less than writing ~100 MB of
-                # weights and Adam state, so a job may save by the clock instead: a resume replays the epochs since
-                # (validation and `best` included) exactly; the warning signal still saves, mid-epoch, above; the
-                # ranks agree, as the save gathers their random states
-                saving = group.any(epoch == last_epoch or state.stopped_early
-                                   or time.monotonic() - last_saved >= job.train.checkpoint_every_s)
-                if saving:
-                    with phases("checkpoint"):
-                        save_last(epoch)
-                    last_saved = time.monotonic()
-                with phases("tensorboard"):
-                    writer.add_scalar("loss/train", train_loss, epoch)
-                    writer.add_scalar("lr", record["lr"], epoch)
-                bar.update(record, state)
-                if stop is not None and stop():  # the warning came after the epoch's last step: save it, requeue
-                    if not saving:
-                        save_last(epoch)
-                    group.barrier()
-                    log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
-                    raise Preempted(f"stopped after epoch {epoch}")
-                if state.stopped_early:
-                    log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
-                    break
-    except BaseException:
-        with contextlib.suppress(Exception):  # a full disk fails this too; the error above is the one to show
-            writer.close()
-        bar.close()
-        release(placement)
-        raise
+    state.epoch = epoch
+    record["seconds"] = time.perf_counter() - started
+    # the epoch's line first, its checkpoint last: a kill in between leaves a line that resume drops
+    if run.leader:
+        with phases("records"):
+            _append_jsonl(run.run_dir / "metrics.jsonl", record)
+            _write_progress(run.run_dir, job, state, record["seconds"], finished=False)
+    # by default every epoch; a GPU epoch (and its validation) can take less than writing ~100 MB of weights and
+    # Adam state, so a job may save by the clock instead: a resume replays the epochs since (validation and `best`
+    # included) exactly; the warning signal still saves, mid-epoch, above; the ranks agree, as the save gathers
+    # their random states
+    saving = group.any(epoch == loop.last_epoch or state.stopped_early
+                       or time.monotonic() - loop.saved_at >= job.train.checkpoint_every_s)
+    if saving:
+        with phases("checkpoint"):
+            _save_last(run, learner, epoch)
+        loop.saved_at = time.monotonic()
     with phases("tensorboard"):
-        writer.close()
-    bar.close()
-    release(placement)
-    if leader:
-        _write_progress(run_dir, job, state, None, finished=True)
+        loop.writer.add_scalar("loss/train", train_loss, epoch)
+        loop.writer.add_scalar("lr", record["lr"], epoch)
+    loop.bar.update(record, state)
+    if loop.stop is not None and loop.stop():  # the warning came after the epoch's last step: save it, requeue
+        if not saving:
+            _save_last(run, learner, epoch)
+        group.barrier()
+        run.log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
+        raise Preempted(f"stopped after epoch {epoch}")
+    if state.stopped_early:
+        run.log(f"early stop at epoch {epoch}: no better validation Dice in {state.stale_rounds} rounds")
+
+
+def _validate(run: Run, learner: Learner, data: Placed, loop: Epochs, record: dict) -> None:
+    """The validation Dice into the epoch's `record`; a better mean is saved as `best` (by rank 0), and early
+    stopping counts the rounds without one."""
+    job, state, epoch = run.job, learner.state, record["epoch"]
+    with run.phases("validate"):
+        dice, example = validate(learner.model, data.val_groups, job, run.group)
+        record["val_dice"], record["val_mean_dice"] = named(dice), nanmean(dice.tolist())
+    improved = record["val_mean_dice"] > state.best_dice
+    state.stale_rounds = 0 if improved else state.stale_rounds + 1
+    if improved:
+        state.best_dice, state.best_epoch = record["val_mean_dice"], epoch
+        if run.leader:
+            with run.phases("checkpoint"):
+                save_checkpoint({**_checkpoint(job, learner.model, None, None, state, epoch),
+                                 "normalisation": run.record["normalisation"]}, run.run_dir / BEST)
+    state.stopped_early = bool(job.train.early_stop) and state.stale_rounds >= job.train.early_stop
+    with run.phases("tensorboard"):
+        _log_validation(loop.writer, record, example, epoch, job)
+
+
+def _save_last(run: Run, learner: Learner, epoch: int, partial: dict | None = None) -> None:
+    """`last`, written by rank 0; with several ranks a collective (it gathers their random states)."""
+    ckpt = _checkpoint(run.job, learner.model, learner.optimizer, learner.generator, learner.state, epoch, partial,
+                       scaler=learner.scaler)
+    add_rank_states(ckpt, run.group, learner.augment_rng)
+    if run.leader:
+        save_checkpoint(ckpt, run.run_dir / LAST)
+
+
+def _finish(run: Run, learner: Learner) -> dict:
+    """progress.json marked finished, this attempt's wall time by phase in train.json, and the run's summary."""
+    state, job = learner.state, run.job
+    if run.leader:
+        _write_progress(run.run_dir, job, state, None, finished=True)
         # this attempt's wall time by phase, for the user and the benchmarks
-        run_record["phases_s"] = phases.summary()
-        atomic_write_text(run_dir / RECORD, json.dumps(run_record, indent=2) + "\n", "data record")
+        run.record["phases_s"] = run.phases.summary()
+        atomic_write_text(run.run_dir / RECORD, json.dumps(run.record, indent=2) + "\n", "data record")
         from .hparams import write_hparams  # TensorBoard's HPARAMS tab: the run's settings and results
 
-        write_hparams(run_dir)
-    log(phases.line())
+        write_hparams(run.run_dir)
+    run.log(run.phases.line())
     summary = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice,
                "best_epoch": state.best_epoch, "stopped_early": state.stopped_early}
-    log(f"done: {state.epoch} epoch{'s' if state.epoch != 1 else ''}, best validation mean Dice {state.best_dice:.4f} at epoch {state.best_epoch}")
+    run.log(f"done: {state.epoch} epoch{'s' if state.epoch != 1 else ''}, best validation mean Dice "
+            f"{state.best_dice:.4f} at epoch {state.best_epoch}")
     return summary
 
 
@@ -356,7 +465,8 @@ def validate(model, val_groups, job: Job, group: Group | None = None) -> tuple[t
     sharded = group is not None and group.active
     for images, labels in val_groups:
         if sharded:
-            images, labels = images[group.ranks.rank :: group.ranks.world], labels[group.ranks.rank :: group.ranks.world]
+            share = slice(group.ranks.rank, None, group.ranks.world)
+            images, labels = images[share], labels[share]
             if images.shape[0] == 0:
                 continue
         # groups kept in host memory come over one at a time (a no-op for resident ones)
@@ -402,7 +512,7 @@ def _checkpoint(job: Job, model, optimizer, generator, state: LoopState, epoch: 
     return ckpt
 
 
-def _restore(ckpt: dict, model, optimizer, generator, device, path: Path) -> tuple[LoopState, dict | None]:
+def _load_state(ckpt: dict, model, optimizer, generator, device, path: Path) -> tuple[LoopState, dict | None]:
     load_weights(model, ckpt, path)
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -467,21 +577,6 @@ def _clear_attempt(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
 
-def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
-    """The training and validation folders `run_dir` was trained with (from its train.json), or None."""
-    path = Path(run_dir) / RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        folders = record["train_dir"], record["val_dir"]
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunDirError(f"{path}: damaged ({type(err).__name__}); pass --data") from None
-    if not all(isinstance(f, str) and f for f in folders):
-        raise RunDirError(f"{path}: damaged (folders are not strings); pass --data")
-    return Path(folders[0]), Path(folders[1])
-
-
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Drop lines of epochs after the checkpoint: an attempt killed mid-epoch wrote them, the resumed one redoes them.
     A line that is no epoch record goes too: an attempt killed while appending leaves half a line."""
@@ -518,8 +613,9 @@ def _write_progress(run_dir: Path, job: Job, state: LoopState, seconds: float | 
         per_epoch = None
     if seconds is not None:  # smoothed, so one validation epoch does not swing the estimate
         per_epoch = seconds if per_epoch is None else 0.8 * per_epoch + 0.2 * seconds
-    progress = {"epoch": state.epoch, "epochs": job.train.epochs, "best_dice": state.best_dice if state.best_epoch else None,
-                "best_epoch": state.best_epoch or None, "seconds_per_epoch": per_epoch, "updated": time.time(),
+    progress = {"epoch": state.epoch, "epochs": job.train.epochs,
+                "best_dice": state.best_dice if state.best_epoch else None, "best_epoch": state.best_epoch or None,
+                "seconds_per_epoch": per_epoch, "updated": time.time(),
                 "finished": finished, "stopped_early": state.stopped_early}
     atomic_write_text(path, json.dumps(progress) + "\n", "progress file")
 

@@ -148,7 +148,7 @@ def _run(request: dict) -> tuple[int, object]:
                 args = ["--profile", str(profile), *args]
         if command == "collect-files":
             return _invoke(collect_files, args)
-        from ..cli import main
+        main = click.get_current_context().find_root().command  # `hpcseg` itself: cli imports this module
 
         return _invoke(main, [command, *args])
 
