@@ -41,7 +41,8 @@ def remember_setup(cluster, tmp_path: Path, setup: list[str], scratch: str = "~/
     """`submit --host --dry-run` with a profile: the host and its setup lines are remembered for later calls."""
     from fixtures_cluster import JOB_FILE
 
-    profile = write_profile(tmp_path, setup, scratch)
+    # a scheduler's dry run: the job's data folders need not exist there (a local one refuses them)
+    profile = write_profile(tmp_path, setup, scratch, executor="lsf")
     done = hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run")
     assert done.returncode == 0, done.stderr
 
@@ -50,7 +51,7 @@ def submit_with(tmp_path: Path, setup: list[str], env: dict | None = None) -> su
     """`submit --dry-run` through a profile whose host is the cluster and whose setup lines are `setup`."""
     from fixtures_cluster import JOB_FILE
 
-    profile = write_profile(tmp_path, setup, "~/scratch")
+    profile = write_profile(tmp_path, setup, "~/scratch", executor="lsf")
     return hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run", env=env, timeout=30)
 
 
