@@ -29,7 +29,7 @@ def shared_folder(cluster, prefix: str) -> Path:
     return folder
 
 
-def write_profile(folder: Path, setup: list[str], scratch: str, executor: str = "local", host: str = "cluster",
+def write_profile(folder: Path, setup: list[str], scratch: str, executor: str = "lsf", host: str = "cluster",
                   extra: str = "") -> Path:
     path = folder / "site.toml"
     path.write_text(f'name = "site"\nexecutor = "{executor}"\nhost = "{host}"\nscratch = "{scratch}"\n'

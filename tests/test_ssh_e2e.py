@@ -269,7 +269,7 @@ def test_the_laptop_as_another_user_gets_the_files_only_over_ssh(ssh_cluster, cl
     folder = make_run(ssh_cluster, cluster_scratch, "20260101-000000-1a97", best_mb=1)
     assert laptop.run("cat", f"{folder}/checkpoints/best.pt").returncode != 0  # not readable here directly
     profile = laptop.home / "site.toml"
-    profile.write_text(f'name = "site"\nexecutor = "local"\nhost = "cluster"\nscratch = "{cluster_scratch}"\n'
+    profile.write_text(f'name = "site"\nexecutor = "lsf"\nhost = "cluster"\nscratch = "{cluster_scratch}"\n'
                        f'setup = ["{ssh_cluster.setup_line}"]\n')
     subprocess.run(["chown", "hpcseg-laptop", str(profile)], check=True)
     dry = laptop.hpcseg("submit", str(JOB_FILE), "--profile", str(profile), "--dry-run")
