@@ -21,7 +21,8 @@ from . import __version__, volumes
 from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import (
-    HostBatches, Placement, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
+    MAPPED, HostBatches, Placement, held_bytes_estimate, host_room, place, rank_folder, read_spill, release,
+    slices_home, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import Spill, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
@@ -161,7 +162,11 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     last = _check_run_dir(job, run_dir, resume) if ranks.leader else _resume_point(run_dir, resume)
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):  # slices beyond the host memory for data go to files as they are read
-        spill = Spill(read_spill(run_dir, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
+        # .slices/ on the job's local disk where it fits (twice: what loading spills, and training's stacked copy)
+        home = slices_home(run_dir, 2 * held_bytes_estimate([Path(train_dir), Path(val_dir)]))
+        if home != run_dir:  # what a killed attempt left in the run folder
+            release(Placement("mapped", "", rank_folder(run_dir, ranks.rank)))
+        spill = Spill(read_spill(home, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
         train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes, spill)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
@@ -170,12 +175,17 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         with process_group(ranks, pick_device(ranks)) as group, \
                 writing(run_dir, "writing the run; once there is space, continue it with --resume"):
             run = Run(job, run_dir, group, log, progress, warning, phases, resumed=last is not None)
-            return _train(run, train_split, val_split, last, spill.spilled)
+            return _train(run, train_split, val_split, last, spill.spilled, home)
     finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
         shutil.rmtree(spill.folder, ignore_errors=True)
+        if home != run_dir:  # the folder in $TMPDIR, once no rank's files are left in it
+            for folder in (home / MAPPED, home):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
-def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = False) -> dict:
+def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = False,
+           slices_at: Path | None = None) -> dict:
     """One attempt, step by step: set up the run, restore `last`, place the data, the epoch loop, finish."""
     setup_started = time.perf_counter()
     _tidy_run_dir(run)
@@ -184,7 +194,7 @@ def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = 
         _restore(run, learner, last)
     _write_record(run, train_split, val_split)
     learner.step_model = maybe_compile(wrap_model(learner.model, run.group), run.job, run.log)  # DDP: several ranks
-    data = _place(run, train_split, val_split, spilled)
+    data = _place(run, train_split, val_split, spilled, slices_at or run.run_dir)
     run.phases.seconds["setup"] += time.perf_counter() - setup_started
     _epochs(run, learner, data)
     return _finish(run, learner)
@@ -243,11 +253,11 @@ def _write_record(run: Run, train_split, val_split) -> None:
         atomic_write_text(run.run_dir / RECORD, json.dumps(run.record, indent=2) + "\n", "data record")
 
 
-def _place(run: Run, train_split, val_split, spilled: bool) -> Placed:
+def _place(run: Run, train_split, val_split, spilled: bool, slices_at: Path) -> Placed:
     """The splits on the device where they fit, else in host memory (or memory-mapped files), batches copied over."""
     job, device, ranks = run.job, run.group.device, run.group.ranks
     placement = place(split_bytes(train_split, val_split, (MIN_SIZE, MIN_SIZE)), device, job.data.device_memory_gb,
-                      job.data.host_memory_gb, run.run_dir, ranks.rank, ranks.local_world, spilled)
+                      job.data.host_memory_gb, slices_at, ranks.rank, ranks.local_world, spilled)
     run.log(placement.line)
     images, labels, sizes = training_tensors(train_split, placement, device, (MIN_SIZE, MIN_SIZE))
     val_groups = validation_groups(val_split, placement, device, job.infer.batch_size * job.infer.sw_batch_size)
