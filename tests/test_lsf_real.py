@@ -150,3 +150,12 @@ def test_spooled_output_reaches_the_log_at_the_end_and_bpeek_shows_it_meanwhile(
     assert (tmp_path / f"{job}.out").read_text().startswith("first line\nlast line\n")
     ended = run("bpeek", job, check=False)
     assert ended.returncode == 255 and ended.stderr.strip() == f"Job <{job}> : Not a running job"
+
+
+def test_the_dtu_profile_loads_no_cuda_module_beside_pips_torch():
+    """pip's CUDA wheels bring their own libraries; a CUDA module's LD_LIBRARY_PATH breaks them at import."""
+    from hpcseg.cluster.profiles import load_profile
+
+    setup = load_profile("dtu").setup
+    assert setup and not [line for line in setup if re.search(r"module\s+load\s+cuda", line)], setup
+    assert any("activate" in line for line in setup)

@@ -459,7 +459,7 @@ class LsfExecutor(ScriptExecutor):
 
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
     signal_delay_s, job_name, array_parallelism, setup (shell lines run before Python, e.g.
-    ``module load cuda/12.1``), additional_parameters (extra #BSUB lines), stderr_to_stdout; nodes and
+    ``module load python3/3.11.9``), additional_parameters (extra #BSUB lines), stderr_to_stdout; nodes and
     tasks_per_node are accepted for AutoExecutor compatibility and must be 1. A value of None restores the
     default.
 
