@@ -25,6 +25,9 @@ def test_a_job_lsf_kills_for_its_memory_is_failed_with_the_limit(lsf_emulator, c
     assert row["error"].startswith("killed by LSF: memory limit (0.1 GB)"), row
     code, table = cli("status", run_id)
     assert code == 0 and "killed by LSF: memory limit (0.1 GB)" in table, table
+    lsf_emulator.forget(job_id)  # after CLEAN_PERIOD: LSF's job report at the end of the log still says why
+    row = cli.status(run_id)[0]
+    assert row["state"] == "FAILED" and row["error"].startswith("killed by LSF: memory limit (0.1 GB)"), row
     record = json.loads(next(cli.scratch.glob(f"*/{run_id}/run.json")).read_text())
     assert record["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
 

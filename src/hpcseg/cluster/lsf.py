@@ -516,7 +516,39 @@ def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dic
             resources = {}
         message = kill_message(info.reason, resources.get("mem_gb"), resources.get("time"))
         states[str(key)] = SchedulerState(_HPCSEG_STATE.get(info.state, info.state), message)
+    for run in runs:  # forgotten by bjobs (CLEAN_PERIOD): LSF's job report at the end of the log still says why
+        reason = None if str(run.job_id) in states else _reported_reason(run)
+        if reason is not None:
+            resources = asked.get(str(run.job_id)) or {}
+            resources = resources if isinstance(resources, dict) else {}
+            state = normalise_state("EXIT", None, reason)
+            states[str(run.job_id)] = SchedulerState(state, kill_message(reason, resources.get("mem_gb"),
+                                                                         resources.get("time")))
     return states, notes
+
+
+#: the termination reason line of LSF's job report, appended to the job's output file when it ends
+_REPORTED = re.compile(r"^TERM_[A-Z_]+: .*$", re.MULTILINE)
+
+
+def _reported_reason(run: tp.Any, tail: int = 8192) -> tp.Optional[str]:
+    """The exit reason in the job report LSF appended to the run's log (its last report, of the last attempt)."""
+    from .runs import NotTrusted, open_owned
+
+    path = run.log_path(False) if getattr(run, "trusted", False) else None
+    if path is None:
+        return None
+    try:
+        with open_owned(path) as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - tail))
+            text = fh.read(tail).decode(errors="replace")
+    except (OSError, NotTrusted):
+        return None
+    report = text.rsplit("Sender: LSF System", 1)
+    if len(report) < 2:
+        return None
+    found = _REPORTED.findall(report[1])
+    return found[-1].strip() if found else None
 
 
 def job_owners(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Dict[str, str]:
