@@ -39,11 +39,12 @@ def test_logs_of_a_running_job_whose_output_lsf_spools_come_through_bpeek(lsf_em
     [(run_id, job_id)] = cli.submit(data=tiny_data, sets=["train.epochs=100000", "train.val_interval=1000"])
     cli.wait(run_id, ("RUNNING",), timeout_s=90)
     deadline, out = time.time() + 90, ""
-    while "hpcseg job runner: versions:" not in out and time.time() < deadline:
+    while "hpcseg job runner: memory limit:" not in out and time.time() < deadline:
         code, out = cli("logs", run_id)
         time.sleep(0.5)
     assert code == 0 and "hpcseg job runner: starting" in out and "(as submitted)" in out, out
     assert "showing bpeek" in out  # the note (on stderr) says where the lines come from
+    assert "hpcseg job runner: memory limit: 4 GB" in out and "HPCSEG_JOB_MEM_GB=4" in out, out
     follower = subprocess.Popen([sys.executable, "-m", "hpcseg", "logs", run_id, "--follow"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:

@@ -53,6 +53,16 @@ def report_versions(run_dir: Path) -> None:
     print(prefix + line, file=sys.stderr if level in ("error", "warning") else sys.stdout, flush=True)
 
 
+def report_memory() -> None:
+    """One line: the memory limit this job is under, as it sees it (memlimit.py), or that it sees none."""
+    from .. import memlimit
+
+    limit = memlimit.tightest()
+    line = "no limit seen (no request, cgroup or rlimit)" if limit is None else \
+        f"{limit.limit / 1e9:.3g} GB, {limit.room / 1e9:.3g} GB left (from {limit.source})"
+    print(f"hpcseg job runner: memory limit: {line}", flush=True)
+
+
 def write_outcome(run_dir: Path, state: str, **extra: Any) -> None:
     record = {"state": state, "time": time.time(), **extra}
     atomic_write_text(run_dir / OUTCOME, json.dumps(record, indent=2) + "\n")
@@ -90,6 +100,7 @@ class JobRunner(submitit.helpers.Checkpointable):
         print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",
               flush=True)
         report_versions(run_dir)
+        report_memory()
         if not resume:  # an earlier attempt that died before its first checkpoint: start that run over
             for stale in ("metrics.jsonl", "progress.json"):
                 (run_dir / stale).unlink(missing_ok=True)
