@@ -131,7 +131,8 @@ def test_training_spills_to_tmpdir_and_leaves_nothing_there(tiny_data, tmp_path,
     monkeypatch.setenv("TMPDIR", str(local))
     job = load_job(JOB_FILE, [*TINY, "train.epochs=1", "data.device_memory_gb=1e-9", "data.host_memory_gb=1e-9"])
     lines = []
-    train(job, tiny_data / "training_data", tiny_data / "validation_data", tmp_path / "run", log=lines.append, progress=False)
+    train(job, tiny_data / "training_data", tiny_data / "validation_data", tmp_path / "run", log=lines.append,
+          progress=False)
     placed = next(line for line in lines if line.startswith("data:"))
     assert f"memory-mapped .npy files in {local / 'hpcseg-run' / '.slices' / 'rank0'}" in placed, placed
     assert list(local.iterdir()) == [] and not (tmp_path / "run" / ".slices").exists()

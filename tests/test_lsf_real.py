@@ -12,21 +12,7 @@ import time
 
 from hpcseg.cluster import lsf
 from hpcseg.cluster.runs import Run
-
-
-def run(*args, stdin=None, check=True, env=None):
-    proc = subprocess.run(list(args), input=stdin, capture_output=True, text=True, timeout=30, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr}")
-    return proc
-
-
-def bsub(script, *args):
-    out = run("bsub", *args, stdin=script).stdout
-    m = re.fullmatch(r"Job <(\d+)> is submitted to (default )?queue <([\w.-]+)>\.\n", out)
-    assert m, out
-    return m.group(1)
-
+from test_lsf_emulator import bsub, run
 
 HEADER = """#!/bin/bash
 #BSUB -J real

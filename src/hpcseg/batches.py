@@ -2,9 +2,10 @@
 
 Splits that fit stay resident on the training device (the fast path: batches are cropped there, no copies). Splits
 that do not stay in host memory, or in memory-mapped .npy files when they exceed the host's memory too (under the
-job's local $TMPDIR where they fit, else in the run folder: `slices_home`); each batch's whole slices are gathered there, staged in pinned memory and copied asynchronously
-(non_blocking, on a side stream, the next batch while the model trains on this one), then cropped and augmented on
-the device. The crop draws the same random numbers from the same generator, so both paths train the same weights.
+job's local $TMPDIR where they fit, else in the run folder: `slices_home`); each batch's whole slices are gathered
+there, staged in pinned memory and copied asynchronously (non_blocking, on a side stream, the next batch while the
+model trains on this one), then cropped and augmented on the device. The crop draws the same random numbers from the
+same generator, so both paths train the same weights.
 """
 
 from __future__ import annotations

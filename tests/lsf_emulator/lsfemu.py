@@ -29,7 +29,7 @@ LSF behaviours emulated beyond the formats, with IBM's documentation of each (LS
 - bjobs -a lists finished jobs (within CLEAN_PERIOD); without it a finished job named by id may be left out and
   answered "No unfinished job found" (the LSB_BJOBS_CONSISTENT_EXIT_CODE examples show this answer):
   https://ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_command_ref/bjobs.a.1.html
-  https://www.ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_bjobs_consistent_exit_code.5.html
+ https://www.ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_bjobs_consistent_exit_code.5.html
 - the memory limit (-M) enforced by LSF per job (LSB_JOB_MEMLIMIT=y): when the job's processes together pass it,
   LSF sends SIGINT, SIGTERM, then SIGKILL, JOB_TERMINATE_INTERVAL (10 s) apart, and the exit reason is
   TERM_MEMLIMIT (bjobs -o exit_reason):

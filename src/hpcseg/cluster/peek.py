@@ -9,7 +9,8 @@ from typing import Callable
 
 from ..errors import CommandError, run_command
 
-#: the heading bpeek prints before the output (https://www.ibm.com/docs/SSWRJV_10.1.0/lsf_users_guide/job_output_view.html)
+#: the heading bpeek prints before the output
+#: (https://www.ibm.com/docs/SSWRJV_10.1.0/lsf_users_guide/job_output_view.html)
 _HEADING = "<< output from stdout >>"
 
 
