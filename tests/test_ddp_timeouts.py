@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcseg.distributed import DistributedError, timeout_s, write_timeout_s
+from hpcseg.distributed import DistributedError, stop_every_steps, timeout_s, write_timeout_s
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,6 +21,12 @@ def test_the_gpu_collectives_wait_longer_by_default_and_the_variables_set_them()
     assert write_timeout_s({}) == 3600 and write_timeout_s({"HPCSEG_DIST_WRITE_TIMEOUT_S": "7200"}) == 7200
     with pytest.raises(DistributedError, match="HPCSEG_DIST_WRITE_TIMEOUT_S"):
         write_timeout_s({"HPCSEG_DIST_WRITE_TIMEOUT_S": "0"})
+
+
+def test_the_ranks_agree_on_the_warning_every_k_steps():
+    assert stop_every_steps({}) == 20 and stop_every_steps({"HPCSEG_STOP_EVERY_STEPS": "2"}) == 2
+    with pytest.raises(DistributedError, match="HPCSEG_STOP_EVERY_STEPS"):
+        stop_every_steps({"HPCSEG_STOP_EVERY_STEPS": "-1"})
 
 
 @pytest.mark.slow

@@ -33,6 +33,9 @@ GPU_TIMEOUT_S = 1800.0
 WRITE_TIMEOUT_ENV = "HPCSEG_DIST_WRITE_TIMEOUT_S"
 #: how long the other ranks wait for rank 0's writes to the run folder (a stalled network file system)
 DEFAULT_WRITE_TIMEOUT_S = 3600.0
+STOP_EVERY_ENV = "HPCSEG_STOP_EVERY_STEPS"
+#: steps between the ranks' agreements on the warning signal: at most a few seconds of GPU steps late
+DEFAULT_STOP_EVERY = 20
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -80,6 +83,17 @@ def ranks_from_env(environ: Mapping[str, str] = os.environ) -> Ranks:
 def timeout_s(environ: Mapping[str, str] = os.environ, device_type: str = "cpu") -> float:
     """How long a rank waits for the others (start-up and every collective) before the run stops."""
     return _seconds(environ, TIMEOUT_ENV, GPU_TIMEOUT_S if device_type == "cuda" else DEFAULT_TIMEOUT_S)
+
+
+def stop_every_steps(environ: Mapping[str, str] = os.environ) -> int:
+    """After how many steps the ranks agree whether the scheduler's warning came (HPCSEG_STOP_EVERY_STEPS, default
+    20): each agreement is an all-reduce and a host synchronisation, too many to make after every step."""
+    text = environ.get(STOP_EVERY_ENV, "")
+    if not text:
+        return DEFAULT_STOP_EVERY
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise DistributedError(f"environment variable {STOP_EVERY_ENV}={text!r}: expected steps in 1..100000")
+    return int(text)
 
 
 def write_timeout_s(environ: Mapping[str, str] = os.environ) -> float:

@@ -27,7 +27,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_che
 from .data import Spill, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .device import pick_device, set_threads
-from .distributed import Group, Ranks, process_group, ranks_from_env
+from .distributed import Group, Ranks, process_group, ranks_from_env, stop_every_steps
 from .errors import UserError
 from .infer import autocast, predict_labels
 from .jobfile import Job, JobError, job_from_dict
@@ -126,6 +126,7 @@ class Epochs:
     last_epoch: int
     stop: Callable[[], bool] | None  # whether the scheduler's warning reached any rank
     saved_at: float  # time.monotonic() of the last save of `last`, for train.checkpoint_every_s
+    stop_every: int = 1  # steps between the ranks' agreements on the warning (distributed.stop_every_steps)
 
 
 class _Silent:
@@ -308,7 +309,8 @@ def _start_epochs(run: Run, learner: Learner, data: Placed) -> Epochs:
             + (" with a gradient scaler" if learner.scaler is not None else ""))
     warning = run.warning
     stop = (lambda: group.any(warning.requested())) if warning else None  # all ranks stop at the same step
-    return Epochs(writer, bar, last_epoch, stop, time.monotonic())
+    stop_every = stop_every_steps() if group.active else 1  # a collective: agreed every K steps, not each one
+    return Epochs(writer, bar, last_epoch, stop, time.monotonic(), stop_every)
 
 
 def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -> None:
@@ -320,11 +322,12 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
     with phases("train"):
         stopped = train_one_epoch(learner.step_model, learner.optimizer, learner.loss_fn, data.images, data.labels,
                                   data.sizes, job, learner.augment, learner.augment_rng, partial, stop=loop.stop,
-                                  scaler=learner.scaler, ranks=group.ranks, resident=data.placement.resident)
+                                  scaler=learner.scaler, ranks=group.ranks, resident=data.placement.resident,
+                                  stop_every=loop.stop_every)
         loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
     if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
         _save_last(run, learner, state.epoch, partial)
-        group.barrier()  # no rank ends before `last` is saved (a launcher would stop rank 0)
+        group.wait_for_leader()  # no rank ends before `last` is saved (a launcher would stop rank 0)
         run.log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
         raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
     learner.partial = None
@@ -350,6 +353,7 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
     # Adam state, so a job may save by the clock instead: a resume replays the epochs since (validation and `best`
     # included) exactly; the warning signal still saves, mid-epoch, above; the ranks agree, as the save gathers
     # their random states
+    group.wait_for_leader()  # rank 0's writes above (best, records) stay out of the collective's window
     saving = group.any(epoch == loop.last_epoch or state.stopped_early
                        or time.monotonic() - loop.saved_at >= job.train.checkpoint_every_s)
     if saving:
@@ -360,10 +364,12 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
         loop.writer.add_scalar("loss/train", train_loss, epoch)
         loop.writer.add_scalar("lr", record["lr"], epoch)
     loop.bar.update(record, state)
+    group.wait_for_leader()  # and `last` and TensorBoard's, out of the next collective's (the warning's or the next
+    # epoch's first step)
     if loop.stop is not None and loop.stop():  # the warning came after the epoch's last step: save it, requeue
         if not saving:
             _save_last(run, learner, epoch)
-        group.barrier()
+        group.wait_for_leader()
         run.log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
         raise Preempted(f"stopped after epoch {epoch}")
     if state.stopped_early:
@@ -425,12 +431,14 @@ def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
 
 
 def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
-                    stop=None, scaler=None, ranks: Ranks = Ranks(), resident: bool = True) -> bool:
+                    stop=None, scaler=None, ranks: Ranks = Ranks(), resident: bool = True, stop_every: int = 1) -> bool:
     """One pass over the training tensors in the order `epoch["order"]`, from step `epoch["step"]`: resident on the
     device, or (not `resident`) on the host, each batch's slices copied over as batches.HostBatches does.
 
     Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
-    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end. With `scaler` (fp16), the loss
+    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end; it is asked after every
+    `stop_every`-th step of the epoch (the same steps on every rank: with several ranks each ask is a collective and
+    a host synchronisation). With `scaler` (fp16), the loss
     is scaled before backward and a step whose gradients overflowed is skipped, as torch's GradScaler does. With
     several `ranks`, a step is one global batch and this rank trains its part of it (dataparallel.rank_batch).
     """
@@ -460,7 +468,7 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
             scaler.update()
         epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * counted
         epoch["step"] = step + 1
-        if stop is not None and epoch["step"] < steps and stop():
+        if stop is not None and epoch["step"] < steps and epoch["step"] % stop_every == 0 and stop():
             return True
     return False
 
