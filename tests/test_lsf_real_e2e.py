@@ -45,6 +45,8 @@ def test_logs_of_a_running_job_whose_output_lsf_spools_come_through_bpeek(lsf_em
     assert code == 0 and "hpcseg job runner: starting" in out and "(as submitted)" in out, out
     assert "showing bpeek" in out  # the note (on stderr) says where the lines come from
     assert "hpcseg job runner: memory limit: 4 GB" in out and "HPCSEG_JOB_MEM_GB=4" in out, out
+    code, out = cli("logs", run_id, "--err")
+    assert code == 2 and "the scheduler spools the job's output until it ends" in out, out
     follower = subprocess.Popen([sys.executable, "-m", "hpcseg", "logs", run_id, "--follow"], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:

@@ -407,6 +407,9 @@ def logs(run_selector, stderr, follow, scratch) -> None:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         elif not follow:
+            if stderr and _peek_command(run, False):  # running: the scheduler spools its output until the end
+                raise ClusterError(f"{run.run_id}: no error log yet ({path}): the scheduler spools the job's output "
+                                   f"until it ends; `hpcseg logs {run.run_id}` shows its output so far")
             raise ClusterError(f"{run.run_id}: no log yet ({path}); the job has not started")
         if not follow:
             return
