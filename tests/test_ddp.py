@@ -109,14 +109,17 @@ def test_rank_0_alone_writes_the_run_folder(data8, tmp_path):
 
 @pytest.mark.slow
 def test_a_warning_on_one_rank_stops_every_rank_at_the_same_step_and_resume_is_exact(data8, tmp_path):
-    """USR2 reaches rank 1 alone in epoch 2's second step: both ranks stop after that step (they agree each step),
-    rank 0 saves `last` mid-epoch with every rank's random states, and resuming with 2 ranks ends with exactly the
-    weights of the uninterrupted 2-rank run (dropout and augmentation on: each rank's streams are restored)."""
+    """USR2 reaches rank 1 alone in epoch 2's first step: both ranks stop after its second (they agree every
+    HPCSEG_STOP_EVERY_STEPS steps of an epoch, here 2, not after each: each agreement is a collective and a host
+    synchronisation), rank 0 saves `last` mid-epoch with every rank's random states, and resuming with 2 ranks ends
+    with exactly the weights of the uninterrupted 2-rank run (dropout and augmentation on: each rank's streams are
+    restored)."""
     sets = [*TINY, "train.epochs=2", "train.batch_size=1", "train.checkpoint_every_s=3600"]
     train(data8, tmp_path / "once", *sets, procs=2)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(ROOT / "tests" / "ddp_warned_rank.py"), str(JOB), str(data8), str(tmp_path / "twice"),
-                           "6", *sets], capture_output=True, text=True, timeout=300, env=_env())
+                           "5", *sets], capture_output=True, text=True, timeout=300,
+                          env=_env(HPCSEG_STOP_EVERY_STEPS="2"))
     assert "rank 0 stopped after 6 steps" in proc.stdout and "rank 1 stopped after 6 steps" in proc.stdout, \
         proc.stdout + proc.stderr
     saved = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")

@@ -199,6 +199,8 @@ def test_map_array_is_one_array_job_with_parallelism(lsf_emulator, tmp_path):
     assert len(lsf_emulator.calls("bsub")) == 1
     assert '#BSUB -J "squares[1-5]%2"' in bsub_lines(jobs[0])
     assert f"#BSUB -o {tmp_path}/%J_%I_0_log.out" in bsub_lines(jobs[0])
+    for j in jobs:  # a result is there a moment before the emulator records its job's end
+        lsf_emulator.wait_for(j.job_id)
     elements = lsf_emulator.job(main)["elements"]
     intervals = [(el["start_time"], el["end_time"]) for el in elements.values()]
     assert max(sum(1 for s, e in intervals if s <= t < e) for t, _ in intervals) <= 2

@@ -100,10 +100,19 @@ def remove_stale_temporaries(*paths: Path | str) -> None:
                 entry.unlink(missing_ok=True)
 
 
+#: what fsync of a directory says on file systems that cannot sync one (some parallel and FUSE file systems)
+_NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
 def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable where the file system can; the rename itself has already succeeded, so a file system
+    that cannot sync a directory (EINVAL on GPFS-like and FUSE mounts) leaves the new file in place, not an error."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)
 

@@ -1,10 +1,11 @@
 """Where the training and validation slices live during training, and how each batch reaches the model.
 
 Splits that fit stay resident on the training device (the fast path: batches are cropped there, no copies). Splits
-that do not stay in host memory, or in memory-mapped .npy files in the run folder when they exceed the host's
-memory too; each batch's whole slices are gathered there, staged in pinned memory and copied asynchronously
-(non_blocking, on a side stream, the next batch while the model trains on this one), then cropped and augmented on
-the device. The crop draws the same random numbers from the same generator, so both paths train the same weights.
+that do not stay in host memory, or in memory-mapped .npy files when they exceed the host's memory too (under the
+job's local $TMPDIR where they fit, else in the run folder: `slices_home`); each batch's whole slices are gathered
+there, staged in pinned memory and copied asynchronously (non_blocking, on a side stream, the next batch while the
+model trains on this one), then cropped and augmented on the device. The crop draws the same random numbers from the
+same generator, so both paths train the same weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import memlimit
 from .data import Split
 
 GB = 1e9
@@ -48,38 +50,54 @@ def split_bytes(train_split: Split, val_split: Split, min_size: tuple[int, int])
 
 
 def host_memory_available() -> int:
-    """Bytes this process may still use: the host's available memory, or less under a cgroup limit (a batch job's)."""
+    """Bytes this process may still use: the host's available memory, or less under the job's memory limit (what it
+    asked for, its cgroup v1/v2, its rlimits: memlimit.py)."""
     try:
         available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
                          if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(available, _cgroup_room() or available)
-
-
-def _cgroup_room() -> int | None:
-    """memory.max - memory.current of the tightest cgroup (v2) above this process, or None where there is none."""
-    try:
-        path = next(line[3:].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
-    except (OSError, StopIteration):
-        return None
-    folder, rooms = Path("/sys/fs/cgroup") / path.lstrip("/"), []
-    for level in (folder, *folder.parents):
-        try:
-            limit = (level / "memory.max").read_text().strip()
-            if limit != "max":
-                rooms.append(int(limit) - int((level / "memory.current").read_text()))
-        except (OSError, ValueError):
-            pass
-        if level == Path("/sys/fs/cgroup"):
-            break
-    return max(0, min(rooms)) if rooms else None
+    job_room = memlimit.room()
+    return available if job_room is None else min(available, job_room)
 
 
 def host_room(host_cap_gb: float, local_ranks: int = 1) -> float:
     """Bytes of host memory the splits may take: `host_cap_gb` (0: half the memory available, shared by the node's
     `local_ranks` processes, each holding its copy)."""
     return host_cap_gb * GB if host_cap_gb else HOST_SHARE * host_memory_available() / local_ranks
+
+
+def slices_home(run_dir: Path, need_bytes: float, environ=None) -> Path:
+    """The folder that holds .slices/: the job's own $TMPDIR (LSF's job-specific TMPDIR, a node-local disk) where
+    `need_bytes` fit in 90% of its free space, else the run folder. The mapped slices are written once and read by
+    page faults every batch, again after each requeue: on a network scratch (/work3) every batch would cross it."""
+    tmp = (os.environ if environ is None else environ).get("TMPDIR", "")
+    if tmp and os.path.isdir(tmp) and os.access(tmp, os.W_OK | os.X_OK):
+        try:
+            free = shutil.disk_usage(tmp).free
+        except OSError:
+            free = 0
+        if need_bytes <= 0.9 * free:
+            return Path(tmp) / f"hpcseg-{Path(run_dir).name}"
+    return Path(run_dir)
+
+
+def held_bytes_estimate(folders) -> int:
+    """What the slices of `folders` may take as training holds them, from their files' sizes alone (before reading
+    them): .npy as large, compressed NIfTI 8 times (float32 images, uint8 labels)."""
+    from .data import DataError, find_pairs
+
+    total = 0
+    for folder in folders:
+        try:
+            pairs = find_pairs(folder)
+        except DataError:
+            continue  # reported when the folder is read
+        for pair in pairs:
+            for path in (pair.image, pair.label):
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size * (8 if path.name.lower().endswith(".gz") else 1)
+    return total
 
 
 def rank_folder(run_dir: Path, rank: int = 0) -> Path:

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .distributed import Ranks, device_for
+from .jobcpus import job_cpus
 
 
 def pick_device(ranks: Ranks = Ranks()) -> torch.device:
@@ -19,6 +20,7 @@ def pick_device(ranks: Ranks = Ranks()) -> torch.device:
 
 
 def set_threads(requested: int, processes: int = 1) -> None:
-    """`requested` threads, or by default the cores available shared among this machine's training processes."""
+    """`requested` threads, or by default the job's cores (its slots: jobcpus.py), else the cores available, shared
+    among this machine's training processes."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(requested or max(1, available // processes))
+    torch.set_num_threads(requested or job_cpus(os.environ, processes) or max(1, available // processes))

@@ -4,8 +4,13 @@ The launcher says who a process is: torchrun (`torch.distributed.run`, and `hpcs
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; a cluster job's tasks get the same
 variables from submitit's environment (`export_submitit_environment`). Without them the run is one process and
 no group is made: today's single-process training, untouched. The group uses NCCL on CUDA and gloo on the CPU,
-with a bounded timeout (HPCSEG_DIST_TIMEOUT_S, default 300 s) so that a dead rank ends the job with one line
-instead of holding the others until the walltime.
+with a bounded timeout (HPCSEG_DIST_TIMEOUT_S, default 300 s on the CPU, 1800 s on GPUs) so that a dead rank ends
+the job with one line instead of holding the others until the walltime.
+
+Rank 0 alone writes the run folder (checkpoints, metrics, TensorBoard), on a cluster to a network scratch that may
+stall for minutes. The other ranks wait for those writes in a barrier of their own (`Group.wait_for_leader`, a
+gloo group with HPCSEG_DIST_WRITE_TIMEOUT_S, default 3600 s), never in a training collective: a slow file system
+delays the run instead of failing it, and a dead rank is still found within the training collectives' timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from .errors import UserError
 
 TIMEOUT_ENV = "HPCSEG_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
+#: NCCL's default: a GPU job's collectives may also wait out a busy node (NCCL's own default is 10 minutes)
+GPU_TIMEOUT_S = 1800.0
+WRITE_TIMEOUT_ENV = "HPCSEG_DIST_WRITE_TIMEOUT_S"
+#: how long the other ranks wait for rank 0's writes to the run folder (a stalled network file system)
+DEFAULT_WRITE_TIMEOUT_S = 3600.0
+STOP_EVERY_ENV = "HPCSEG_STOP_EVERY_STEPS"
+#: steps between the ranks' agreements on the warning signal: at most a few seconds of GPU steps late
+DEFAULT_STOP_EVERY = 20
 _RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -67,17 +80,37 @@ def ranks_from_env(environ: Mapping[str, str] = os.environ) -> Ranks:
     return Ranks(rank, world, local_rank, local_world)
 
 
-def timeout_s(environ: Mapping[str, str] = os.environ) -> float:
+def timeout_s(environ: Mapping[str, str] = os.environ, device_type: str = "cpu") -> float:
     """How long a rank waits for the others (start-up and every collective) before the run stops."""
-    text = environ.get(TIMEOUT_ENV, "")
+    return _seconds(environ, TIMEOUT_ENV, GPU_TIMEOUT_S if device_type == "cuda" else DEFAULT_TIMEOUT_S)
+
+
+def stop_every_steps(environ: Mapping[str, str] = os.environ) -> int:
+    """After how many steps the ranks agree whether the scheduler's warning came (HPCSEG_STOP_EVERY_STEPS, default
+    20): each agreement is an all-reduce and a host synchronisation, too many to make after every step."""
+    text = environ.get(STOP_EVERY_ENV, "")
     if not text:
-        return DEFAULT_TIMEOUT_S
+        return DEFAULT_STOP_EVERY
+    if not text.isdigit() or not 1 <= int(text) <= 100_000:
+        raise DistributedError(f"environment variable {STOP_EVERY_ENV}={text!r}: expected steps in 1..100000")
+    return int(text)
+
+
+def write_timeout_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long the other ranks wait for rank 0's writes to the run folder."""
+    return _seconds(environ, WRITE_TIMEOUT_ENV, DEFAULT_WRITE_TIMEOUT_S)
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    text = environ.get(name, "")
+    if not text:
+        return default
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 1.0 <= value <= 86_400.0:
-        raise DistributedError(f"environment variable {TIMEOUT_ENV}={text!r}: expected seconds in 1..86400")
+        raise DistributedError(f"environment variable {name}={text!r}: expected seconds in 1..86400")
     return value
 
 
@@ -108,9 +141,10 @@ def device_for(ranks: Ranks) -> torch.device | None:
 class Group:
     """The running group's collectives, as the training loop uses them. One process: each is the identity."""
 
-    def __init__(self, ranks: Ranks, device: torch.device) -> None:
+    def __init__(self, ranks: Ranks, device: torch.device, writes=None) -> None:
         self.ranks = ranks
         self.device = device  # NCCL reduces CUDA tensors only
+        self.writes = writes  # the gloo group whose long timeout covers rank 0's writes (wait_for_leader)
 
     @property
     def active(self) -> bool:
@@ -146,6 +180,13 @@ class Group:
             with lost_ranks_stop_the_run(self.ranks):
                 torch.distributed.barrier()
 
+    def wait_for_leader(self) -> None:
+        """Every rank waits here for rank 0's writes to the run folder (called by all, after rank 0 wrote): within
+        the write timeout, not the training collectives' one, so that a stalled file system does not end the run."""
+        if self.active:
+            with lost_ranks_stop_the_run(self.ranks):
+                torch.distributed.barrier(group=self.writes)
+
 
 #: What the backends' errors of a lost or stuck peer say (gloo's are plain RuntimeErrors).
 _LOST_PEER = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|ProcessGroup", re.IGNORECASE)
@@ -173,7 +214,7 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Group]:
         yield Group(ranks, device)
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    seconds = timeout_s()
+    seconds = timeout_s(device_type=device.type)
     try:
         torch.distributed.init_process_group(backend, rank=ranks.rank, world_size=ranks.world,
                                              timeout=datetime.timedelta(seconds=seconds))
@@ -184,6 +225,8 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[Group]:
                                f"{seconds:g} s ({detail})") from None
     try:
         with lost_ranks_stop_the_run(ranks):
-            yield Group(ranks, device)
+            writes = torch.distributed.new_group(backend="gloo",
+                                                 timeout=datetime.timedelta(seconds=write_timeout_s()))
+            yield Group(ranks, device, writes)
     finally:
         torch.distributed.destroy_process_group()

@@ -21,12 +21,13 @@ from . import __version__, volumes
 from .atomic import append_jsonl, atomic_write_text, remove_stale_temporaries, writing
 from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import (
-    HostBatches, Placement, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
+    MAPPED, HostBatches, Placement, held_bytes_estimate, host_room, place, rank_folder, read_spill, release,
+    slices_home, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from .data import Spill, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .device import pick_device, set_threads
-from .distributed import Group, Ranks, process_group, ranks_from_env
+from .distributed import Group, Ranks, process_group, ranks_from_env, stop_every_steps
 from .errors import UserError
 from .infer import autocast, predict_labels
 from .jobfile import Job, JobError, job_from_dict
@@ -125,6 +126,7 @@ class Epochs:
     last_epoch: int
     stop: Callable[[], bool] | None  # whether the scheduler's warning reached any rank
     saved_at: float  # time.monotonic() of the last save of `last`, for train.checkpoint_every_s
+    stop_every: int = 1  # steps between the ranks' agreements on the warning (distributed.stop_every_steps)
 
 
 class _Silent:
@@ -161,7 +163,11 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     last = _check_run_dir(job, run_dir, resume) if ranks.leader else _resume_point(run_dir, resume)
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):  # slices beyond the host memory for data go to files as they are read
-        spill = Spill(read_spill(run_dir, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
+        # .slices/ on the job's local disk where it fits (twice: what loading spills, and training's stacked copy)
+        home = slices_home(run_dir, 2 * held_bytes_estimate([Path(train_dir), Path(val_dir)]))
+        if home != run_dir:  # what a killed attempt left in the run folder
+            release(Placement("mapped", "", rank_folder(run_dir, ranks.rank)))
+        spill = Spill(read_spill(home, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
         train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes, spill)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
@@ -170,12 +176,17 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         with process_group(ranks, pick_device(ranks)) as group, \
                 writing(run_dir, "writing the run; once there is space, continue it with --resume"):
             run = Run(job, run_dir, group, log, progress, warning, phases, resumed=last is not None)
-            return _train(run, train_split, val_split, last, spill.spilled)
+            return _train(run, train_split, val_split, last, spill.spilled, home)
     finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
         shutil.rmtree(spill.folder, ignore_errors=True)
+        if home != run_dir:  # the folder in $TMPDIR, once no rank's files are left in it
+            for folder in (home / MAPPED, home):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
-def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = False) -> dict:
+def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = False,
+           slices_at: Path | None = None) -> dict:
     """One attempt, step by step: set up the run, restore `last`, place the data, the epoch loop, finish."""
     setup_started = time.perf_counter()
     _tidy_run_dir(run)
@@ -184,7 +195,7 @@ def _train(run: Run, train_split, val_split, last: dict | None, spilled: bool = 
         _restore(run, learner, last)
     _write_record(run, train_split, val_split)
     learner.step_model = maybe_compile(wrap_model(learner.model, run.group), run.job, run.log)  # DDP: several ranks
-    data = _place(run, train_split, val_split, spilled)
+    data = _place(run, train_split, val_split, spilled, slices_at or run.run_dir)
     run.phases.seconds["setup"] += time.perf_counter() - setup_started
     _epochs(run, learner, data)
     return _finish(run, learner)
@@ -243,11 +254,11 @@ def _write_record(run: Run, train_split, val_split) -> None:
         atomic_write_text(run.run_dir / RECORD, json.dumps(run.record, indent=2) + "\n", "data record")
 
 
-def _place(run: Run, train_split, val_split, spilled: bool) -> Placed:
+def _place(run: Run, train_split, val_split, spilled: bool, slices_at: Path) -> Placed:
     """The splits on the device where they fit, else in host memory (or memory-mapped files), batches copied over."""
     job, device, ranks = run.job, run.group.device, run.group.ranks
     placement = place(split_bytes(train_split, val_split, (MIN_SIZE, MIN_SIZE)), device, job.data.device_memory_gb,
-                      job.data.host_memory_gb, run.run_dir, ranks.rank, ranks.local_world, spilled)
+                      job.data.host_memory_gb, slices_at, ranks.rank, ranks.local_world, spilled)
     run.log(placement.line)
     images, labels, sizes = training_tensors(train_split, placement, device, (MIN_SIZE, MIN_SIZE))
     val_groups = validation_groups(val_split, placement, device, job.infer.batch_size * job.infer.sw_batch_size)
@@ -298,7 +309,8 @@ def _start_epochs(run: Run, learner: Learner, data: Placed) -> Epochs:
             + (" with a gradient scaler" if learner.scaler is not None else ""))
     warning = run.warning
     stop = (lambda: group.any(warning.requested())) if warning else None  # all ranks stop at the same step
-    return Epochs(writer, bar, last_epoch, stop, time.monotonic())
+    stop_every = stop_every_steps() if group.active else 1  # a collective: agreed every K steps, not each one
+    return Epochs(writer, bar, last_epoch, stop, time.monotonic(), stop_every)
 
 
 def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -> None:
@@ -310,11 +322,12 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
     with phases("train"):
         stopped = train_one_epoch(learner.step_model, learner.optimizer, learner.loss_fn, data.images, data.labels,
                                   data.sizes, job, learner.augment, learner.augment_rng, partial, stop=loop.stop,
-                                  scaler=learner.scaler, ranks=group.ranks, resident=data.placement.resident)
+                                  scaler=learner.scaler, ranks=group.ranks, resident=data.placement.resident,
+                                  stop_every=loop.stop_every)
         loss_sum = group.sum(partial["loss_sum"]).item()  # the one host synchronisation of the epoch
     if stopped:  # the scheduler's warning: save the epoch so far, let the caller requeue
         _save_last(run, learner, state.epoch, partial)
-        group.barrier()  # no rank ends before `last` is saved (a launcher would stop rank 0)
+        group.wait_for_leader()  # no rank ends before `last` is saved (a launcher would stop rank 0)
         run.log(f"warning signal: saved epoch {epoch} at step {partial['step']}, stopping to be requeued")
         raise Preempted(f"stopped in epoch {epoch} after step {partial['step']}")
     learner.partial = None
@@ -340,6 +353,7 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
     # Adam state, so a job may save by the clock instead: a resume replays the epochs since (validation and `best`
     # included) exactly; the warning signal still saves, mid-epoch, above; the ranks agree, as the save gathers
     # their random states
+    group.wait_for_leader()  # rank 0's writes above (best, records) stay out of the collective's window
     saving = group.any(epoch == loop.last_epoch or state.stopped_early
                        or time.monotonic() - loop.saved_at >= job.train.checkpoint_every_s)
     if saving:
@@ -350,10 +364,12 @@ def _epoch(run: Run, learner: Learner, data: Placed, loop: Epochs, epoch: int) -
         loop.writer.add_scalar("loss/train", train_loss, epoch)
         loop.writer.add_scalar("lr", record["lr"], epoch)
     loop.bar.update(record, state)
+    group.wait_for_leader()  # and `last` and TensorBoard's, out of the next collective's (the warning's or the next
+    # epoch's first step)
     if loop.stop is not None and loop.stop():  # the warning came after the epoch's last step: save it, requeue
         if not saving:
             _save_last(run, learner, epoch)
-        group.barrier()
+        group.wait_for_leader()
         run.log(f"warning signal: saved epoch {epoch}, stopping to be requeued")
         raise Preempted(f"stopped after epoch {epoch}")
     if state.stopped_early:
@@ -415,12 +431,14 @@ def new_epoch(n: int, device: torch.device, generator: torch.Generator) -> dict:
 
 
 def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, params, generator, epoch: dict,
-                    stop=None, scaler=None, ranks: Ranks = Ranks(), resident: bool = True) -> bool:
+                    stop=None, scaler=None, ranks: Ranks = Ranks(), resident: bool = True, stop_every: int = 1) -> bool:
     """One pass over the training tensors in the order `epoch["order"]`, from step `epoch["step"]`: resident on the
     device, or (not `resident`) on the host, each batch's slices copied over as batches.HostBatches does.
 
     Adds each step's loss to `epoch["loss_sum"]` (on the device: no host synchronisation) and advances
-    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end. With `scaler` (fp16), the loss
+    `epoch["step"]`. Returns True if `stop()` asked to stop before the epoch's end; it is asked after every
+    `stop_every`-th step of the epoch (the same steps on every rank: with several ranks each ask is a collective and
+    a host synchronisation). With `scaler` (fp16), the loss
     is scaled before backward and a step whose gradients overflowed is skipped, as torch's GradScaler does. With
     several `ranks`, a step is one global batch and this rank trains its part of it (dataparallel.rank_batch).
     """
@@ -450,7 +468,7 @@ def train_one_epoch(model, optimizer, loss_fn, images, labels, sizes, job: Job, 
             scaler.update()
         epoch["loss_sum"] = epoch["loss_sum"] + loss.detach() * counted
         epoch["step"] = step + 1
-        if stop is not None and epoch["step"] < steps and stop():
+        if stop is not None and epoch["step"] < steps and epoch["step"] % stop_every == 0 and stop():
             return True
     return False
 

@@ -24,10 +24,8 @@ rm -f "$hpcseg_failed"
 hpcseg_setup_failed() { printf 'hpcseg: error: %s\n' "$1" >&2; printf '%s\n' "$1" > "$hpcseg_failed"; exit 1; }
 module load python3/3.11.9
 [ $? = 0 ] || hpcseg_setup_failed 'set-up line 1 failed: module load python3/3.11.9 (profile dtu)'
-module load cuda/12.4
-[ $? = 0 ] || hpcseg_setup_failed 'set-up line 2 failed: module load cuda/12.4 (profile dtu)'
 source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate
-[ $? = 0 ] || hpcseg_setup_failed 'set-up line 3 failed: source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate (profile dtu)'
+[ $? = 0 ] || hpcseg_setup_failed 'set-up line 2 failed: source ${HPCSEG_VENV:-$HOME/hpcseg-venv}/bin/activate (profile dtu)'
 python3 -c 'import hpcseg'
 [ $? = 0 ] || hpcseg_setup_failed 'python3 cannot import hpcseg: install hpcseg into the environment that the set-up lines activate (profile dtu)'
 

@@ -1,4 +1,4 @@
-"""Local emulator of IBM Spectrum LSF's job commands (bsub, bjobs, bkill, brequeue), for tests.
+"""Local emulator of IBM Spectrum LSF's job commands (bsub, bjobs, bkill, brequeue, bpeek), for tests.
 
 Jobs run for real, as local processes started by a detached supervisor (one per job, array elements
 included). The commands print LSF's formats (see docs/lsf.md). Python 3 standard library only.
@@ -16,15 +16,48 @@ Environment knobs:
     LSF_EMU_TERMINATE_INTERVAL_S  SIGINT/SIGTERM -> SIGKILL delay for bkill/brequeue/run limit (default 10)
     LSF_EMU_START_DELAY_S         a job stays PEND at least this long (default 0)
     LSF_EMU_FIRST_JOBID           first job id handed out (default 1000)
+    LSF_EMU_STDOUT_DIRECT         "y" (default): -o/-e files are written as the job runs; "n": output is spooled
+                                  and copied to them when the job ends, as without LSB_STDOUT_DIRECT (bpeek shows it)
+    LSF_EMU_BJOBS_UNFINISHED_ONLY "y": bjobs without -a leaves finished jobs out even when named by id, and says
+                                  "No unfinished job found" when nothing is left (default "n": they are listed)
+    LSF_EMU_MEMLIMIT_PER_SLOT     "y" (default): the job is killed above -M times its slots; "n": above -M
+    LSF_EMU_JOB_TMPDIR            where each job gets its own TMPDIR, <dir>/<jobid>.tmpdir (default: the state dir)
+    LSF_EMU_MEM_POLL_S            how often the job's memory is measured (default 0.5)
+
+LSF behaviours emulated beyond the formats, with IBM's documentation of each (LSF 10.1):
+
+- bjobs -a lists finished jobs (within CLEAN_PERIOD); without it a finished job named by id may be left out and
+  answered "No unfinished job found" (the LSB_BJOBS_CONSISTENT_EXIT_CODE examples show this answer):
+  https://ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_command_ref/bjobs.a.1.html
+ https://www.ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_bjobs_consistent_exit_code.5.html
+- the memory limit (-M) enforced by LSF per job (LSB_JOB_MEMLIMIT=y): when the job's processes together pass it,
+  LSF sends SIGINT, SIGTERM, then SIGKILL, JOB_TERMINATE_INTERVAL (10 s) apart, and the exit reason is
+  TERM_MEMLIMIT (bjobs -o exit_reason):
+  https://www.ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_job_memlimit.5.html
+  https://www.ibm.com/docs/pt/SSWRJV_10.1.0/lsf_resource_sharing/memory_limit_enforce.html
+  https://www.ibm.com/docs/SSWRJV_10.1.0/lsf_admin/termination_reasons_lsf.html
+  https://www.ibm.com/docs/en/SSWRJV_10.1.0/lsf_command_ref/bjobs.o.1.html
+- output spooled until the job ends unless LSB_STDOUT_DIRECT=y, and bpeek [-f] to see it meanwhile:
+  https://www.ibm.com/docs/en/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_stdout_direct.5.html
+  https://www.ibm.com/docs/en/SSWRJV_10.1.0/lsf_command_ref/bpeek.1.html
+  https://www.ibm.com/docs/SSWRJV_10.1.0/lsf_users_guide/job_output_view.html
+- the job's slots in LSB_DJOB_NUMPROC and LSB_MAX_NUM_PROCESSORS (with LSB_HOSTS, LSB_MCPU_HOSTS):
+  https://www.ibm.com/support/knowledgecenter/en/SSWRJV_10.1.0/lsf_config_ref/lsf_envars_job_exec.html
+- a job-specific temporary directory <LSB_JOB_TMPDIR>/<jobID>.tmpdir (<arrayID>_<index>.tmpdir for array elements),
+  mode 0700, set as TMPDIR (LSB_SET_TMPDIR=y) and removed when the job ends:
+  https://www.ibm.com/docs/en/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_job_tmpdir.5.html
+  https://www.ibm.com/support/knowledgecenter/SSWRJV_10.1.0/lsf_config_ref/lsf.conf.lsb_set_tmpdir.5.html
 """
 
 import contextlib
 import fcntl
+import glob
 import getpass
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,6 +102,18 @@ def clean_period():
 
 def terminate_interval():
     return _f("LSF_EMU_TERMINATE_INTERVAL_S", 10)
+
+
+def _yes(name, default):
+    return os.environ.get(name, default).strip().lower() in ("y", "yes", "1")
+
+
+def parse_memory(text, option="-M"):
+    """LSF's limit syntax: a number in KB (LSF_UNIT_FOR_LIMITS' default) or with a unit KB/MB/GB/TB; -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*!?\s*", text.upper())
+    if not m:
+        raise EmuError(f"Bad argument for option {option} <{text}>. Job not submitted.")
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2) or "K") * 1024)
 
 
 @contextlib.contextmanager
@@ -325,6 +370,9 @@ def cmd_bsub(argv):
         first = next((ln for ln in script.splitlines() if ln.strip() and not ln.startswith("#")), "job")
         name = first.strip()[:60]
 
+    memlimit = parse_memory(opts["-M"]) if "-M" in opts else None
+    if memlimit is not None and _yes("LSF_EMU_MEMLIMIT_PER_SLOT", "y"):
+        memlimit *= slots
     out, err = opts.get("-oo", opts.get("-o")), opts.get("-eo", opts.get("-e"))
     now = time.time()
     with locked():
@@ -345,6 +393,8 @@ def cmd_bsub(argv):
             "warning_signal": warn_sig, "warning_time_min": warn_time,
             "out": out, "err": err, "out_overwrite": "-oo" in opts, "err_overwrite": "-eo" in opts,
             "env": dict(os.environ), "submit_time": now, "supervisor_pid": None, "elements": elements,
+            "memlimit_bytes": memlimit, "stdout_direct": _yes("LSF_EMU_STDOUT_DIRECT", "y"),
+            "tmpdir_base": os.environ.get("LSF_EMU_JOB_TMPDIR") or emu_dir(),
         }
         save_job(rec)
         rec["supervisor_pid"] = spawn_supervisor(jid)
@@ -404,14 +454,24 @@ def start_element(rec, idx, el):
         "LSB_JOBFILENAME": rec["script"],
         "LSB_EXEC_CLUSTER": CLUSTER,
     })
+    # the job's own temporary directory, as TMPDIR (LSB_JOB_TMPDIR, LSB_SET_TMPDIR=y)
+    tmpdir = os.path.join(rec.get("tmpdir_base") or emu_dir(),
+                          f"{jid}_{index}.tmpdir" if rec["array"] else f"{jid}.tmpdir")
+    os.makedirs(tmpdir, mode=0o700, exist_ok=True)
+    env["TMPDIR"] = tmpdir
     default_out = os.path.join(emu_dir(), f"{jid}.{index}.out")
     out_path = _resolve_path(rec["out"], rec, index) if rec["out"] else default_out
     err_path = _resolve_path(rec["err"], rec, index) if rec["err"] else None
     for p in (out_path, err_path):
         if p:
             os.makedirs(os.path.dirname(p) or ".", exist_ok=True)
-    out_fh = open(out_path, "w" if rec["out_overwrite"] and el["runs"] == 0 else "a")
-    err_fh = out_fh if err_path in (None, out_path) else open(
+    direct = rec.get("stdout_direct", True)
+    # without LSB_STDOUT_DIRECT the job writes to a spool file, copied to -o/-e when it ends (bpeek reads it)
+    spool = {"out": os.path.join(emu_dir(), "jobs", f"{jid}.{index}.spool.out"),
+             "err": os.path.join(emu_dir(), "jobs", f"{jid}.{index}.spool.err")} if not direct else {}
+    out_fh = open(spool["out"], "w") if spool else \
+        open(out_path, "w" if rec["out_overwrite"] and el["runs"] == 0 else "a")
+    err_fh = out_fh if err_path in (None, out_path) else open(spool["err"], "w") if spool else open(
         err_path, "w" if rec["err_overwrite"] and el["runs"] == 0 else "a")
     try:
         proc = subprocess.Popen(["bash", rec["script"]], cwd=rec["cwd"], env=env, stdin=subprocess.DEVNULL,
@@ -422,8 +482,42 @@ def start_element(rec, idx, el):
         if err_fh is not out_fh:
             err_fh.close()
     el.update({"stat": "RUN", "pid": proc.pid, "start_time": time.time(), "end_time": None,
-               "exit_code": None, "runs": el["runs"] + 1, "out_path": out_path, "reason": None})
+               "exit_code": None, "runs": el["runs"] + 1, "out_path": out_path, "reason": None,
+               "err_path": err_path, "spool": spool, "tmpdir": tmpdir})
     return proc
+
+
+def _job_rss(sid):
+    """Resident bytes of every process of the job (its session: the job shell started a new one)."""
+    total = 0
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) != sid:  # the 6th field of stat: the session id
+                continue
+            total += int(fields[21]) * os.sysconf("SC_PAGE_SIZE")  # the 24th: resident pages
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def _finish_files(rec, idx, el):
+    """When an element ends: spooled output goes to its -o/-e files (appended, or overwriting on the first run),
+    and its TMPDIR is removed."""
+    spool = el.get("spool") or {}
+    for kind, target, overwrite in (("out", el.get("out_path"), rec["out_overwrite"]),
+                                    ("err", el.get("err_path"), rec["err_overwrite"])):
+        source = spool.get(kind)
+        if not source or not os.path.exists(source):
+            continue
+        if target:
+            with open(source, "rb") as src, open(target, "wb" if overwrite and el["runs"] <= 1 else "ab") as dst:
+                shutil.copyfileobj(src, dst)
+        os.unlink(source)
+    el["spool"] = {}
+    if el.get("tmpdir"):
+        shutil.rmtree(el["tmpdir"], ignore_errors=True)
 
 
 def _killpg(pgid, sig):
@@ -474,6 +568,7 @@ def supervise(jid):
                 if rc is not None:
                     code = rc if rc >= 0 else 128 - rc
                     del procs[idx]
+                    _finish_files(rec, idx, el)
                     if el.get("action") == "requeue":
                         el["reason"] = "TERM_REQUEUE_OWNER: job killed and requeued by owner."
                         el.update({"stat": "EXIT", "exit_code": code})
@@ -507,6 +602,16 @@ def supervise(jid):
                         el["reason"] = "TERM_RUNLIMIT: job killed after reaching LSF run time limit."
                         _killpg(pid, signal.SIGUSR2)
                         info.update(stage=1, kill_at=now + terminate_interval())
+                memlimit = rec.get("memlimit_bytes")
+                if memlimit and info["stage"] == 0 and now >= info.get("mem_at", 0):
+                    info["mem_at"] = now + _f("LSF_EMU_MEM_POLL_S", 0.5)
+                    if _job_rss(pid) > memlimit:  # LSF's per-job limit: SIGINT, SIGTERM, then SIGKILL
+                        el["reason"] = "TERM_MEMLIMIT: job killed after reaching LSF memory usage limit."
+                        _killpg(pid, signal.SIGINT)
+                        info.update(stage=1, term_at=now + terminate_interval(), kill_at=now + 2 * terminate_interval())
+                if info["stage"] == 1 and info.get("term_at") and now >= info["term_at"]:
+                    _killpg(pid, signal.SIGTERM)
+                    info["term_at"] = None
                 if info["stage"] == 1 and now >= info["kill_at"]:
                     _killpg(pid, signal.SIGKILL)
                     info["stage"] = 2
@@ -636,6 +741,7 @@ def cmd_bjobs(argv):
 
     rows, missing = [], []
     now = time.time()
+    hide_finished = which == "unfinished" and _yes("LSF_EMU_BJOBS_UNFINISHED_ONLY", "n")
     with locked():
         if refs:
             for ref in refs:
@@ -653,6 +759,8 @@ def cmd_bjobs(argv):
                 if not els:
                     missing.append(ref)
                     continue
+                if hide_finished:  # such a site lists a finished job only with -a (or -d)
+                    els = [(i, el) for i, el in els if el["stat"] not in FINISHED]
                 rows.extend((rec, i, el) for i, el in els)
         else:
             states = {"unfinished": ACTIVE, "all": ACTIVE + FINISHED, "done": FINISHED, "run": ("RUN",),
@@ -687,6 +795,9 @@ def cmd_bjobs(argv):
             print(ln)
     for ref in missing:
         print(f"Job <{ref}> is not found", file=sys.stderr)
+    if hide_finished and refs and not rows and len(missing) < len(refs):
+        print("No unfinished job found", file=sys.stderr)
+        return 255
     if not refs and not rows:
         print("No unfinished job found" if which == "unfinished" else "No job found", file=sys.stderr)
         return 255
@@ -811,9 +922,60 @@ def cmd_brequeue(argv):
     return rc
 
 
+# -------------------------------------------------------------------------------------------- bpeek
+
+
+def _peek_source(ref):
+    """(path of the output written so far, None) of a running element, or (None, LSF's message)."""
+    try:
+        jid, indices = parse_job_ref(ref)
+    except ValueError:
+        return None, f"{ref}: Illegal job ID."
+    rec = load_job(jid)
+    if rec is None or (rec["array"] and not indices) or (indices and str(indices[0]) not in rec["elements"]):
+        return None, f"Job <{ref}> is not found"
+    el = rec["elements"][str(indices[0]) if indices else "0"]
+    if el["stat"] != "RUN":
+        return None, f"Job <{ref}> : Not a running job" if el["stat"] in FINISHED else f"Job <{ref}> : Not yet started."
+    spool = el.get("spool") or {}
+    return spool.get("out") or el.get("out_path"), None
+
+
+def cmd_bpeek(argv):
+    """bpeek [-f] JOBID: the output of a running job so far (with -f, as tail -f, until it ends)."""
+    follow = "-f" in argv
+    refs = [a for a in argv if a != "-f"]
+    if len(refs) != 1 or refs[0].startswith("-"):
+        raise EmuError("bpeek: a job ID is required (bpeek [-f] job_ID).")
+    with locked():
+        path, problem = _peek_source(refs[0])
+    if problem:
+        print(problem, file=sys.stderr)
+        return 255
+    print("<< output from stdout >>", flush=True)
+    position = 0
+    while True:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(position)
+                chunk = fh.read()
+        except OSError:
+            chunk = b""
+        position += len(chunk)
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+        if not follow:
+            return 0
+        with locked():
+            now_path, problem = _peek_source(refs[0])
+        if problem or now_path != path:  # ended (or requeued: bpeek -f then has to be run again)
+            return 0
+        time.sleep(0.2)
+
+
 # --------------------------------------------------------------------------------------------- main
 
-COMMANDS = {"bsub": cmd_bsub, "bjobs": cmd_bjobs, "bkill": cmd_bkill, "brequeue": cmd_brequeue}
+COMMANDS = {"bsub": cmd_bsub, "bjobs": cmd_bjobs, "bkill": cmd_bkill, "brequeue": cmd_brequeue, "bpeek": cmd_bpeek}
 
 
 def main(cmd, argv):
@@ -830,5 +992,5 @@ if __name__ == "__main__":
         sys.exit(supervise(int(sys.argv[2])))
     if len(sys.argv) >= 2 and sys.argv[1] in COMMANDS:
         sys.exit(main(sys.argv[1], sys.argv[2:]))
-    print("usage: lsfemu.py {bsub,bjobs,bkill,brequeue} ARGS... | supervise JOBID", file=sys.stderr)
+    print("usage: lsfemu.py {bsub,bjobs,bkill,brequeue,bpeek} ARGS... | supervise JOBID", file=sys.stderr)
     sys.exit(2)

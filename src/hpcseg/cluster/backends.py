@@ -39,6 +39,18 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 
+class SchedulerState(str):
+    """A state of status.STATES as a backend's `query_states` returns it, with the scheduler's reason where it gives
+    one (LSF's exit reason of a job it killed: "killed by LSF: memory limit (16 GB)"); a plain str has none."""
+
+    reason: str | None
+
+    def __new__(cls, state: str, reason: str | None = None) -> "SchedulerState":
+        value = super().__new__(cls, state)
+        value.reason = reason
+        return value
+
+
 @dataclass(frozen=True)
 class Backend:
     """One scheduler: what hpcseg needs to know of it, and the module that talks to it."""
@@ -73,6 +85,12 @@ class Backend:
 
     def cancel(self, runs: list, timeout_s: float) -> None:
         self.impl().cancel(runs, timeout_s)
+
+    def peek_command(self, job_id: str, follow: bool) -> list[str] | None:
+        """The command that shows a running job's output so far where the scheduler holds it back until the job ends
+        (LSF's bpeek); None for a scheduler that writes the log as the job runs."""
+        peek = getattr(self.impl(), "peek_command", None)
+        return peek(job_id, follow) if peek is not None else None
 
     def job_id_from_env(self, environ: Mapping[str, str]) -> str | None:
         if not any(environ.get(var) for var in self.job_id_vars):

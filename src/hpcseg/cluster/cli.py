@@ -331,6 +331,29 @@ def _cancel_groups(by_exec: dict[str, list], refused: list[str]) -> None:
             click.echo(f"{r.run_id}: cancelled job {r.job_id} ({executor})")
 
 
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size if not path.is_symlink() else -1
+    except OSError:
+        return 0
+
+
+def _peek_command(run, follow: bool) -> list[str] | None:
+    """The scheduler's command that shows a running job's held-back output (bpeek), where the run's job runs."""
+    from .status import collect_status
+
+    backend = BACKENDS.get(run.executor)
+    if backend is None or not run.job_id:
+        return None
+    statuses, _ = collect_status([run])
+    return backend.peek_command(run.job_id, follow) if statuses[0].state == "RUNNING" else None
+
+
 def _why_no_job_id(run) -> str:
     return f"damaged: {run.damage[0]}" if run.damage else "the submission did not complete"
 
@@ -356,7 +379,20 @@ def logs(run_selector, stderr, follow, scratch) -> None:
         raise ClusterError(f"{run.run_id}: no job id recorded ({_why_no_job_id(run)})")
     position = 0
     quiet_rounds = 0
+    peeked = False  # a scheduler that spools the log (LSF) showed the running job's output through its own command
     while True:
+        if not peeked and not stderr and _log_size(path) == 0 and (command := _peek_command(run, follow)):
+            from . import peek
+
+            peeked = True
+            peek.note(path, command)
+            try:
+                shown = peek.follow(command, _write) if follow else peek.peek(command, _write)
+            except KeyboardInterrupt:
+                return
+            if not follow:
+                return
+            position += shown  # the log holds it too once the job has ended: the rest is read from there
         if os.path.lexists(path):
             try:
                 with open_owned(path) as fh:
@@ -371,6 +407,9 @@ def logs(run_selector, stderr, follow, scratch) -> None:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
         elif not follow:
+            if stderr and _peek_command(run, False):  # running: the scheduler spools its output until the end
+                raise ClusterError(f"{run.run_id}: no error log yet ({path}): the scheduler spools the job's output "
+                                   f"until it ends; `hpcseg logs {run.run_id}` shows its output so far")
             raise ClusterError(f"{run.run_id}: no log yet ({path}); the job has not started")
         if not follow:
             return

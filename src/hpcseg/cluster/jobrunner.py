@@ -26,10 +26,42 @@ from typing import Any
 
 import submitit
 
+from .. import versions
 from ..atomic import append_jsonl, atomic_write_text
+from ..memlimit import ENV as MEMORY_ENV
 from ..runfiles import LAST
 from .backends import job_id_here
 from .runs import ATTEMPTS, OUTCOME
+
+
+def export_memory_request(mem_gb: float | None) -> None:
+    """The job's memory request as HPCSEG_JOB_MEM_GB (memlimit.py), for this process and the ranks it starts; a value
+    the job's environment already sets wins."""
+    if mem_gb and not os.environ.get(MEMORY_ENV):
+        os.environ[MEMORY_ENV] = f"{mem_gb:g}"
+
+
+def report_versions(run_dir: Path) -> None:
+    """One line comparing the submitting side's versions (run.json) with this job's: to standard error where they
+    differ, so that a job that then fails says why it may have."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        record = {}
+    level, line = versions.compare(record.get("versions") if isinstance(record, dict) else None)
+    prefix = {"error": "hpcseg: error: ", "warning": "hpcseg: warning: "}.get(level, "hpcseg job runner: ")
+    print(prefix + line, file=sys.stderr if level in ("error", "warning") else sys.stdout, flush=True)
+
+
+def report_memory() -> None:
+    """One line: the memory limit this job is under, as it sees it (memlimit.py), or that it sees none."""
+    from .. import memlimit
+
+    limit = memlimit.tightest()
+    line = "no limit seen (no request, cgroup or rlimit)" if limit is None else \
+        f"{limit.limit / 1e9:.3g} GB, {limit.room / 1e9:.3g} GB left (from {limit.source})"
+    print(f"hpcseg job runner: memory limit: {line}", flush=True)
+
 
 def write_outcome(run_dir: Path, state: str, **extra: Any) -> None:
     record = {"state": state, "time": time.time(), **extra}
@@ -41,9 +73,10 @@ class JobRunner(submitit.helpers.Checkpointable):
     record the outcome in `outcome.json`."""
 
     def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None,
-                 procs: int = 1) -> None:
+                 procs: int = 1, mem_gb: float | None = None) -> None:
         self.job = job
         self.procs = procs  # training processes per host: one per GPU
+        self.mem_gb = mem_gb  # what the job asked for: LSF may enforce it with no cgroup or rlimit to read
         self.train_dir = str(train_dir)
         self.val_dir = str(val_dir)
         self.run_dir = str(run_dir)
@@ -53,6 +86,7 @@ class JobRunner(submitit.helpers.Checkpointable):
         from ..distributed import export_submitit_environment
         from ..jobfile import job_from_dict
 
+        export_memory_request(getattr(self, "mem_gb", None))
         ranks = export_submitit_environment()  # torchrun's variables from submitit's, for the group
         if not ranks.leader:
             return self._train_as_follower()
@@ -65,6 +99,8 @@ class JobRunner(submitit.helpers.Checkpointable):
         (run_dir / OUTCOME).unlink(missing_ok=True)  # running again: an earlier outcome no longer holds
         print(f"hpcseg job runner: {'resuming' if resume else 'starting'} {run_dir} on {attempt['host']}",
               flush=True)
+        report_versions(run_dir)
+        report_memory()
         if not resume:  # an earlier attempt that died before its first checkpoint: start that run over
             for stale in ("metrics.jsonl", "progress.json"):
                 (run_dir / stale).unlink(missing_ok=True)

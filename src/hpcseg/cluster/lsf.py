@@ -35,6 +35,7 @@ from submitit.core import core, utils
 
 from ..durations import hours_minutes
 from ..errors import CommandError, run_command
+from .backends import SchedulerState
 from .script_plugin import (
     OneTaskEnvironment, ScriptExecutor, ScriptJob, ScriptWatcher, check_parameters, executor_for_plan,
     forwarding_tail, parse_exit_code)
@@ -57,10 +58,18 @@ __all__ = [
     "normalise_state",
 ]
 
-#: bjobs fields read by the watcher and :func:`query_lsf` (one line per job or array element).
-BJOBS_FORMAT = "jobid jobindex stat exit_code delimiter=','"
+#: bjobs fields read by the watcher and :func:`query_lsf` (one line per job or array element); the exit reason last,
+#: as it is free text (https://www.ibm.com/docs/SSWRJV_10.1.0/lsf_admin/termination_reasons_lsf.html)
+BJOBS_FORMAT = "jobid jobindex stat exit_code exit_reason delimiter=','"
+#: bjobs lists finished jobs (within CLEAN_PERIOD) only with -a on some sites: always ask with it
+BJOBS_ALL = "-a"
 
 _NOT_FOUND = re.compile(r"Job <([^>]+)> is not found")
+#: bjobs' answer, without a job id, when none of the jobs asked about is unfinished (and -a was not honoured)
+_NONE_UNFINISHED = re.compile(r"No (unfinished )?job found")
+#: LSF's termination reasons that are a cancel (by the owner or an administrator); any other ends the job FAILED
+_CANCEL_REASONS = ("TERM_OWNER", "TERM_FORCE_OWNER", "TERM_ADMIN", "TERM_FORCE_ADMIN", "TERM_REQUEUE_OWNER",
+                   "TERM_REQUEUE_ADMIN")
 _ALREADY_GONE = re.compile(r"Job <[^>]+>: (Job has already finished|No matching job found)")
 _STAT_TO_STATE = {
     "PEND": "PENDING",
@@ -118,19 +127,40 @@ class LsfJobInfo:
     job_id: str  #: submitit form: ``12345`` or ``12345_3``
     stat: str  #: LSF's raw state: PEND, RUN, DONE, EXIT, PSUSP, USUSP, SSUSP, WAIT, PROV, UNKWN, ZOMBI
     exit_code: tp.Optional[int]  #: None while running, for DONE jobs, or when LSF shows "-"
-    state: str  #: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SUSPENDED or UNKNOWN
+    state: str  #: PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, SUSPENDED, TIMEOUT or UNKNOWN
+    reason: tp.Optional[str] = None  #: LSF's exit reason (``TERM_MEMLIMIT: job killed after ...``), None for "-"
 
     @property
     def lsf_id(self) -> str:
         return to_lsf_id(self.job_id)
 
 
-def normalise_state(stat: str, exit_code: tp.Optional[int] = None) -> str:
-    """Map LSF's STAT (and exit code) to PENDING/RUNNING/COMPLETED/FAILED/CANCELLED/SUSPENDED/UNKNOWN."""
+def normalise_state(stat: str, exit_code: tp.Optional[int] = None, reason: tp.Optional[str] = None) -> str:
+    """Map LSF's STAT (exit code, exit reason) to PENDING/RUNNING/COMPLETED/FAILED/CANCELLED/SUSPENDED/TIMEOUT/UNKNOWN.
+
+    LSF's memory-limit kill starts with SIGINT, as a bkill does (exit code 130): the exit reason tells them apart."""
     stat = stat.strip().upper()
     if stat == "EXIT":
+        keyword = (reason or "").split(":", 1)[0].strip().upper()
+        if keyword == "TERM_RUNLIMIT":
+            return "TIMEOUT"
+        if keyword.startswith("TERM_"):
+            return "CANCELLED" if keyword in _CANCEL_REASONS else "FAILED"
         return "CANCELLED" if exit_code in CANCEL_EXIT_CODES else "FAILED"
     return _STAT_TO_STATE.get(stat, "UNKNOWN")
+
+
+def kill_message(reason: tp.Optional[str], mem_gb: tp.Any = None, walltime: tp.Any = None) -> tp.Optional[str]:
+    """One line for a job LSF itself ended: "killed by LSF: memory limit (16 GB)"; None for another reason."""
+    keyword = (reason or "").split(":", 1)[0].strip().upper()
+    if keyword == "TERM_MEMLIMIT":
+        asked = f" ({mem_gb:g} GB)" if isinstance(mem_gb, (int, float)) and not isinstance(mem_gb, bool) else ""
+        return f"killed by LSF: memory limit{asked}; raise --mem or lower data.host_memory_gb"
+    if keyword == "TERM_RUNLIMIT":
+        return f"killed by LSF: run time limit{f' ({walltime})' if isinstance(walltime, str) else ''}"
+    if keyword.startswith("TERM_") and keyword not in _CANCEL_REASONS:
+        return f"killed by LSF: {reason.strip()}"
+    return None
 
 
 def _parse_bjobs_lines(stdout: str, unreadable: tp.Optional[tp.List[str]] = None) -> tp.Dict[str, LsfJobInfo]:
@@ -145,8 +175,10 @@ def _parse_bjobs_lines(stdout: str, unreadable: tp.Optional[tp.List[str]] = None
             continue
         jobid, index, stat = parts[0], parts[1], parts[2]
         exit_code = parse_exit_code(parts[3]) if len(parts) > 3 else None
+        reason = ",".join(parts[4:]).strip() if len(parts) > 4 else ""  # free text: may hold the delimiter
+        reason = None if reason in ("", "-") else reason
         key = jobid if index in ("0", "-", "") else f"{jobid}_{int(index)}"
-        infos[key] = LsfJobInfo(key, stat, exit_code, normalise_state(stat, exit_code))
+        infos[key] = LsfJobInfo(key, stat, exit_code, normalise_state(stat, exit_code, reason), reason)
     return infos
 
 
@@ -155,19 +187,26 @@ def _bjobs(main_ids: tp.Iterable[str], timeout_s: float, unreadable: tp.Optional
     """One bjobs call -> (infos by submitit id, main ids that LSF does not know); lines of its answer that are no
     job's go to `unreadable`."""
     ids = sorted(set(main_ids), key=lambda x: (len(x), x))
-    proc = run_command(["bjobs", "-noheader", "-o", BJOBS_FORMAT, *ids], timeout_s, check=False)
+    proc = run_command(["bjobs", BJOBS_ALL, "-noheader", "-o", BJOBS_FORMAT, *ids], timeout_s, check=False)
     not_found: tp.Set[str] = set()
     errors = []
+    none_left = False
     for line in proc.stderr.splitlines():
         m = _NOT_FOUND.search(line)
         if m:
             not_found.add(_main_id(m.group(1)))
+        elif _NONE_UNFINISHED.search(line):
+            none_left = True
         elif line.strip():
             errors.append(line.strip())
+    infos = _parse_bjobs_lines(proc.stdout, unreadable)
+    if none_left:  # no job id in this answer: every job asked about and not listed is gone
+        listed = {_main_id(k) for k in infos}
+        not_found.update(i for i in ids if i not in listed)
     if proc.returncode != 0 and (errors or not not_found):  # "not found" alone is an answer, not a failure
         raise LsfCommandError(f"bjobs exited {proc.returncode}: {errors[0] if errors else 'no message'}",
                               proc.returncode, proc.stderr)
-    return _parse_bjobs_lines(proc.stdout, unreadable), not_found
+    return infos, not_found
 
 
 def query_lsf(job_ids: tp.Sequence[str], timeout_s: float = 10,
@@ -226,7 +265,7 @@ class LsfInfoWatcher(ScriptWatcher):
 
 def _as_dict(info: LsfJobInfo) -> tp.Dict[str, str]:
     return {"JobID": info.job_id, "STAT": info.stat, "State": info.state, "Source": "bjobs",
-            "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code)}
+            "EXIT_CODE": "" if info.exit_code is None else str(info.exit_code), "Reason": info.reason or ""}
 
 
 class LsfJob(ScriptJob[core.R]):
@@ -420,7 +459,7 @@ class LsfExecutor(ScriptExecutor):
 
     Parameters (``update_parameters``): queue, cores, mem_gb (total for the job), gpus, timeout_min,
     signal_delay_s, job_name, array_parallelism, setup (shell lines run before Python, e.g.
-    ``module load cuda/12.1``), additional_parameters (extra #BSUB lines), stderr_to_stdout; nodes and
+    ``module load python3/3.11.9``), additional_parameters (extra #BSUB lines), stderr_to_stdout; nodes and
     tasks_per_node are accepted for AutoExecutor compatibility and must be 1. A value of None restores the
     default.
 
@@ -460,7 +499,8 @@ _HPCSEG_STATE = {"SUSPENDED": "PENDING"}
 
 
 def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dict[str, str], tp.List[str]]:
-    """hpcseg's state of each run's job, from one bjobs call (see backends.py)."""
+    """hpcseg's state of each run's job, from one bjobs call (see backends.py); a job LSF killed itself (memory or
+    run time limit) carries the reason as one line, with what the run asked for."""
     unreadable: tp.List[str] = []
     infos = query_lsf([r.job_id for r in runs], timeout_s=timeout_s, unreadable=unreadable)
     unknown: tp.Dict[str, tp.List[str]] = {}
@@ -468,19 +508,66 @@ def query_states(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Tuple[tp.Dic
         if info.stat.upper() not in _STAT_TO_STATE and info.stat.upper() != "EXIT":
             unknown.setdefault(info.stat, []).append(str(key))
     notes = unknown_states("bjobs", unknown) + ([unreadable_lines("bjobs", unreadable)] if unreadable else [])
-    return {str(k): _HPCSEG_STATE.get(v.state, v.state) for k, v in infos.items()}, notes
+    asked = {str(r.job_id): (r.record.get("resources") or {}) for r in runs if isinstance(r.record, dict)}
+    states: tp.Dict[str, str] = {}
+    for key, info in infos.items():
+        resources = asked.get(str(key)) or asked.get(_main_id(key)) or {}
+        if not isinstance(resources, dict):
+            resources = {}
+        message = kill_message(info.reason, resources.get("mem_gb"), resources.get("time"))
+        states[str(key)] = SchedulerState(_HPCSEG_STATE.get(info.state, info.state), message)
+    for run in runs:  # forgotten by bjobs (CLEAN_PERIOD): LSF's job report at the end of the log still says why
+        reason = None if str(run.job_id) in states else _reported_reason(run)
+        if reason is not None:
+            resources = asked.get(str(run.job_id)) or {}
+            resources = resources if isinstance(resources, dict) else {}
+            state = normalise_state("EXIT", None, reason)
+            states[str(run.job_id)] = SchedulerState(state, kill_message(reason, resources.get("mem_gb"),
+                                                                         resources.get("time")))
+    return states, notes
+
+
+#: the termination reason line of LSF's job report, appended to the job's output file when it ends
+_REPORTED = re.compile(r"^TERM_[A-Z_]+: .*$", re.MULTILINE)
+
+
+def _reported_reason(run: tp.Any, tail: int = 8192) -> tp.Optional[str]:
+    """The exit reason in the job report LSF appended to the run's log (its last report, of the last attempt)."""
+    from .runs import NotTrusted, open_owned
+
+    path = run.log_path(False) if getattr(run, "trusted", False) else None
+    if path is None:
+        return None
+    try:
+        with open_owned(path) as fh:
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - tail))
+            text = fh.read(tail).decode(errors="replace")
+    except (OSError, NotTrusted):
+        return None
+    report = text.rsplit("Sender: LSF System", 1)
+    if len(report) < 2:
+        return None
+    found = _REPORTED.findall(report[1])
+    return found[-1].strip() if found else None
 
 
 def job_owners(runs: tp.Sequence[tp.Any], timeout_s: float) -> tp.Dict[str, str]:
     """{job id: user} from one bjobs call; a job bjobs does not find is absent (its non-zero exit is no error)."""
     parents = sorted({_main_id(r.job_id) for r in runs})
-    proc = run_command(["bjobs", "-noheader", "-o", "jobid user delimiter=','", *parents], timeout_s, check=False)
+    proc = run_command(["bjobs", BJOBS_ALL, "-noheader", "-o", "jobid user delimiter=','", *parents], timeout_s,
+                       check=False)
     users = dict(line.strip().split(",", 1) for line in proc.stdout.splitlines() if line.count(",") == 1)
     return {r.job_id: users[_main_id(r.job_id)].strip() for r in runs if _main_id(r.job_id) in users}
 
 
 def cancel(runs: tp.Sequence[tp.Any], timeout_s: float) -> None:
     cancel_lsf([r.job_id for r in runs], timeout_s)
+
+
+def peek_command(job_id: str, follow: bool) -> tp.List[str]:
+    """bpeek [-f]: a running job's output so far, which LSF spools until the job ends unless the site sets
+    LSB_STDOUT_DIRECT=y (https://www.ibm.com/docs/en/SSWRJV_10.1.0/lsf_command_ref/bpeek.1.html)."""
+    return ["bpeek", *(["-f"] if follow else []), to_lsf_id(job_id)]
 
 
 def job_id_from_env(environ: tp.Mapping[str, str]) -> tp.Optional[str]:

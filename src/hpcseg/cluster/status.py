@@ -129,6 +129,7 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
     elif sched in ("CANCELLED", "TIMEOUT", "FAILED"):
         # a job killed on `hpcseg cancel` may end as FAILED (its exit code): the user cancelled it
         state = "CANCELLED" if cancelled and sched == "FAILED" else sched
+        error = getattr(sched, "reason", None) if state != "CANCELLED" else None  # the scheduler's kill, if it says
     elif sched == "COMPLETED":  # the script ended but the runner wrote no outcome
         state = "CANCELLED" if cancelled else "FAILED"
         error = f"the job ended without writing its outcome ({_see_logs(run)})"

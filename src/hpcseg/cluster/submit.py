@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, versions
 from ..jobfile import Job, load_job, parse_override
 from .profiles import Profile, load_profile
 from . import backends
@@ -455,12 +455,14 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
                          "test_dir": str(plan.test_dir) if plan.test_dir else None},
                 "epochs": job.train.epochs, "submitit_dir": str(submitit_dir),
+                "versions": versions.here(),  # the job compares its own at its start (jobrunner)
             }
             run = Run(path=run_dir, record=record)
             write_record(run)
             runs.append(run)
             runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
-                                     str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node))
+                                     str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node,
+                                     mem_gb=plan.mem_gb))
         if shared is not None:
             made += make_private_dir(shared)
             filled.append(shared)
