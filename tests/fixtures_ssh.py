@@ -108,6 +108,16 @@ def _cluster_python() -> str:
     pytest.fail(f"no python{version} that {USER} can run (the venv's base is under a private folder?)")
 
 
+def let_other_users_through(path: Path) -> None:
+    """Give the folders above `path` the search bit for others where they lack it (a checkout cloned into a
+    private temporary folder, as CI may): the cluster and laptop users read the test venv's packages and this
+    checkout's sources through them. Only o+x, never read: nothing in those folders is listed."""
+    for folder in reversed(Path(path).resolve().parents):
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(folder, (mode & 0o7777) | 0o001)
+
+
 def install_cluster_hpcseg(home: Path) -> None:
     """~/venv of the cluster user: the test venv's dependencies through a .pth, hpcseg itself installed from a
     copy of this checkout (not editable); redone only when the sources changed."""
@@ -123,6 +133,7 @@ def install_cluster_hpcseg(home: Path) -> None:
         site = as_cluster([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"]).stdout.strip()
         deps = sysconfig.get_paths()["purelib"]
+        let_other_users_through(Path(deps) / "click")
         if as_cluster(["test", "-r", f"{deps}/click/__init__.py"]).returncode != 0:
             pytest.fail(f"{deps}: not readable by {USER}; the cluster's venv borrows the test venv's dependencies "
                         "(keep the checkout in a folder other users can enter, e.g. under /work or /tmp)")
@@ -316,6 +327,8 @@ def laptop(ssh_server) -> Laptop:
         assert run(python, "-m", "venv", "--without-pip", str(home / "venv")).returncode == 0
     site = run(str(home / "venv" / "bin" / "python"), "-c",
                "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip()
+    let_other_users_through(REPO / "src" / "hpcseg")
+    let_other_users_through(Path(sysconfig.get_paths()["purelib"]) / "click")
     run("sh", "-c", f"printf '%s\\n' {REPO / 'src'} {sysconfig.get_paths()['purelib']} > {site}/test-deps.pth")
     keys = home / "ssh-test"
     shutil.rmtree(keys, ignore_errors=True)
