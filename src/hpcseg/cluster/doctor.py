@@ -1,0 +1,237 @@
+"""`hpcseg doctor`: check a site in one job. Submits the node checks (DoctorRunner) and a walltime probe
+(WalltimeProbe) with the site's profile and queue, as `submit` would, watches them, and prints one table.
+
+What the table says comes from the job's own view of the node (doctor.json, written by hpcseg.doctor on the node)
+and from what this side saw: whether the log grew while the job ran, and whether the probe was warned and requeued.
+The table is also written as `report.json` in the check's run folder, to attach to a bug report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..atomic import atomic_write_text
+from ..doctor import REPORT, SPOOL_MARKER, SPOOL_SEEN, Row, versions_here
+from ..jobfile import parse_walltime
+from . import backends
+from .cli import _ExecutorChoice
+from .doctor_jobs import REQUEUED, DoctorRunner, WalltimeProbe
+from .profiles import load_profile
+from .runs import (ClusterError, Run, command_line, load_run, make_private_dir, new_run_id, read_owned,
+                   remember_scratch, resolve_scratch, write_record)
+from .scripts import check_queue_name, refuse_control
+
+EXPERIMENT = "hpcseg-doctor"
+#: The probe's walltime: the shortest every scheduler accepts with a warning before it (LSF counts whole minutes).
+PROBE_MINUTES = 2
+
+
+@dataclass
+class DoctorOptions:
+    profile: str | None = None
+    executor: str | None = None
+    queue: str | None = None
+    gpus: int | None = None
+    cpus: int | None = None
+    mem_gb: float | None = None
+    time: str = "00:15"
+    scratch: Path | None = None
+    walltime_probe: bool = True
+    timeout_s: float = 3600.0
+    poll_s: float = 2.0
+
+
+@dataclass
+class Submitted:
+    check: Run
+    probe: Run | None
+    rows: list[Row] = field(default_factory=list)
+
+
+def _plan(opts: DoctorOptions, minutes: int):
+    """A submission plan for one doctor job, resources resolved as `submit` resolves them: option, profile,
+    then the doctor's own small defaults (2 cores, 4 GB, no GPU)."""
+    from .submit import Plan, _signal_delay, pick_executor
+
+    profile = load_profile(opts.profile)
+    executor = pick_executor(opts.executor, profile)
+    backend = backends.BACKENDS[executor]
+    gpus = opts.gpus if opts.gpus is not None else profile.gpus if profile.gpus is not None else 0
+    cpus = opts.cpus if opts.cpus is not None else profile.cpus if profile.cpus is not None else 2
+    mem_gb = opts.mem_gb if opts.mem_gb is not None else profile.mem_gb if profile.mem_gb is not None else 4.0
+    if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:
+        raise ClusterError("--gpus/--cpus/--mem: must be positive")
+    queue = opts.queue or profile.queue
+    if queue is not None:
+        check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
+    if not backend.queues:
+        queue = None
+    profile.check_queue(queue, minutes, gpus)
+    scratch = resolve_scratch(opts.scratch, profile.scratch)
+    refuse_control("--scratch", scratch)
+    delay = _signal_delay(executor, profile.signal_delay_s, minutes, "--time")
+    plan = Plan(executor=executor, profile=profile, experiment=EXPERIMENT, scratch=scratch, queue=queue,
+                gpus=gpus, cpus=cpus, mem_gb=mem_gb, minutes=minutes,
+                max_parallel=1, signal_delay_s=delay, train_dir=scratch, val_dir=scratch, test_dir=None)
+    return _one_task(plan)
+
+
+def _submit_one(plan, run_id: str, runner: Any, kind: str) -> Run:
+    run_dir = plan.scratch / plan.experiment / run_id
+    make_private_dir(run_dir)
+    record = {"run_id": run_id, "experiment": plan.experiment, "executor": plan.executor, "job_id": None,
+              "array_job_id": None, "sweep_id": None, "sweep": {}, "submit_time": time.time(),
+              "command_line": command_line(), "profile": plan.profile.name, "queue": plan.queue, "doctor": kind,
+              "resources": {"gpus": plan.gpus, "nodes": 1, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
+                            "time": f"{plan.minutes // 60:02d}:{plan.minutes % 60:02d}",
+                            "signal_delay_s": plan.signal_delay_s},
+              "submitit_dir": str(run_dir / "submitit")}
+    run = Run(path=run_dir, record=record)
+    write_record(run)
+    from .submit import build_executor
+
+    job = build_executor(plan, run_dir / "submitit").submit(runner)
+    run.record["job_id"] = str(job.job_id)
+    write_record(run)
+    return run
+
+
+def submit_doctor(opts: DoctorOptions, echo: Callable[[str], None] = print) -> Submitted:
+    # both plans are checked before anything is made or submitted
+    plan = _plan(opts, parse_walltime(opts.time, "--time"))
+    probe_plan = _plan(DoctorOptions(**{**opts.__dict__, "gpus": 0}), PROBE_MINUTES) if opts.walltime_probe else None
+    expected = {"versions": versions_here(), "setup": list(plan.profile.setup), "mem_gb": plan.mem_gb,
+                "ranks": plan.gpus if plan.gpus > 1 else 1, "spool_wait_s": 60}
+    run_id = new_run_id()
+    check = _submit_one(plan, run_id, DoctorRunner(expected, str(plan.scratch / EXPERIMENT / run_id)),
+                        "checks")
+    echo(f"submitted the checks: run {check.run_id}  job {check.job_id}  ({plan.executor})  {check.path}")
+    probe = None
+    if probe_plan is not None:
+        pid = f"{run_id}-walltime"
+        wait_s = PROBE_MINUTES * 60 + 60
+        probe = _submit_one(probe_plan, pid, WalltimeProbe(str(probe_plan.scratch / EXPERIMENT / pid), wait_s),
+                            "walltime")
+        echo(f"submitted the walltime probe ({PROBE_MINUTES} min, warned {probe_plan.signal_delay_s} s before): "
+             f"run {probe.run_id}  job {probe.job_id}")
+    remember_scratch(plan.scratch)
+    return Submitted(check=check, probe=probe)
+
+
+def _one_task(plan):
+    """The plan with one task whatever its GPUs: the checks start the ranks of their all-reduce themselves."""
+    from .submit import Plan
+
+    class OneTask(Plan):
+        tasks_per_node = 1  # shadows Plan's property: one training process per GPU is not what the checks want
+
+    return OneTask(**{k: getattr(plan, k) for k in plan.__dataclass_fields__})
+
+
+def watch(sub: Submitted, opts: DoctorOptions, echo: Callable[[str], None] = print) -> list[Row]:
+    """Wait for both jobs, answering the check job's log marker while it runs; then build the rows."""
+    from .status import TERMINAL, collect_status
+
+    runs = [r for r in (sub.check, sub.probe) if r is not None]
+    deadline = time.monotonic() + opts.timeout_s
+    seen_running = False
+    states: dict[str, str] = {}
+    while True:
+        fresh = [load_run(r.path) or r for r in runs]
+        statuses, _ = collect_status(fresh)
+        states = {s.run_id: s.state for s in statuses}
+        log = fresh[0].log_path()
+        if not (sub.check.path / SPOOL_SEEN).exists() and log is not None and _log_has_marker(log):
+            seen_running = states.get(sub.check.run_id) not in TERMINAL
+            if seen_running:
+                atomic_write_text(sub.check.path / SPOOL_SEEN, f"{time.time()}\n")
+        if all(state in TERMINAL for state in states.values()):
+            break
+        if time.monotonic() > deadline:
+            echo(f"hpcseg: warning: doctor: gave up waiting after {opts.timeout_s:g} s; the jobs may still run")
+            break
+        time.sleep(opts.poll_s)
+    return rows_for(sub, states)
+
+
+def _log_has_marker(path: Path) -> bool:
+    try:
+        return SPOOL_MARKER.encode() in read_owned(path, limit=1 << 20)
+    except (OSError, ClusterError):
+        return False
+
+
+def rows_for(sub: Submitted, states: dict[str, str]) -> list[Row]:
+    rows = [Row("check job", states.get(sub.check.run_id) == "COMPLETED",
+                f"{sub.check.executor} job {sub.check.job_id}: {states.get(sub.check.run_id, 'UNKNOWN')}",
+                "" if states.get(sub.check.run_id) == "COMPLETED" else f"see hpcseg logs {sub.check.run_id}")]
+    try:
+        report = json.loads(read_owned(sub.check.path / REPORT))
+        rows += [Row(**{k: item.get(k) for k in ("check", "ok", "value", "detail")}) for item in report["rows"]]
+        host = report.get("host", {}).get("host")
+        if host:
+            rows.insert(1, Row("node", None, str(host), str(report["host"].get("python", ""))))
+    except (OSError, ClusterError, ValueError, KeyError, TypeError):
+        rows.append(Row("node checks", False, "no doctor.json", "the check job did not get as far as writing it"))
+    if sub.probe is not None:
+        state = states.get(sub.probe.run_id, "UNKNOWN")
+        requeued = (sub.probe.path / REQUEUED).exists()
+        rows.append(Row("walltime warning", requeued and state == "COMPLETED",
+                        f"{PROBE_MINUTES} min job: {'warned, requeued once, finished' if requeued else 'not requeued'}"
+                        f" ({state})", "" if requeued else
+                        f"the warning signal did not arrive or did not requeue: see hpcseg logs {sub.probe.run_id}"))
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    mark = {True: "ok", False: "PROBLEM", None: "-"}
+    width = max(len(r.check) for r in rows)
+    lines = []
+    for row in rows:
+        lines.append(f"{row.check:<{width}}  {mark[row.ok]:<7}  {row.value}")
+        if row.detail:
+            lines.append(f"{'':<{width}}  {'':<7}  {row.detail}")
+    return "\n".join(lines)
+
+
+def write_report(sub: Submitted, rows: list[Row]) -> Path:
+    path = sub.check.path / "report.json"
+    payload = {"command_line": command_line(), "check_run": sub.check.run_id,
+               "probe_run": sub.probe.run_id if sub.probe else None, "versions_here": versions_here(),
+               "rows": [row.__dict__ for row in rows]}
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def run_doctor(opts: DoctorOptions, echo: Callable[[str], None] = print) -> int:
+    sub = submit_doctor(opts, echo)
+    rows = watch(sub, opts, echo)
+    echo(format_rows(rows))
+    echo(f"report: {write_report(sub, rows)}")
+    return 1 if any(row.ok is False for row in rows) else 0
+
+
+@click.command()
+@click.option("--profile", help="site profile: a name in hpc/ (dtu, slurm, sge, local) or a .toml file")
+@click.option("--executor", type=_ExecutorChoice(), default=None, help="where to run (default: the profile's, else auto)")
+@click.option("--queue", help="queue (LSF, Grid Engine) or partition (Slurm)")
+@click.option("--gpus", type=int, help="GPUs for the check job; 2 or more also checks an all-reduce between ranks")
+@click.option("--cpus", type=int, help="cores for the check job")
+@click.option("--mem", "mem_gb", type=float, help="memory for the check job, GB (its limit is checked on the node)")
+@click.option("--time", "walltime", default="00:15", show_default=True, help="walltime of the check job, HH:MM")
+@click.option("--scratch", type=click.Path(path_type=Path), help="scratch folder (default: as submit's)")
+@click.option("--no-walltime-probe", is_flag=True, help="skip the second job that must be warned and requeue once")
+def doctor(profile, executor, queue, gpus, cpus, mem_gb, walltime, scratch, no_walltime_probe) -> None:
+    """Check a site in one job: set-up lines, versions, memory limit, CUDA, a training step, the log, TMPDIR,
+    the scratch file system and the walltime warning; prints a table (also in the run folder as report.json)."""
+    opts = DoctorOptions(profile=profile, executor=executor, queue=queue, gpus=gpus, cpus=cpus, mem_gb=mem_gb,
+                         time=walltime, scratch=scratch, walltime_probe=not no_walltime_probe)
+    sys.exit(run_doctor(opts, echo=click.echo))
