@@ -9,7 +9,6 @@ The table is also written as `report.json` in the check's run folder, to attach 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,14 +19,13 @@ import click
 
 from ..atomic import atomic_write_text
 from ..doctor import REPORT, SPOOL_MARKER, SPOOL_SEEN, Row, versions_here
-from ..jobfile import parse_walltime
-from . import backends
+from ..durations import hours_minutes
 from .cli import _ExecutorChoice
 from .doctor_jobs import REQUEUED, DoctorRunner, WalltimeProbe
 from .profiles import load_profile
 from .runs import (ClusterError, Run, command_line, load_run, make_private_dir, new_run_id, read_owned,
                    remember_scratch, resolve_scratch, write_record)
-from .scripts import check_queue_name, refuse_control
+from .scripts import refuse_control
 
 EXPERIMENT = "hpcseg-doctor"
 #: The probe's walltime: the shortest every scheduler accepts with a warning before it (LSF counts whole minutes).
@@ -56,49 +54,46 @@ class Submitted:
     rows: list[Row] = field(default_factory=list)
 
 
-def _plan(opts: DoctorOptions, minutes: int):
-    """A submission plan for one doctor job, resources resolved as `submit` resolves them: option, profile,
-    then the doctor's own small defaults (2 cores, 4 GB, no GPU)."""
-    from .submit import Plan, _signal_delay, pick_executor
+def _plan(opts: DoctorOptions, walltime: str):
+    """A submission plan for one doctor job, its resources resolved as `submit` resolves a job's that sets none:
+    the options, then the profile's [defaults], then hpcseg's."""
+    from ..jobfile import Job
+    from .resources import resolve
+    from .submit import Plan, _check_scratch, _signal_delay, pick_executor
 
     profile = load_profile(opts.profile)
     executor = pick_executor(opts.executor, profile)
-    backend = backends.BACKENDS[executor]
-    gpus = opts.gpus if opts.gpus is not None else profile.gpus if profile.gpus is not None else 0
-    cpus = opts.cpus if opts.cpus is not None else profile.cpus if profile.cpus is not None else 2
-    mem_gb = opts.mem_gb if opts.mem_gb is not None else profile.mem_gb if profile.mem_gb is not None else 4.0
-    if gpus < 0 or cpus < 1 or not 0 < mem_gb < math.inf:
-        raise ClusterError("--gpus/--cpus/--mem: must be positive")
-    queue = opts.queue or profile.queue
-    if queue is not None:
-        check_queue_name("--queue" if opts.queue else f"{profile.path}: queue", queue)
-    if not backend.queues:
-        queue = None
-    profile.check_queue(queue, minutes, gpus)
+    res = resolve({"gpus": opts.gpus, "cpus": opts.cpus, "mem_gb": opts.mem_gb, "time": walltime,
+                   "queue": opts.queue}, Job(), {}, profile, executor)
     scratch = resolve_scratch(opts.scratch, profile.scratch)
     refuse_control("--scratch", scratch)
-    delay = _signal_delay(executor, profile.signal_delay_s, minutes, "--time")
-    plan = Plan(executor=executor, profile=profile, experiment=EXPERIMENT, scratch=scratch, queue=queue,
-                gpus=gpus, cpus=cpus, mem_gb=mem_gb, minutes=minutes,
-                max_parallel=1, signal_delay_s=delay, train_dir=scratch, val_dir=scratch, test_dir=None)
+    _check_scratch("--scratch" if opts.scratch else "scratch", scratch)
+    delay = _signal_delay(executor, profile.signal_delay_s, res.minutes.value, res.minutes.name)
+    plan = Plan(executor=executor, profile=profile, experiment=EXPERIMENT, scratch=scratch, queue=res.queue.value,
+                gpus=res.gpus.value, cpus=res.cpus.value, mem_gb=res.mem_gb.value, minutes=res.minutes.value,
+                max_parallel=1, signal_delay_s=delay, train_dir=scratch, val_dir=scratch, test_dir=None,
+                resources=res)
     return _one_task(plan)
 
 
 def _submit_one(plan, run_id: str, runner: Any, kind: str) -> Run:
-    run_dir = plan.scratch / plan.experiment / run_id
-    make_private_dir(run_dir)
-    record = {"run_id": run_id, "experiment": plan.experiment, "executor": plan.executor, "job_id": None,
-              "array_job_id": None, "sweep_id": None, "sweep": {}, "submit_time": time.time(),
-              "command_line": command_line(), "profile": plan.profile.name, "queue": plan.queue, "doctor": kind,
-              "resources": {"gpus": plan.gpus, "nodes": 1, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
-                            "time": f"{plan.minutes // 60:02d}:{plan.minutes % 60:02d}",
-                            "signal_delay_s": plan.signal_delay_s},
-              "submitit_dir": str(run_dir / "submitit")}
-    run = Run(path=run_dir, record=record)
-    write_record(run)
-    from .submit import build_executor
+    from .submit import _remove, build_executor, refusal
 
-    job = build_executor(plan, run_dir / "submitit").submit(runner)
+    run_dir = plan.scratch / plan.experiment / run_id
+    made = make_private_dir(run_dir)
+    try:
+        record = {"run_id": run_id, "experiment": plan.experiment, "executor": plan.executor, "job_id": None,
+                  "array_job_id": None, "sweep_id": None, "sweep": {}, "submit_time": time.time(),
+                  "command_line": command_line(), "profile": plan.profile.name, "queue": plan.queue, "doctor": kind,
+                  "resources": {"gpus": plan.gpus, "nodes": 1, "cpus": plan.cpus, "mem_gb": plan.mem_gb,
+                                "time": hours_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
+                  "submitit_dir": str(run_dir / "submitit")}
+        run = Run(path=run_dir, record=record)
+        write_record(run)
+        job = build_executor(plan, run_dir / "submitit").submit(runner)
+    except Exception as err:  # as submit: one line, and nothing of this run left behind
+        _remove(made, [run_dir])
+        raise refusal(err, plan.executor) from None
     run.record["job_id"] = str(job.job_id)
     write_record(run)
     return run
@@ -106,8 +101,10 @@ def _submit_one(plan, run_id: str, runner: Any, kind: str) -> Run:
 
 def submit_doctor(opts: DoctorOptions, echo: Callable[[str], None] = print) -> Submitted:
     # both plans are checked before anything is made or submitted
-    plan = _plan(opts, parse_walltime(opts.time, "--time"))
-    probe_plan = _plan(DoctorOptions(**{**opts.__dict__, "gpus": 0}), PROBE_MINUTES) if opts.walltime_probe else None
+    plan = _plan(opts, opts.time)
+    probe_plan = _plan(DoctorOptions(**{**opts.__dict__, "gpus": 0}), hours_minutes(PROBE_MINUTES)) \
+        if opts.walltime_probe else None
+    echo(plan.resources.line())
     expected = {"versions": versions_here(), "setup": list(plan.profile.setup), "mem_gb": plan.mem_gb,
                 "ranks": plan.gpus if plan.gpus > 1 else 1, "spool_wait_s": 60}
     run_id = new_run_id()
