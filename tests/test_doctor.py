@@ -7,53 +7,37 @@ import os
 
 import pytest
 
-from hpcseg import doctor
-from hpcseg.doctor import GB, SPOOL_MARKER, SPOOL_SEEN
-
-
-def _cgroup_tree(tmp_path, v1_limit=None, v2_limit=None):
-    root = tmp_path / "cgroup"
-    lines = []
-    if v2_limit is not None:
-        job = root / "lsf" / "job.42"
-        job.mkdir(parents=True)
-        (job / "memory.max").write_text(f"{v2_limit}\n")
-        (root / "lsf" / "memory.max").write_text("max\n")
-        lines.append("0::/lsf/job.42")
-    if v1_limit is not None:
-        job = root / "memory" / "lsf" / "job.42"
-        job.mkdir(parents=True)
-        (job / "memory.limit_in_bytes").write_text(f"{v1_limit}\n")
-        (root / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
-        lines.append("7:memory:/lsf/job.42")
-        lines.append("6:cpu,cpuacct:/lsf/job.42")
-    proc = tmp_path / "proc_cgroup"
-    proc.write_text("\n".join(lines) + "\n")
-    return root, proc
-
-
-def test_memory_limits_reads_cgroup_v1_and_v2_and_ignores_no_limit(tmp_path):
-    root, proc = _cgroup_tree(tmp_path, v1_limit=16 * GB)
-    assert doctor.memory_limits(root, proc)["cgroup v1"] == 16 * GB
-    root, proc = _cgroup_tree(tmp_path / "b", v2_limit=8 * GB)
-    limits = doctor.memory_limits(root, proc)
-    assert limits["cgroup v2"] == 8 * GB and "cgroup v1" not in limits
+from hpcseg import doctor, versions
+from hpcseg.doctor import SPOOL_MARKER, SPOOL_SEEN
+from hpcseg.memlimit import GB, Limit
 
 
 def test_memory_check_verdicts():
-    assert doctor.check_memory(16, {"cgroup v1": 16 * GB}).ok is True
-    tight = doctor.check_memory(16, {"cgroup v2": 4 * GB})
-    assert tight.ok is False and "4.0 GB" in tight.detail
-    none = doctor.check_memory(16, {})
+    assert doctor.check_memory(16, [Limit("cgroup v1", int(16 * GB), 0)]).ok is True
+    tight = doctor.check_memory(16, [Limit("cgroup v2", int(4 * GB), 0), Limit("RLIMIT_AS", int(64 * GB), 0)])
+    assert tight.ok is False and "4.0 GB" in tight.detail and "RLIMIT_AS 64.0 GB" in tight.value
+    none = doctor.check_memory(16, [])
     assert none.ok is None and "memory asked" in none.detail
 
 
+def test_the_memory_check_reads_what_the_node_enforces(monkeypatch):
+    """A real rlimit in this process is a limit the check sees (cgroups are memlimit's tests')."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (int(64 * GB), hard))
+    try:
+        row = doctor.check_memory(16)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert "RLIMIT_AS 64.0 GB" in row.value and row.ok is True
+
+
 def test_versions_check_names_what_differs():
-    same = doctor.check_versions(doctor.versions_here())
+    same = doctor.check_versions(versions.here())
     assert same.ok is True
-    other = {**doctor.versions_here(), "torch": "1.0.0"}
-    row = doctor.check_versions(other)
-    assert row.ok is False and "torch 1.0.0 there" in row.detail
+    row = doctor.check_versions({**versions.here(), "torch": "1.0.0"})
+    assert row.ok is False and "torch" in row.detail and "1.0.0" in row.detail
 
 
 def test_scratch_check_syncs_renames_and_leaves_nothing(tmp_path):
@@ -91,8 +75,8 @@ def test_tmpdir_check_reports_the_jobs_folder(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_every_check_runs_on_this_machine(tmp_path, capsys):
-    (tmp_path / SPOOL_SEEN).touch()
-    expected = {"versions": doctor.versions_here(), "setup": ["source venv/bin/activate"], "mem_gb": 4,
+    (tmp_path / SPOOL_SEEN).write_text("log\n")
+    expected = {"versions": versions.here(), "setup": ["source venv/bin/activate"], "mem_gb": 4,
                 "ranks": 2, "spool_wait_s": 1}
     rows = doctor.run_checks(expected, tmp_path)
     out = capsys.readouterr().out
@@ -107,6 +91,11 @@ def test_every_check_runs_on_this_machine(tmp_path, capsys):
     json.dumps(doctor.rows_to_json(rows))
 
 
-def test_spooling_unseen_says_what_it_means(tmp_path):
+def test_spooling_says_where_the_submitting_side_saw_the_log(tmp_path):
     row = doctor.check_spooling(tmp_path, 0.2)
-    assert row.ok is False and "bpeek" in row.detail
+    assert row.ok is False and "only once it ends" in row.detail
+    (tmp_path / SPOOL_SEEN).write_text("peek\n")
+    row = doctor.check_spooling(tmp_path, 0.2)
+    assert row.ok is None and row.value == "spooled until the job ends" and "bpeek" in row.detail
+    (tmp_path / SPOOL_SEEN).write_text("log\n")
+    assert doctor.check_spooling(tmp_path, 0.2).ok is True

@@ -52,3 +52,14 @@ def test_doctor_refuses_bad_options_before_submitting(cli):
     assert not cli.scratch.exists()
     code, out = cli("doctor", "--executor", "local", "--mem", "-1")
     assert code == 2 and "hpcseg: error:" in out and not cli.scratch.exists(), out
+
+
+@pytest.mark.slow
+def test_doctor_on_an_lsf_that_spools_the_log_sees_it_through_bpeek(cli, lsf_emulator, monkeypatch):
+    monkeypatch.setenv("LSF_EMU_STDOUT_DIRECT", "n")  # LSF without LSB_STDOUT_DIRECT: -o written at the end
+    code, out = cli("doctor", *BACKEND_ARGS["lsf"], "--gpus", "0", "--cpus", "1", "--mem", "2", "--no-walltime-probe")
+    rows = {row["check"]: row for row in _report(out)["rows"]}
+    assert code == 0, out
+    assert rows["log while running"]["ok"] is None and rows["log while running"]["value"] == \
+        "spooled until the job ends", out
+    assert "walltime warning" not in rows and "all-reduce" not in rows

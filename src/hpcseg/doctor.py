@@ -20,13 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .memlimit import GB
+
 #: The line the job prints as soon as it starts; the submitting side looks for it while the job runs.
 SPOOL_MARKER = "hpcseg doctor: the job has started"
 #: Written by the submitting side into the run folder when it saw the marker in the log.
 SPOOL_SEEN = "log-seen"
 #: What the job writes: the rows, for the table and to attach to a bug report.
 REPORT = "doctor.json"
-GB = 1024**3
 
 
 @dataclass
@@ -44,25 +45,14 @@ def _guarded(name: str, check: Callable[[], Row]) -> Row:
         return Row(name, False, "check failed", f"{type(err).__name__}: {' '.join(str(err).split())[:300]}")
 
 
-def versions_here() -> dict[str, str]:
-    """What the submitting side records, and the job compares against."""
-    import submitit
-    import torch
+def check_versions(submitted: dict) -> Row:
+    """The job runner's own comparison (versions.compare): the submitting side's pickle must load here."""
+    from . import versions
 
-    from . import __version__
-
-    return {"python": platform.python_version(), "hpcseg": __version__, "submitit": submitit.__version__,
-            "torch": torch.__version__.split("+")[0]}
-
-
-def check_versions(submitted: dict[str, str]) -> Row:
-    here = versions_here()
-    differ = [f"{k} {submitted.get(k)} there, {v} here" for k, v in here.items() if submitted.get(k) != v]
-    value = ", ".join(f"{k} {v}" for k, v in here.items())
-    if not differ:
-        return Row("python and packages", True, value, "the same as the submitting side's")
-    return Row("python and packages", False, value, "differ from the submitting side: " + "; ".join(differ)
-               + " (the job's environment is not the one submit ran in: check the profile's set-up lines)")
+    level, line = versions.compare(submitted)
+    value = ", ".join(f"{name} {versions.here().get(name)}" for name in versions.PACKAGES)
+    ok = {"info": True, "warning": False, "error": False}.get(level)
+    return Row("python and packages", ok, value, line if level != "info" else "the same as the submitting side's")
 
 
 def check_setup(lines: list[str]) -> Row:
@@ -72,59 +62,28 @@ def check_setup(lines: list[str]) -> Row:
     return Row("set-up lines", True, f"{len(lines)} ran", "; ".join(lines))
 
 
-def memory_limits(cgroup_root: Path = Path("/sys/fs/cgroup"),
-                  proc_cgroup: Path = Path("/proc/self/cgroup")) -> dict[str, int]:
-    """The memory limits this process is under, by where they come from: cgroup v2 `memory.max`, cgroup v1
-    `memory.limit_in_bytes` (the tightest level above this process), and the RSS / address-space rlimits."""
-    limits: dict[str, int] = {}
-    try:
-        entries = [line.strip().split(":", 2) for line in proc_cgroup.read_text().splitlines() if line.strip()]
-    except OSError:
-        entries = []
-    for _, controllers, path in (e for e in entries if len(e) == 3):
-        v2 = controllers == ""
-        if not v2 and "memory" not in controllers.split(","):
-            continue
-        base = cgroup_root if v2 else cgroup_root / controllers
-        if not v2 and not base.is_dir():
-            base = cgroup_root / "memory"
-        name, source = ("memory.max", "cgroup v2") if v2 else ("memory.limit_in_bytes", "cgroup v1")
-        folder = base / path.lstrip("/")
-        for level in (folder, *folder.parents):
-            try:
-                text = (level / name).read_text().strip()
-                # v1 writes "no limit" as a huge page-aligned number
-                if text != "max" and int(text) < 2**60:
-                    limits[source] = min(limits.get(source, 2**63), int(text))
-            except (OSError, ValueError):
-                pass
-            if level == base:
-                break
-    try:
-        import resource
+def enforced_limits() -> list:
+    """The limits the node itself puts on the job (its cgroup, its rlimits), as training reads them
+    (memlimit); the job's request is what they are compared with, so it is left out here."""
+    from pathlib import Path as _Path
 
-        for name, source in (("RLIMIT_RSS", "rlimit RSS"), ("RLIMIT_AS", "rlimit address space")):
-            soft = resource.getrlimit(getattr(resource, name))[0]
-            if soft != resource.RLIM_INFINITY:
-                limits[source] = soft
-    except (ImportError, AttributeError, ValueError, OSError):
-        pass
-    return limits
+    from . import memlimit
+
+    return [limit for limit in (memlimit.cgroup(_Path("/")), *memlimit.rlimits(_Path("/"))) if limit is not None]
 
 
-def check_memory(asked_gb: float, limits: dict[str, int] | None = None) -> Row:
-    limits = memory_limits() if limits is None else limits
-    seen = ", ".join(f"{source} {size / GB:.1f} GB" for source, size in limits.items()) or "none visible"
+def check_memory(asked_gb: float, limits: list | None = None) -> Row:
+    limits = enforced_limits() if limits is None else limits
+    seen = ", ".join(f"{limit.source} {limit.limit / GB:.1f} GB" for limit in limits) or "none visible"
+    value = f"asked {asked_gb:g} GB; {seen}"
     if not limits:
-        return Row("memory limit", None, f"asked {asked_gb:g} GB; {seen}",
-                   "no cgroup or rlimit holds the job: the scheduler watches its processes itself; hpcseg sizes its "
-                   "data by the memory asked")
-    tightest = min(limits.values()) / GB
+        return Row("memory limit", None, value, "no cgroup or rlimit holds the job: the scheduler watches its "
+                   "processes itself; hpcseg sizes its data by the memory asked")
+    tightest = min(limit.limit for limit in limits) / GB
     if tightest < 0.9 * asked_gb:
-        return Row("memory limit", False, f"asked {asked_gb:g} GB; {seen}",
-                   f"the job is held to {tightest:.1f} GB, less than it asked: ask for less, or check the queue's "
-                   "per-slot memory")
-    return Row("memory limit", True, f"asked {asked_gb:g} GB; {seen}", "")
+        return Row("memory limit", False, value, f"the job is held to {tightest:.1f} GB, less than it asked: ask for "
+                   "less, or check the queue's memory per slot")
+    return Row("memory limit", True, value, "")
 
 
 def check_cuda(precision: str = "auto") -> Row:
@@ -224,16 +183,24 @@ def check_allreduce(ranks: int = 2) -> Row:
 
 
 def check_spooling(run_dir: Path, wait_s: float) -> Row:
-    """Whether the log is written while the job runs: the job printed SPOOL_MARKER at its start and the
-    submitting side, watching the log, answers with SPOOL_SEEN in the run folder."""
+    """Whether the log is written while the job runs: the job printed SPOOL_MARKER at its start and the submitting
+    side, watching the log (or the scheduler's peek command where the log stays empty), answers with SPOOL_SEEN in
+    the run folder, saying where it saw the marker."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if (run_dir / SPOOL_SEEN).exists():
-            return Row("log while running", True, "written as the job runs", "hpcseg logs --follow shows it live")
-        time.sleep(0.5)
+        try:
+            where = (run_dir / SPOOL_SEEN).read_text().strip()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        if where == "peek":
+            return Row("log while running", None, "spooled until the job ends",
+                       "the scheduler holds the log back while the job runs; hpcseg logs [--follow] shows it through "
+                       "bpeek meanwhile (LSB_STDOUT_DIRECT=Y at the site writes it directly)")
+        return Row("log while running", True, "written as the job runs", "hpcseg logs --follow shows it live")
     return Row("log while running", False, f"not seen within {wait_s:g} s",
-               "the log reaches the submitting side only when the job ends (spooled): hpcseg logs --follow of a "
-               "running LSF job reads bpeek instead; LSB_STDOUT_DIRECT=Y in the job's environment changes it")
+               "neither the log nor the scheduler's peek command showed the job's first line while it ran: hpcseg "
+               "logs shows a running job's output only once it ends")
 
 
 def check_tmpdir() -> Row:

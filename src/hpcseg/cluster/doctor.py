@@ -18,10 +18,14 @@ from typing import Any, Callable
 import click
 
 from ..atomic import atomic_write_text
-from ..doctor import REPORT, SPOOL_MARKER, SPOOL_SEEN, Row, versions_here
+from .. import versions
+from ..doctor import REPORT, SPOOL_MARKER, SPOOL_SEEN, Row
 from ..durations import hours_minutes
+from ..errors import CommandError
+from . import backends
 from .cli import _ExecutorChoice
 from .doctor_jobs import REQUEUED, DoctorRunner, WalltimeProbe
+from .peek import peek
 from .profiles import load_profile
 from .runs import (ClusterError, Run, command_line, load_run, make_private_dir, new_run_id, read_owned,
                    remember_scratch, resolve_scratch, write_record)
@@ -105,7 +109,7 @@ def submit_doctor(opts: DoctorOptions, echo: Callable[[str], None] = print) -> S
     probe_plan = _plan(DoctorOptions(**{**opts.__dict__, "gpus": 0}), hours_minutes(PROBE_MINUTES)) \
         if opts.walltime_probe else None
     echo(plan.resources.line())
-    expected = {"versions": versions_here(), "setup": list(plan.profile.setup), "mem_gb": plan.mem_gb,
+    expected = {"versions": versions.here(), "setup": list(plan.profile.setup), "mem_gb": plan.mem_gb,
                 "ranks": plan.gpus if plan.gpus > 1 else 1, "spool_wait_s": 60}
     run_id = new_run_id()
     check = _submit_one(plan, run_id, DoctorRunner(expected, str(plan.scratch / EXPERIMENT / run_id)),
@@ -139,17 +143,15 @@ def watch(sub: Submitted, opts: DoctorOptions, echo: Callable[[str], None] = pri
 
     runs = [r for r in (sub.check, sub.probe) if r is not None]
     deadline = time.monotonic() + opts.timeout_s
-    seen_running = False
     states: dict[str, str] = {}
     while True:
         fresh = [load_run(r.path) or r for r in runs]
         statuses, _ = collect_status(fresh)
         states = {s.run_id: s.state for s in statuses}
-        log = fresh[0].log_path()
-        if not (sub.check.path / SPOOL_SEEN).exists() and log is not None and _log_has_marker(log):
-            seen_running = states.get(sub.check.run_id) not in TERMINAL
-            if seen_running:
-                atomic_write_text(sub.check.path / SPOOL_SEEN, f"{time.time()}\n")
+        if states.get(sub.check.run_id) == "RUNNING" and not (sub.check.path / SPOOL_SEEN).exists():
+            where = _marker_seen(fresh[0])
+            if where:
+                atomic_write_text(sub.check.path / SPOOL_SEEN, where + "\n")
         if all(state in TERMINAL for state in states.values()):
             break
         if time.monotonic() > deadline:
@@ -159,11 +161,24 @@ def watch(sub: Submitted, opts: DoctorOptions, echo: Callable[[str], None] = pri
     return rows_for(sub, states)
 
 
-def _log_has_marker(path: Path) -> bool:
+def _marker_seen(run: Run) -> str | None:
+    """Where this side sees the check job's first line while it runs: "log", "peek" (the scheduler's peek command,
+    where it spools the log until the job ends), or None (not yet)."""
+    log = run.log_path()
     try:
-        return SPOOL_MARKER.encode() in read_owned(path, limit=1 << 20)
+        if log is not None and SPOOL_MARKER.encode() in read_owned(log, limit=1 << 20):
+            return "log"
     except (OSError, ClusterError):
-        return False
+        pass
+    command = backends.BACKENDS[run.executor].peek_command(str(run.job_id), follow=False)
+    if command is None:
+        return None
+    shown: list[str] = []
+    try:
+        peek(command, shown.append, timeout_s=30)
+    except CommandError:
+        return None
+    return "peek" if SPOOL_MARKER in "".join(shown) else None
 
 
 def rows_for(sub: Submitted, states: dict[str, str]) -> list[Row]:
@@ -202,7 +217,7 @@ def format_rows(rows: list[Row]) -> str:
 def write_report(sub: Submitted, rows: list[Row]) -> Path:
     path = sub.check.path / "report.json"
     payload = {"command_line": command_line(), "check_run": sub.check.run_id,
-               "probe_run": sub.probe.run_id if sub.probe else None, "versions_here": versions_here(),
+               "probe_run": sub.probe.run_id if sub.probe else None, "versions_here": versions.here(),
                "rows": [row.__dict__ for row in rows]}
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
     return path
