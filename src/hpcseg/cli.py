@@ -194,8 +194,8 @@ def demo_data(out, overwrite) -> None:
 
 
 from .cluster.cli import cancel, collect, logs, report, status, submit  # noqa: E402 - registered on the group above
-
+from .cluster.doctor import doctor  # noqa: E402
 from .cluster.remote_side import remote_call  # noqa: E402 - the cluster's end of `--host`
 
-for _command in (submit, status, collect, cancel, logs, report, remote_call):
+for _command in (submit, status, collect, cancel, logs, report, doctor, remote_call):
     main.add_command(_command)

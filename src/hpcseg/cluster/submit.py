@@ -482,16 +482,21 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
             write_record(run)
     except Exception as err:  # refused by us, by the scheduler, or its command is missing or hangs
         _remove(made, filled)
-        if isinstance(err, UserError):  # refused by hpcseg or the scheduler's command: already one line
-            raise
-        message = " ".join(str(err).split())  # submitit's own failures (no job id in the answer, say)
-        raise ClusterError(f"submitting to {plan.executor} failed: {message[:400]}") from None
+        raise refusal(err, plan.executor) from None
     remember_scratch(plan.scratch)
     echo(plan.resources.line())
     for run in runs:
         sweep = "  " + " ".join(f"{k}={v}" for k, v in run.record["sweep"].items()) if run.record["sweep"] else ""
         echo(f"submitted run {run.run_id}  job {run.job_id}  ({plan.executor}){sweep}  {run.path}")
     return Submitted(runs=runs)
+
+
+def refusal(err: Exception, executor: str) -> UserError:
+    """The one line for a submission that failed: hpcseg's or the scheduler command's own, else submitit's."""
+    if isinstance(err, UserError):  # refused by hpcseg or the scheduler's command: already one line
+        return err
+    message = " ".join(str(err).split())  # submitit's own failures (no job id in the answer, say)
+    return ClusterError(f"submitting to {executor} failed: {message[:400]}")
 
 
 def _remove(made: list[Path], filled: list[Path]) -> None:
