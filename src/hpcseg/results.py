@@ -16,7 +16,8 @@ from typing import Any
 
 from . import TISSUES
 from .cluster.collect import JOB_TEST, _summary_ok
-from .cluster.runs import ATTEMPTS, MAX_RECORD_BYTES, OUTCOME, PROGRESS, RUN_RECORD, NotTrusted, read_owned
+from .cluster.runs import (ATTEMPTS, MAX_RECORD_BYTES, OUTCOME, PROGRESS, RUN_RECORD, NotTrusted, json_records,
+                           read_owned)
 from .jobfile import tomllib
 
 #: Job keys that name or describe a run rather than set it: never a compared setting.
@@ -176,15 +177,7 @@ def _read_lines(path: Path, damage: list[str]) -> list[dict]:
     except (NotTrusted, OSError) as err:
         damage.append(f"{path.name}: {getattr(err, 'strerror', None) or err}, not read")
         return []
-    out = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    return json_records(text.splitlines())
 
 
 def _epoch_records(records: list[dict]) -> list[dict]:

@@ -296,15 +296,7 @@ class Run:
         except (NotTrusted, OSError) as err:
             self._damaged(f"{ATTEMPTS}: {getattr(err, 'strerror', None) or err}, not read")
             return []
-        out = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                continue
-            if isinstance(record, dict):
-                out.append(record)
-        return out
+        return json_records(lines)
 
     def log_path(self, stderr: bool = False) -> Path | None:
         """submitit's stdout/stderr file of the job (task 0)."""
@@ -317,6 +309,19 @@ class Run:
         if not self.job_id:
             return None
         return self.submitit_dir / f"{self.job_id}_0_result.pkl"
+
+
+def json_records(lines: Iterable[str]) -> list[dict]:
+    """The JSON objects of a JSON-lines file's lines; a torn or foreign line (a kill mid-append) is skipped."""
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def write_record(run: Run) -> None:
