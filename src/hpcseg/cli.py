@@ -79,9 +79,11 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job key, e.g. train.epochs=3.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--fold", type=int, metavar="K", help="Cross-validation: train on the other folds of --data's folds.json "
+              "and validate on fold K.")
 @click.option("--procs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Data-parallel training processes on this machine (gloo on the CPU, one GPU each on CUDA).")
-def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs) -> None:
+def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, fold, procs) -> None:
     """Train JOB_FILE into the run folder --out (JOB_FILE defaults to the run's job.toml with --resume)."""
     from .jobfile import load_job
 
@@ -95,7 +97,14 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs)
 
     given = [(option, Path(value).absolute()) for option, value in
              (("--data", data), ("--train-dir", train_dir), ("--val-dir", val_dir)) if value]
-    if resume and not given:  # the folders the run was started with
+    if fold is not None:
+        if train_dir or val_dir:
+            raise UserError(f"--fold {fold}: the folds decide the training and validation folders; drop "
+                            f"--train-dir/--val-dir")
+        from .folds import read_folds
+
+        folders = read_folds(data or Path(".")).split(fold)
+    elif resume and not given:  # the folders the run was started with
         folders = recorded_data(run_dir)
         if folders is None:
             raise UserError(f"{run_dir / RECORD}: not found, so the run's data folders are unknown: pass --data")
@@ -137,12 +146,14 @@ def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
 @click.option("--label-suffix", default="_tissue_segmentation", show_default=True,
               help="3D scans: labels of <scan>_T1w.nii.gz are <scan>_T1w<SUFFIX>.nii.gz (FSL FAST: _seg).")
 @click.option("--map", "mapping", metavar="CODE=CLASS,...", help="3D scans: label codes to classes, as prepare's.")
-def test(run_dir, data, out_dir, label_suffix, mapping) -> None:
-    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`) on the slices or the 3D
-    scans in --data."""
+@click.option("--set", "overrides", multiple=True, metavar="infer.KEY=VALUE",
+              help="Override an infer key of the run's job, e.g. infer.tta=flip.")
+def test(run_dir, data, out_dir, label_suffix, mapping, overrides) -> None:
+    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`, or the folds of one from
+    `hpcseg collect --ensemble`) on the slices or the 3D scans in --data."""
     from .evaluate import test_run
 
-    test_run(run_dir, data, out_dir, label_suffix=label_suffix, mapping=mapping)
+    test_run(run_dir, data, out_dir, label_suffix=label_suffix, mapping=mapping, overrides=tuple(overrides))
 
 
 @main.command()

@@ -23,7 +23,8 @@ from .augment import AugmentParams, augment_batch, crop_batch
 from .batches import (
     HostBatches, host_room, place, read_spill, release, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .data import Spill, load_splits
+from .data import Spill, join_splits, load_splits
+from .folds import fold_of
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .distributed import Group, Ranks, device_for, process_group, ranks_from_env
 from .errors import UserError
@@ -92,7 +93,12 @@ def augment_params(job: Job) -> AugmentParams | None:
     return AugmentParams.from_config(a)
 
 
-def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bool = False,
+def folder_list(train_dir) -> list[Path]:
+    """The training folders: one, or several (the other folds of a cross-validation fold)."""
+    return [Path(d) for d in train_dir] if isinstance(train_dir, (list, tuple)) else [Path(train_dir)]
+
+
+def train(job: Job, train_dir: Path | list[Path], val_dir: Path, run_dir: Path, *, resume: bool = False,
           progress: bool | None = None, log=print, warning: DeferredSignal | None = None) -> dict:
     """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`.
 
@@ -113,7 +119,8 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):  # slices beyond the host memory for data go to files as they are read
         spill = Spill(read_spill(run_dir, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
-        train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes, spill)
+        *train_splits, val_split = load_splits([*folder_list(train_dir), Path(val_dir)], job.data.num_classes, spill)
+        train_split = join_splits(train_splits)
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
     # every rank has checked the run folder and the data when the group forms, before rank 0 writes anything
@@ -121,13 +128,14 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
         with process_group(ranks, pick_device(ranks)) as group, \
                 writing(run_dir, "writing the run; once there is space, continue it with --resume"):
             return _train(job, train_split, val_split, run_dir, last, progress, log, warning, phases, group,
-                          spill.spilled)
+                          spill.spilled, [s.folder for s in train_splits])
     finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
         shutil.rmtree(spill.folder, ignore_errors=True)
 
 
 def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, progress, log, warning,
-           phases: Phases | None = None, group: Group | None = None, spilled: bool = False) -> dict:
+           phases: Phases | None = None, group: Group | None = None, spilled: bool = False,
+           train_dirs: list[Path] | None = None) -> dict:
     resume = last is not None
     phases = phases or Phases()
     group = group or Group(Ranks(), pick_device())
@@ -163,6 +171,10 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                   "precision": precision,
                   # the scans' intensity rule of data from `hpcseg prepare`: predict and test apply it to new scans
                   "normalisation": volumes.prepared_rule(train_split.folder.parent)}
+    if train_dirs and len(train_dirs) > 1:  # a cross-validation fold: the other folds train, and the fold is recorded
+        run_record["train_dirs"] = [str(Path(d).absolute()) for d in train_dirs]
+    if fold_of(val_split.folder) is not None:
+        run_record["fold"] = fold_of(val_split.folder)
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
@@ -467,8 +479,9 @@ def _clear_attempt(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "tb", ignore_errors=True)
 
 
-def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
-    """The training and validation folders `run_dir` was trained with (from its train.json), or None."""
+def recorded_data(run_dir: Path) -> tuple[Path | list[Path], Path] | None:
+    """The training folder (a list of them for a cross-validation fold) and the validation folder `run_dir` was
+    trained with (from its train.json), or None."""
     path = Path(run_dir) / RECORD
     if not path.is_file():
         return None
@@ -479,6 +492,9 @@ def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
         raise RunDirError(f"{path}: damaged ({type(err).__name__}); pass --data") from None
     if not all(isinstance(f, str) and f for f in folders):
         raise RunDirError(f"{path}: damaged (folders are not strings); pass --data")
+    several = record.get("train_dirs")
+    if isinstance(several, list) and several and all(isinstance(f, str) and f for f in several):
+        return [Path(f) for f in several], Path(folders[1])
     return Path(folders[0]), Path(folders[1])
 
 
