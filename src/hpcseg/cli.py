@@ -162,11 +162,14 @@ def test(run_dir, data, out_dir, label_suffix, mapping, overrides) -> None:
               help="Folder of images <id>_T1w.npy / .nii.gz / .nii (2D slices or 3D scans) to segment; labels ignored.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder: <id>_prediction.npy or .nii.gz per image, and predict.json.")
-def predict(run_dir, data, out_dir) -> None:
-    """Segment new slices or 3D scans (no labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt)."""
+@click.option("--set", "overrides", multiple=True, metavar="infer.KEY=VALUE",
+              help="Override an infer key of the run's job, e.g. infer.tta=flip.")
+def predict(run_dir, data, out_dir, overrides) -> None:
+    """Segment new slices or 3D scans (no labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt,
+    or the folds of an ensemble from `hpcseg collect --ensemble`)."""
     from .predict import predict_run
 
-    predict_run(run_dir, data, out_dir)
+    predict_run(run_dir, data, out_dir, overrides=tuple(overrides))
 
 
 @main.command()
@@ -180,17 +183,19 @@ def predict(run_dir, data, out_dir) -> None:
 @click.option("--fractions", default="0.6,0.2,0.2", show_default=True, help="Subjects to TRAIN,VAL,TEST.")
 @click.option("--val", default="", metavar="SUBJECT,...", help="Validation subjects (with --test: the rest train).")
 @click.option("--test", "test_subjects", default="", metavar="SUBJECT,...", help="Test subjects.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions (and the folds).")
+@click.option("--folds", type=int, metavar="K", help="Deal the subjects that are not test subjects into K folds "
+              "(fold<k>/, folds.json) for cross-validation; only the test share of --fractions applies.")
 @click.option("--percentile", default=99.0, show_default=True, type=float,
               help="Each scan is divided by this percentile of its brain's intensities (recorded in prepare.json; "
                    "predict and test apply it to a run trained on the data).")
-def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed, percentile) -> None:
+def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed, folds, percentile) -> None:
     """Cut the 3D scans in VOLUMES (<scan>_T1w.nii.gz + labels) into the slice data set `train` reads."""
     from .prepare import parse_fractions, prepare as run_prepare
 
     names = [[s for s in text.split(",") if s] for text in (val, test_subjects)]
     run_prepare(volumes, out_dir, label_suffix=label_suffix, mapping=mapping, fractions=parse_fractions(fractions),
-                val=names[0], test=names[1], seed=seed, percentile=percentile)
+                val=names[0], test=names[1], seed=seed, percentile=percentile, folds=folds)
 
 
 @main.command("demo-data")

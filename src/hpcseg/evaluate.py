@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,46 +52,98 @@ class BestModel:
     #: whether the checkpoint says at all (those written before hpcseg recorded it do not).
     normalisation: dict | None = None
     says_normalisation: bool = False
+    #: An ensemble's models (its folds', `model` the first), and its ensemble.json's folds; empty for one model.
+    ensemble: list[torch.nn.Module] = field(default_factory=list)
+    folds: list[dict] = field(default_factory=list)
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return self.ensemble or [self.model]
 
 
-def load_best_model(run_dir: Path) -> BestModel:
-    """The model of `run_dir`'s best checkpoint (a run folder, or a folder from `hpcseg collect`), on the device."""
-    best = best_checkpoint(Path(run_dir))
-    ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata
-    job = job_from_dict(ckpt["job"], source=str(best))
-    device = pick_device()
-    set_threads(job.train.threads)
-    model = build_model(job).to(device)
-    load_weights(model, ckpt, best)
-    return BestModel(model, job, best, ckpt.get("epoch"), device, ckpt.get("normalisation"), "normalisation" in ckpt)
+def load_best_model(run_dir: Path, overrides: tuple[str, ...] = ()) -> BestModel:
+    """The model of `run_dir`'s best checkpoint (a run folder, or a folder from `hpcseg collect`), or the models of
+    an ensemble folder (`hpcseg collect --ensemble`), on the device; `overrides` set infer.* keys of its job."""
+    from .ensemble import is_ensemble, load_ensemble
+
+    if is_ensemble(Path(run_dir)):
+        best = load_ensemble(Path(run_dir))
+    else:
+        best = best_checkpoint(Path(run_dir))
+        ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata
+        job = job_from_dict(ckpt["job"], source=str(best))
+        device = pick_device()
+        set_threads(job.train.threads)
+        model = build_model(job).to(device)
+        load_weights(model, ckpt, best)
+        best = BestModel(model, job, best, ckpt.get("epoch"), device, ckpt.get("normalisation"),
+                         "normalisation" in ckpt)
+    best.job = infer_overrides(best.job, overrides)
+    return best
 
 
-def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print, **volume_labels) -> dict:
-    """Predict every slice of `data_dir` with `run_dir`'s best checkpoint; write predictions, PNGs, CSV, summary."""
+def infer_overrides(job: Job, overrides: tuple[str, ...]) -> Job:
+    """The job with `--set infer.KEY=VALUE` applied: test and predict change how a trained model predicts, no more."""
+    from .errors import UserError
+    from .jobfile import parse_override
+
+    for item in overrides:
+        key, value = parse_override(item)
+        if not key.startswith("infer."):
+            raise UserError(f"--set {item}: test and predict take infer.* keys only (the model is trained already)")
+        job = job.replace(**{key: value})
+    return job
+
+
+def inference_record(best: BestModel) -> dict:
+    """How the predictions were made, for summary.json and predict.json: models (and folds), mirrors, windows."""
+    from .infer import FLIPS
+
+    cfg = best.job.infer
+    return {"models": len(best.models), "folds": [f.get("fold") for f in best.folds] or None, "tta": cfg.tta,
+            "mirrors": len(FLIPS[cfg.tta]), "roi": list(cfg.roi), "sw_mode": cfg.sw_mode, "overlap": cfg.overlap}
+
+
+def inference_line(best: BestModel, what: str, seconds: float) -> str:
+    """One line saying what the inference cost: models x mirrors, and the wall time."""
+    record = inference_record(best)
+    folds = f" (folds {', '.join(map(str, record['folds']))})" if record["folds"] else ""
+    return (f"{what} with {record['models']} model(s){folds} x {record['mirrors']} mirror(s) "
+            f"(tta {record['tta']}) in {seconds:.1f} s wall time")
+
+
+def test_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, log=print, overrides: tuple[str, ...] = (),
+             **volume_labels) -> dict:
+    """Predict every slice of `data_dir` with `run_dir`'s best checkpoint (or an ensemble folder's models); write
+    predictions, PNGs, CSV, summary."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     out_dir = Path(out_dir).absolute() if out_dir else run_dir / "test" / data_dir.resolve().name
     check_replaceable(out_dir, "test", OUTPUTS.__contains__, "summary.json")
     if is_volume_folder(data_dir):
-        return test_volumes(run_dir, data_dir, out_dir, log, **volume_labels)
-    best = load_best_model(run_dir)
+        return test_volumes(run_dir, data_dir, out_dir, log, overrides=overrides, **volume_labels)
+    best = load_best_model(run_dir, overrides)
     job, device = best.job, best.device
     split = load_split(data_dir, job.data.num_classes)
 
     folder_dice = FolderDice(job.data.num_classes, device=device)
     predictions: dict[int, np.ndarray] = {}
     slice_dice: dict[int, list[float]] = {}
-    for group, pred in predict_slices(best.model, split.images, job, device):
+    started = time.perf_counter()
+    for group, pred in predict_slices(best.models, split.images, job, device):
         labels = stack(split.labels, group, torch.uint8, device)
         folder_dice.update(pred, labels)
         for i, row, p in zip(group, per_slice_dice(pred, labels, job.data.num_classes).tolist(), pred.cpu()):
             slice_dice[i], predictions[i] = row, p[0].numpy().astype(np.uint8)
 
     dice = named(folder_dice.dice())
+    wall = time.perf_counter() - started
     summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "slices": len(split.ids),
                "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
-               "mean_dice_per_slice": nanmean([nanmean(row) for row in slice_dice.values()])}
+               "mean_dice_per_slice": nanmean([nanmean(row) for row in slice_dice.values()]),
+               "inference": inference_record(best), "wall_s": round(wall, 3)}
     _write_outputs(out_dir, split, predictions, slice_dice, summary)
     log(format_table(summary))
+    log(inference_line(best, f"tested {len(split.ids)} slices", wall))
     log(f"wrote {out_dir}")
     return summary
 
@@ -173,7 +226,7 @@ def format_table(summary: dict) -> str:
 
 
 def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_suffix: str = LABEL_SUFFIX,
-                 mapping: str | None = None) -> dict:
+                 mapping: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """`test_run` on a folder of 3D scans with labels (`<scan>_T1w<label_suffix>.nii[.gz]`, codes by `mapping` as
     prepare's): Dice per tissue of each scan and over every voxel of the folder, on the scans' own voxels, as
     `predict` writes them."""
@@ -183,7 +236,7 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
     codes = volumes.parse_mapping(mapping)
     scans = volumes.find_volumes(data_dir, label_suffix)
     volumes.check_scans(scans, codes)
-    best = load_best_model(run_dir)
+    best = load_best_model(run_dir, overrides)
     rule = trained_rule(run_dir, best, log)
     percentile = volumes.rule_percentile(rule, str(best.path))
     classes = best.job.data.num_classes
@@ -196,8 +249,11 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
     with writing(out_dir, f"writing the test output; {intact}"), replacing(out_dir) as tmp:
         (tmp / "predictions").mkdir()
         (tmp / "png").mkdir()
+        wall = 0.0
         for scan in scans:
+            started = time.perf_counter()
             seg = segment_volume(best, scan.image, percentile)
+            wall += time.perf_counter() - started
             truth = volumes.map_labels(scan.label, volumes.read_volume(scan.label, "label")[0], codes)
             pred_t, truth_t = (torch.from_numpy(a.astype(np.int64))[None, None] for a in (seg.labels, truth))
             one = FolderDice(classes)
@@ -213,11 +269,13 @@ def test_volumes(run_dir: Path, data_dir: Path, out_dir: Path, log=print, label_
         summary = {"run": str(run_dir), "data": str(data_dir), "checkpoint_epoch": best.epoch, "scans": len(scans),
                    "dice_per_class": dice, "mean_dice": nanmean(list(dice.values())),
                    "mean_dice_per_scan": nanmean([nanmean(list(d.values())) for d in per_scan.values()]),
-                   "dice_per_scan": per_scan, "normalisation": rule}
+                   "dice_per_scan": per_scan, "normalisation": rule, "inference": inference_record(best),
+                   "wall_s": round(wall, 3)}
         (tmp / "per_subject.csv").write_text(rows.getvalue())
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     log("\n".join([f"{'tissue':<14}{'3D Dice':>8}", *(f"{k:<14}{v:>8.4f}" for k, v in dice.items()),
                     f"{'mean':<14}{summary['mean_dice']:>8.4f}",
                     f"{'mean/scan':<14}{summary['mean_dice_per_scan']:>8.4f}  ({len(scans)} scans)"]))
+    log(inference_line(best, f"tested {len(scans)} scan(s)", wall))
     log(f"wrote {out_dir}")
     return summary
