@@ -38,6 +38,8 @@ def test_dry_run_of_folds_times_a_sweep_names_each_fold(cv_cli, folded):
     assert [line.split()[4].rsplit("-", 2)[1:] for line in lines] == [
         ["0", "f0"], ["0", "f1"], ["0", "f2"], ["1", "f0"], ["1", "f1"], ["1", "f2"]]
     assert "optim.lr=0.001  fold 2" in lines[2] and "optim.lr=0.0003  fold 0" in lines[3]
+    code, out = cv_cli("submit", cv_cli.JOB, "--profile", "slurm", "--data", folded, "--folds", "--dry-run")
+    assert code == 0 and out.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2" in out, out  # one array
 
 
 def test_folds_of_data_without_folds_are_refused(cv_cli, tmp_path):
@@ -147,3 +149,20 @@ def test_an_ensemble_of_one_fold_copied_predicts_as_that_run_and_unfinished_fold
         for name in files:
             load = (lambda p: np.asarray(nib.load(p).dataobj)) if name.endswith(".gz") else np.load
             assert np.array_equal(load(a / name), load(b / name)), name
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.parametrize("backend", ["slurm"], indirect=True)
+def test_submit_folds_through_the_dev_slurm_is_one_array_and_status_sums_it_up(backend, cli, folded):
+    from fixtures_cluster import JOB_FILE
+
+    cmd = ["submit", JOB_FILE, *cli.extra_submit, "--data", folded, "--folds", "--wait"]
+    for s in FAST:
+        cmd += ["--set", s]
+    code, out = cli(*cmd)
+    assert code == 0, out
+    jobs = [line.split()[4] for line in out.splitlines() if line.startswith("submitted run")]
+    assert len(jobs) == 3 and len({j.split("_")[0] for j in jobs}) == 1, out  # one array, an element per fold
+    code, out = cli("status")
+    assert code == 0 and "cross-validation exercise-improved " in out and ": 3/3 folds done; " in out, out

@@ -39,30 +39,25 @@ def read_record(folder: Path) -> dict:
     return record
 
 
-def load_ensemble(folder: Path):
-    """The BestModel of an ensemble folder: each fold's model on the device, `model` the first."""
-    from .evaluate import BestModel
+def load_fold_models(folder: Path, device) -> tuple:
+    """(job, models on `device` in eval mode, ensemble.json) of an ensemble folder: each fold's model from its
+    checkpoint, all of one architecture."""
     from .jobfile import job_from_dict
     from .model import build_model
-    from .train import pick_device, set_threads
 
     folder = Path(folder)
     record = read_record(folder)
-    device, job, models, first = pick_device(), None, [], None
+    job, models, first = None, [], None
     for fold in record["folds"]:
         path = folder / fold["checkpoint"]
         ckpt = load_checkpoint(path)  # weights_only: tensors and plain metadata only
         fold_job = job_from_dict(ckpt["job"], source=str(path))
         if job is None:
             job, first = fold_job, path
-            set_threads(job.train.threads)
         elif fold_job.model != job.model or fold_job.data.num_classes != job.data.num_classes:
             raise CheckpointError(f"{path}: its model differs from {first.name}'s: an ensemble averages models of "
                                   f"one architecture")
         model = build_model(fold_job).to(device)
         load_weights(model, ckpt, path)
-        model.eval()
-        models.append(model)
-    rule = record.get("normalisation")
-    return BestModel(models[0], job, folder / RECORD, None, device, rule if isinstance(rule, dict) else None, True,
-                     ensemble=models, folds=record["folds"])
+        models.append(model.eval())
+    return job, models, record

@@ -64,10 +64,15 @@ class BestModel:
 def load_best_model(run_dir: Path, overrides: tuple[str, ...] = ()) -> BestModel:
     """The model of `run_dir`'s best checkpoint (a run folder, or a folder from `hpcseg collect`), or the models of
     an ensemble folder (`hpcseg collect --ensemble`), on the device; `overrides` set infer.* keys of its job."""
-    from .ensemble import is_ensemble, load_ensemble
+    from .ensemble import RECORD, is_ensemble, load_fold_models
 
-    if is_ensemble(Path(run_dir)):
-        best = load_ensemble(Path(run_dir))
+    if is_ensemble(Path(run_dir)):  # every fold's model; the rule of their data, as ensemble.json records it
+        device = pick_device()
+        job, models, record = load_fold_models(Path(run_dir), device)
+        set_threads(job.train.threads)
+        rule = record.get("normalisation")
+        best = BestModel(models[0], job, Path(run_dir) / RECORD, None, device, rule if isinstance(rule, dict) else None,
+                         True, ensemble=models, folds=record["folds"])
     else:
         best = best_checkpoint(Path(run_dir))
         ckpt = load_checkpoint(best)  # weights_only: refuses anything but tensors and plain metadata

@@ -173,8 +173,9 @@ def _train(job: Job, train_split, val_split, run_dir: Path, last: dict | None, p
                   "normalisation": volumes.prepared_rule(train_split.folder.parent)}
     if train_dirs and len(train_dirs) > 1:  # a cross-validation fold: the other folds train, and the fold is recorded
         run_record["train_dirs"] = [str(Path(d).absolute()) for d in train_dirs]
-    if fold_of(val_split.folder) is not None:
-        run_record["fold"] = fold_of(val_split.folder)
+    fold = fold_of(val_split.folder)
+    if fold is not None:
+        run_record["fold"] = fold
     if leader:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "job.toml", job.to_toml(), "job file")
