@@ -32,7 +32,8 @@ from hpcseg.train import set_threads
 
 
 def scan_slices(planes: int) -> np.ndarray:
-    """The template's coronal slices (planes, rows, cols), normalised by prepare's rule; the middle `planes` (0: all)."""
+    """The template's coronal slices (planes, rows, cols), normalised by prepare's rule; the middle `planes` (0:
+    all)."""
     path = template_dir() / TEMPLATE_FILES["t1"]
     img = nib.load(path)
     cut = volumes.cut_scan(path, np.asanyarray(img.dataobj).astype(np.float32), img.affine)
@@ -60,7 +61,8 @@ def main() -> None:
     parser.add_argument("--planes", type=int, default=64, help="middle coronal planes of the scan (0: all)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="job KEY=VALUE, e.g. infer.batch_size=32")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="job KEY=VALUE, e.g. infer.batch_size=32")
     args = parser.parse_args()
     dev = pick(args.device)
     info = machine()

@@ -56,8 +56,8 @@ def test_format_line_of_a_cross_validation():
                "validated": 2, "dice": {"csf": {"mean": 0.8, "std": 0.02}, "grey_matter": {"mean": 0.9, "std": 0.01},
                                                  "mean": {"mean": 0.85, "std": None}}}
     assert format_line(summary) == ("cross-validation exp 20261201-1-ab12 (optim.lr=0.001): 2/3 folds done; best "
-                                    "validation Dice over 2 folds (mean ± sd): CSF 0.800 ± 0.020, grey matter 0.900 ± 0.010, "
-                                    "mean 0.850")
+                                    "validation Dice over 2 folds (mean ± sd): CSF 0.800 ± 0.020, grey matter "
+                                    "0.900 ± 0.010, mean 0.850")
 
 
 @pytest.mark.slow
@@ -96,7 +96,8 @@ def test_submit_folds_status_collect_ensemble_then_test_and_predict(cv_cli, fold
     assert "with 3 model(s) (folds 0, 1, 2) x 1 mirror(s) (tta none) in " in out and "s wall time" in out
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["inference"]["models"] == 3 and summary["inference"]["folds"] == [0, 1, 2]
-    code, out = cv_cli("test", ens, "--data", folded / "test_data", "--out", tmp_path / "tf", "--set", "infer.tta=flip")
+    code, out = cv_cli("test", ens, "--data", folded / "test_data", "--out", tmp_path / "tf",
+                       "--set", "infer.tta=flip")
     assert code == 0 and "x 4 mirror(s) (tta flip)" in out, out
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -183,7 +183,8 @@ def predict(run_dir, data, out_dir, overrides) -> None:
 @click.option("--fractions", default="0.6,0.2,0.2", show_default=True, help="Subjects to TRAIN,VAL,TEST.")
 @click.option("--val", default="", metavar="SUBJECT,...", help="Validation subjects (with --test: the rest train).")
 @click.option("--test", "test_subjects", default="", metavar="SUBJECT,...", help="Test subjects.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions (and the folds).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the split by --fractions (and of the folds).")
 @click.option("--folds", type=int, metavar="K", help="Deal the subjects that are not test subjects into K folds "
               "(fold<k>/, folds.json) for cross-validation; only the test share of --fractions applies.")
 @click.option("--percentile", default=99.0, show_default=True, type=float,
