@@ -105,7 +105,7 @@ def prepare(volumes_dir: Path, out_dir: Path, *, label_suffix: str = volumes.LAB
                 continue
             rows += [[slice_id, scan.subject, scan.scan, split, y, *shape, *counts]
                      for slice_id, y, shape, counts in made]
-            log(f"{scan.scan}: {len(made)} slices -> {split}")
+            log(f"{scan.scan}: {len(made)} slices -> {split if split != POOL else 'a fold (dealt below)'}")
         if problems:
             raise DataError(problems)
         dealt = None
