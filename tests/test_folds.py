@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from fixtures_cluster import TINY, write_slices
 from hpcseg.cli import main
 from hpcseg.data import load_split
 from hpcseg.folds import deal
+from hpcseg.runfiles import recorded_data
+from hpcseg.trained import load_best_model, trained_rule
 
 SUBJECTS = ["sub-01_ses-1", "sub-01_ses-2", "sub-02", "sub-03", "sub-04"]
 #: whole 176 x 176 slices in one pass, one epoch: seconds on a CPU
@@ -101,6 +104,11 @@ def test_train_fold_trains_on_the_other_folds_and_records_the_fold(folded, tmp_p
     assert record["val_dir"] == str(folded / "fold1")
     assert record["train_dirs"] == [str(folded / "fold0"), str(folded / "fold2")]
     assert record["normalisation"]["percentile"] == 99.0  # prepare.json of the data folder, found from a fold
+    # --resume without --data trains on the recorded folds again; test/predict find prepare.json through them too
+    assert recorded_data(run) == ([folded / "fold0", folded / "fold2"], folded / "fold1")
+    unrecorded = dataclasses.replace(load_best_model(run), says_normalisation=False, normalisation=None)
+    notes = []
+    assert trained_rule(run, unrecorded, notes.append)["percentile"] == 99.0 and not notes
 
 
 @pytest.mark.parametrize("args, line", [
