@@ -79,9 +79,11 @@ def data_dirs(job, data: Path | None, train_dir: Path | None, val_dir: Path | No
 @click.option("--out", "run_dir", required=True, type=click.Path(path_type=Path), help="Run folder to write.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a job key, e.g. train.epochs=3.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--fold", type=int, metavar="K", help="Cross-validation: train on the other folds of --data's folds.json "
+              "and validate on fold K.")
 @click.option("--procs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Data-parallel training processes on this machine (gloo on the CPU, one GPU each on CUDA).")
-def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs) -> None:
+def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, fold, procs) -> None:
     """Train JOB_FILE into the run folder --out (JOB_FILE defaults to the run's job.toml with --resume)."""
     from .jobfile import load_job
 
@@ -95,7 +97,14 @@ def train(job_file, data, train_dir, val_dir, run_dir, overrides, resume, procs)
 
     given = [(option, Path(value).absolute()) for option, value in
              (("--data", data), ("--train-dir", train_dir), ("--val-dir", val_dir)) if value]
-    if resume and not given:  # the folders the run was started with
+    if fold is not None:
+        if train_dir or val_dir:
+            raise UserError(f"--fold {fold}: the folds decide the training and validation folders; drop "
+                            f"--train-dir/--val-dir")
+        from .folds import read_folds
+
+        folders = read_folds(data or Path(".")).split(fold)
+    elif resume and not given:  # the folders the run was started with
         folders = recorded_data(run_dir)
         if folders is None:
             raise UserError(f"{run_dir / RECORD}: not found, so the run's data folders are unknown: pass --data")
@@ -137,12 +146,14 @@ def _resume_hint(run_dir: Path, given: list[tuple[str, Path]]) -> str:
 @click.option("--label-suffix", default="_tissue_segmentation", show_default=True,
               help="3D scans: labels of <scan>_T1w.nii.gz are <scan>_T1w<SUFFIX>.nii.gz (FSL FAST: _seg).")
 @click.option("--map", "mapping", metavar="CODE=CLASS,...", help="3D scans: label codes to classes, as prepare's.")
-def test(run_dir, data, out_dir, label_suffix, mapping) -> None:
-    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`) on the slices or the 3D
-    scans in --data."""
+@click.option("--set", "overrides", multiple=True, metavar="infer.KEY=VALUE",
+              help="Override an infer key of the run's job, e.g. infer.tta=flip.")
+def test(run_dir, data, out_dir, label_suffix, mapping, overrides) -> None:
+    """Test RUN_DIR's best checkpoint (or the best.pt of a folder from `hpcseg collect`, or the folds of one from
+    `hpcseg collect --ensemble`) on the slices or the 3D scans in --data."""
     from .evaluate import test_run
 
-    test_run(run_dir, data, out_dir, label_suffix=label_suffix, mapping=mapping)
+    test_run(run_dir, data, out_dir, label_suffix=label_suffix, mapping=mapping, overrides=tuple(overrides))
 
 
 @main.command()
@@ -151,11 +162,14 @@ def test(run_dir, data, out_dir, label_suffix, mapping) -> None:
               help="Folder of images <id>_T1w.npy / .nii.gz / .nii (2D slices or 3D scans) to segment; labels ignored.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output folder: <id>_prediction.npy or .nii.gz per image, and predict.json.")
-def predict(run_dir, data, out_dir) -> None:
-    """Segment new slices or 3D scans (no labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt)."""
+@click.option("--set", "overrides", multiple=True, metavar="infer.KEY=VALUE",
+              help="Override an infer key of the run's job, e.g. infer.tta=flip.")
+def predict(run_dir, data, out_dir, overrides) -> None:
+    """Segment new slices or 3D scans (no labels) in --data with RUN_DIR's best checkpoint (or a collected best.pt,
+    or the folds of an ensemble from `hpcseg collect --ensemble`)."""
     from .predict import predict_run
 
-    predict_run(run_dir, data, out_dir)
+    predict_run(run_dir, data, out_dir, overrides=tuple(overrides))
 
 
 @main.command()
@@ -169,17 +183,20 @@ def predict(run_dir, data, out_dir) -> None:
 @click.option("--fractions", default="0.6,0.2,0.2", show_default=True, help="Subjects to TRAIN,VAL,TEST.")
 @click.option("--val", default="", metavar="SUBJECT,...", help="Validation subjects (with --test: the rest train).")
 @click.option("--test", "test_subjects", default="", metavar="SUBJECT,...", help="Test subjects.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split by --fractions.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the split by --fractions (and of the folds).")
+@click.option("--folds", type=int, metavar="K", help="Deal the subjects that are not test subjects into K folds "
+              "(fold<k>/, folds.json) for cross-validation; only the test share of --fractions applies.")
 @click.option("--percentile", default=99.0, show_default=True, type=float,
               help="Each scan is divided by this percentile of its brain's intensities (recorded in prepare.json; "
                    "predict and test apply it to a run trained on the data).")
-def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed, percentile) -> None:
+def prepare(volumes, out_dir, label_suffix, mapping, fractions, val, test_subjects, seed, folds, percentile) -> None:
     """Cut the 3D scans in VOLUMES (<scan>_T1w.nii.gz + labels) into the slice data set `train` reads."""
     from .prepare import parse_fractions, prepare as run_prepare
 
     names = [[s for s in text.split(",") if s] for text in (val, test_subjects)]
     run_prepare(volumes, out_dir, label_suffix=label_suffix, mapping=mapping, fractions=parse_fractions(fractions),
-                val=names[0], test=names[1], seed=seed, percentile=percentile)
+                val=names[0], test=names[1], seed=seed, percentile=percentile, folds=folds)
 
 
 @main.command("demo-data")

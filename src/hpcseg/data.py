@@ -391,6 +391,15 @@ def load_splits(folders: Sequence[Path | str], num_classes: int, spill: Spill | 
     return splits
 
 
+def join_splits(splits: Sequence[Split]) -> Split:
+    """Several folders' slices as one split (the training folds of a cross-validation fold), named after the first
+    folder, whose data folder (its parent) they share."""
+    if len(splits) == 1:
+        return splits[0]
+    return Split(folder=splits[0].folder, ids=[i for s in splits for i in s.ids],
+                 images=[a for s in splits for a in s.images], labels=[a for s in splits for a in s.labels])
+
+
 @dataclass
 class Images:
     """The images of one folder without labels (new scans), sorted by id: float32 (H, W), sizes may differ."""

@@ -155,8 +155,13 @@ class AugmentConfig:
 class InferConfig:
     roi: tuple[int, ...] = _spec((200, 200), lo=32, hi=8192, length=2, help="sliding-window size")
     sw_batch_size: int = _spec(4, lo=1, hi=4096)
-    overlap: float = _spec(0.25, lo=0.0, hi=0.95)
+    overlap: float = _spec(0.25, lo=0.0, hi=0.95, help="sliding windows' overlap")
     batch_size: int = _spec(16, lo=1, hi=4096, help="whole slices per forward pass where they fit the roi")
+    sw_mode: str = _spec("constant", choices=("constant", "gaussian"),
+                         help="how sliding windows blend: equal weights, or Gaussian weights (the centre counts most)")
+    tta: str = _spec("none", choices=("none", "flip"),
+                     help="test-time augmentation of test and predict: flip averages the image and its mirrors along "
+                          "both in-plane axes")
 
 
 @dataclass(frozen=True)

@@ -29,20 +29,21 @@ _LAUNCHER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 PREEMPTED_EXIT = 3
 
 
-def _rank_main(job: dict, train_dir: str, val_dir: str, run_dir: str, resume: bool, warned: bool) -> dict:
+def _rank_main(job: dict, train_dir: str | list[str], val_dir: str, run_dir: str, resume: bool, warned: bool) -> dict:
     """One rank: train, and print a user error as the command line does (exit 2, no traceback). With `warned`
     (a cluster job), the warning signal stops the ranks together and this rank exits PREEMPTED_EXIT."""
     from .distributed import DistributedError, ranks_from_env
     from .jobfile import job_from_dict
     from .preempt import DeferredSignal
-    from .train import train
+    from .train import folder_list, train
 
+    train_dir = folder_list(train_dir)
     job_ = job_from_dict(job, source=str(Path(run_dir) / "job.toml"))
     try:
         if not warned:
-            return train(job_, Path(train_dir), Path(val_dir), Path(run_dir), resume=resume)
+            return train(job_, train_dir, Path(val_dir), Path(run_dir), resume=resume)
         with DeferredSignal(signal.SIGUSR2) as warning:
-            return train(job_, Path(train_dir), Path(val_dir), Path(run_dir), resume=resume, progress=False,
+            return train(job_, train_dir, Path(val_dir), Path(run_dir), resume=resume, progress=False,
                          warning=warning)
     except Preempted:
         sys.exit(PREEMPTED_EXIT)
@@ -70,8 +71,10 @@ def train_processes(procs: int, job, train_dir: Path, val_dir: Path, run_dir: Pa
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0)
-    args = (job.to_dict(), str(Path(train_dir).absolute()), str(Path(val_dir).absolute()), str(run_dir), resume,
-            warned)
+    from .train import folder_list
+
+    args = (job.to_dict(), [str(d.absolute()) for d in folder_list(train_dir)], str(Path(val_dir).absolute()),
+            str(run_dir), resume, warned)
     # the launcher logs a failed rank as a traceback, Ctrl-C as a warning: the one line below says either
     for name in [n for n in logging.root.manager.loggerDict
                  if n.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]:

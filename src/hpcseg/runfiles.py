@@ -18,8 +18,9 @@ class RunDirError(UserError):
     """A run folder that cannot be started or resumed as asked."""
 
 
-def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
-    """The training and validation folders `run_dir` was trained with (from its train.json), or None."""
+def recorded_data(run_dir: Path) -> tuple[Path | list[Path], Path] | None:
+    """The training folder (a list of them for a cross-validation fold) and the validation folder `run_dir` was
+    trained with (from its train.json), or None."""
     path = Path(run_dir) / RECORD
     if not path.is_file():
         return None
@@ -30,4 +31,7 @@ def recorded_data(run_dir: Path) -> tuple[Path, Path] | None:
         raise RunDirError(f"{path}: damaged ({type(err).__name__}); pass --data") from None
     if not all(isinstance(f, str) and f for f in folders):
         raise RunDirError(f"{path}: damaged (folders are not strings); pass --data")
+    several = record.get("train_dirs")  # a cross-validation fold trained on the other folds
+    if isinstance(several, list) and several and all(isinstance(f, str) and f for f in several):
+        return [Path(f) for f in several], Path(folders[1])
     return Path(folders[0]), Path(folders[1])

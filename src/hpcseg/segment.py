@@ -26,13 +26,13 @@ class Segmented:
 
 
 def segment_volume(best: BestModel, path: Path, percentile: float = volumes.PERCENTILE) -> Segmented:
-    """Check one 3D scan, cut and normalise it by the rule of `percentile`, predict its slices in batches, map them
-    back."""
+    """Check one 3D scan, cut and normalise it by the rule of `percentile`, predict its slices in batches (every
+    model of an ensemble), map them back."""
     scan, img = volumes.read_volume(path, "scan")
     volumes.check_skull_stripped(path, scan)
     cut = volumes.cut_scan(path, scan, img.affine, percentile)
     slices = np.zeros(cut.image.shape, dtype=np.uint8)
-    for group, pred in predict_slices(best.model, list(cut.image), best.job, best.device):
+    for group, pred in predict_slices(best.models, list(cut.image), best.job, best.device):
         slices[group] = pred[:, 0].cpu().numpy()
     return Segmented(scan, volumes.to_scan(slices, cut.grid, img), cut, slices, img)
 

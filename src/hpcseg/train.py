@@ -24,11 +24,12 @@ from .batches import (
     MAPPED, HostBatches, Placement, held_bytes_estimate, host_room, place, rank_folder, read_spill, release,
     slices_home, split_bytes, training_tensors, validation_groups)
 from .checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from .data import Spill, load_splits
+from .data import Spill, join_splits, load_splits
 from .dataparallel import add_rank_states, rank_batch, restore_rank_states, seed_ranks, steps_per_epoch, wrap_model
 from .device import pick_device, set_threads
 from .distributed import Group, Ranks, process_group, ranks_from_env, stop_every_steps
 from .errors import UserError
+from .folds import fold_of
 from .infer import autocast, predict_labels
 from .jobfile import Job, JobError, job_from_dict
 from .metrics import FolderDice, named, nanmean
@@ -72,6 +73,7 @@ class Run:
     warning: DeferredSignal | None = None  # the scheduler's signal: stop after a step, save `last`, requeue
     phases: Phases = field(default_factory=Phases)
     resumed: bool = False  # this attempt continues from `last`
+    train_dirs: list[Path] = field(default_factory=list)  # the training folders: several for a cross-validation fold
     #: train.json: the data folders, the device, the precision, the data's normalisation rule; at the end, phases
     record: dict = field(default_factory=dict)
     precision: str = field(init=False)  # job.toml keeps "auto"; train.json the choice
@@ -143,7 +145,12 @@ def augment_params(job: Job) -> AugmentParams | None:
     return AugmentParams.from_config(a)
 
 
-def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bool = False,
+def folder_list(train_dir) -> list[Path]:
+    """The training folders: one, or several (the other folds of a cross-validation fold)."""
+    return [Path(d) for d in train_dir] if isinstance(train_dir, (list, tuple)) else [Path(train_dir)]
+
+
+def train(job: Job, train_dir: Path | list[Path], val_dir: Path, run_dir: Path, *, resume: bool = False,
           progress: bool | None = None, log=print, warning: DeferredSignal | None = None) -> dict:
     """Train `job` on the two folders into `run_dir`; with `resume`, continue from `run_dir/checkpoints/last.pt`.
 
@@ -164,18 +171,20 @@ def train(job: Job, train_dir: Path, val_dir: Path, run_dir: Path, *, resume: bo
     # both splits checked before anything is written, every bad file of either named at once
     with phases("data"):  # slices beyond the host memory for data go to files as they are read
         # .slices/ on the job's local disk where it fits (twice: what loading spills, and training's stacked copy)
-        home = slices_home(run_dir, 2 * held_bytes_estimate([Path(train_dir), Path(val_dir)]))
+        home = slices_home(run_dir, 2 * held_bytes_estimate([*folder_list(train_dir), Path(val_dir)]))
         if home != run_dir:  # what a killed attempt left in the run folder
             release(Placement("mapped", "", rank_folder(run_dir, ranks.rank)))
         spill = Spill(read_spill(home, ranks.rank), host_room(job.data.host_memory_gb, ranks.local_world))
-        train_split, val_split = load_splits([Path(train_dir), Path(val_dir)], job.data.num_classes, spill)
+        *train_splits, val_split = load_splits([*folder_list(train_dir), Path(val_dir)], job.data.num_classes, spill)
+        train_split = join_splits(train_splits)  # a cross-validation fold: the other folds' slices as one split
     if resume and last is None:
         log(f"{run_dir}: the run stopped before its first {LAST}: starting it over from epoch 1")
     # every rank has checked the run folder and the data when the group forms, before rank 0 writes anything
     try:
         with process_group(ranks, pick_device(ranks)) as group, \
                 writing(run_dir, "writing the run; once there is space, continue it with --resume"):
-            run = Run(job, run_dir, group, log, progress, warning, phases, resumed=last is not None)
+            run = Run(job, run_dir, group, log, progress, warning, phases, resumed=last is not None,
+                      train_dirs=[split.folder for split in train_splits])
             return _train(run, train_split, val_split, last, spill.spilled, home)
     finally:  # training moved the slices to its own copy (or stopped): what loading spilled goes
         shutil.rmtree(spill.folder, ignore_errors=True)
@@ -248,6 +257,11 @@ def _write_record(run: Run, train_split, val_split) -> None:
                   "precision": run.precision,
                   # the scans' intensity rule of data from `hpcseg prepare`: predict and test apply it to new scans
                   "normalisation": volumes.prepared_rule(train_split.folder.parent)}
+    if len(run.train_dirs) > 1:  # a cross-validation fold: the other folds train, and the fold is recorded
+        run.record["train_dirs"] = [str(Path(d).absolute()) for d in run.train_dirs]
+    fold = fold_of(val_split.folder)
+    if fold is not None:
+        run.record["fold"] = fold
     if run.leader:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.run_dir / "job.toml", run.job.to_toml(), "job file")

@@ -76,10 +76,12 @@ def _poll_interval() -> float:
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2,...",
               help="sweep a key; several --sweep make a grid, submitted as one job array")
 @click.option("--max-parallel", type=int, help="at most this many array elements run at once")
+@click.option("--folds", is_flag=True, help="cross-validation: a run per fold of --data's folds.json (each sweep "
+              "setting x each fold), one job array")
 @click.option("--dry-run", is_flag=True, help="print the job script(s) and submit nothing")
 @click.option("--wait", is_flag=True, help="block until the submitted runs end, then print their status")
 def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime, profile, scratch, name, overrides,
-           sweeps, max_parallel, dry_run, wait) -> None:
+           sweeps, max_parallel, folds, dry_run, wait) -> None:
     """Submit JOB_FILE as a batch job (one run folder per job; a sweep is one job array)."""
     from .status import format_table
     from .submit import SubmitOptions
@@ -88,7 +90,7 @@ def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime,
     opts = SubmitOptions(job_file=job_file, data=data, executor=executor, queue=queue, gpus=gpus, nodes=nodes,
                          cpus=cpus, mem_gb=mem_gb, time=walltime, profile=profile, scratch=scratch, name=name,
                          overrides=tuple(overrides), sweeps=tuple(sweeps), max_parallel=max_parallel,
-                         dry_run=dry_run)
+                         dry_run=dry_run, folds=folds)
     result = do_submit(opts, echo=click.echo)
     click.get_current_context().meta["hpcseg.answer"] = {  # what a `submit --host` remembers on the laptop
         "runs": [{"run_id": r.run_id, "experiment": r.experiment, "path": str(r.path)} for r in result.runs]}
@@ -99,6 +101,7 @@ def submit(job_file, data, executor, queue, gpus, nodes, cpus, mem_gb, walltime,
             click.echo(_still_running(result.runs), err=True)
             sys.exit(130)
         click.echo(format_table(statuses))
+        _echo_cross_validation(runs, statuses)
         _echo_test_results([(run.run_id, run.path / "test") for run in runs])
         if any(s.state != "COMPLETED" for s in statuses):
             sys.exit(1)
@@ -141,6 +144,14 @@ def _echo_test_results(folders: list[tuple[str, Path]]) -> None:
             click.echo(f"\n{run_id}: " + "\n".join(lines))
 
 
+def _echo_cross_validation(runs, statuses) -> None:
+    """Under the table: a line per cross-validation (the folds of an experiment or of a swept setting)."""
+    from .crossval import cv_lines
+
+    for line in cv_lines(runs, statuses):
+        click.echo(line)
+
+
 def _progress(s) -> str:
     epoch = f" epoch {s.epoch}/{s.epochs}" if s.epoch else ""
     best = f" best Dice {s.best_dice:.3f}" if s.best_dice is not None else ""
@@ -178,6 +189,7 @@ def status(selectors, scratch, as_json, watch, sort) -> None:
         else:
             click.echo(format_table(statuses, sort=sort) if statuses else
                        f"no runs under {', '.join(map(str, scratches))}")
+            _echo_cross_validation(runs, statuses)
         if not watch or all(s.state in TERMINAL or s.damage for s in statuses):  # a damaged run will not change
             return
         try:
@@ -198,7 +210,9 @@ def status(selectors, scratch, as_json, watch, sort) -> None:
               help="copy into DEST/<run_id>/")
 @click.option("--top", type=int, help="only the K runs with the best validation Dice")
 @click.option("--scratch", type=click.Path(path_type=Path), help=_SCRATCH_HELP)
-def collect(selectors, dest, top, scratch) -> None:
+@click.option("--ensemble", is_flag=True, help="the folds of one cross-validation (submit --folds) as one ensemble "
+              "folder, DEST/<experiment>-ensemble/, that test and predict take as a run")
+def collect(selectors, dest, top, scratch, ensemble) -> None:
     """Copy best checkpoint, job, metrics, test summary and a training-curve PNG, with verified SHA256SUMS."""
     from .collect import JOB_TEST, collect_run, pick_top
     from .status import collect_status
@@ -211,6 +225,9 @@ def collect(selectors, dest, top, scratch) -> None:
     runs = find_runs(selectors, scratches_to_search(scratch))
     if not runs:
         raise ClusterError("no runs to collect")
+    if ensemble:
+        _collect_ensemble(runs, dest, top)
+        return
     if top is not None:
         statuses, _ = collect_status(runs)
         dice = {s.path: s.best_dice for s in statuses}
@@ -236,6 +253,19 @@ def collect(selectors, dest, top, scratch) -> None:
         sys.exit(ClusterError.exit_code)
     if not done:
         raise ClusterError("no run has a best checkpoint yet")
+
+
+def _collect_ensemble(runs, dest: Path, top) -> None:
+    from .collect_ensemble import collect_ensemble
+    from .status import collect_status
+
+    if top is not None:
+        raise ClusterError("--top with --ensemble: an ensemble holds every fold")
+    statuses, _ = collect_status(runs)
+    info = collect_ensemble(runs, {s.run_id: s.state for s in statuses}, dest)
+    folds = ", ".join(f"fold {f['fold']} {f['run_id']} (epoch {f['best_epoch']})" for f in info["folds"])
+    click.echo(f"{len(info['folds'])} folds' best weights ({folds}), SHA256SUMS verified -> {info['dest']}")
+    click.echo(info["line"])
 
 
 # ---------------------------------------------------------------- report

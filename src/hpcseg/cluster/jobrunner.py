@@ -72,12 +72,13 @@ class JobRunner(submitit.helpers.Checkpointable):
     """Train (resuming from `checkpoints/last.pt` when it exists), test if the job has a test folder, and
     record the outcome in `outcome.json`."""
 
-    def __init__(self, job: dict, train_dir: str, val_dir: str, run_dir: str, test_dir: str | None = None,
-                 procs: int = 1, mem_gb: float | None = None) -> None:
+    def __init__(self, job: dict, train_dir: str | list[str], val_dir: str, run_dir: str,
+                 test_dir: str | None = None, procs: int = 1, mem_gb: float | None = None) -> None:
         self.job = job
         self.procs = procs  # training processes per host: one per GPU
         self.mem_gb = mem_gb  # what the job asked for: LSF may enforce it with no cgroup or rlimit to read
-        self.train_dir = str(train_dir)
+        # a cross-validation fold trains on several folders: the other folds
+        self.train_dir = [str(d) for d in train_dir] if isinstance(train_dir, (list, tuple)) else str(train_dir)
         self.val_dir = str(val_dir)
         self.run_dir = str(run_dir)
         self.test_dir = str(test_dir) if test_dir else None
@@ -107,9 +108,10 @@ class JobRunner(submitit.helpers.Checkpointable):
             shutil.rmtree(run_dir / "tb", ignore_errors=True)
         try:
             from ..preempt import DeferredSignal, Preempted
-            from ..train import train
+            from ..train import folder_list, train
 
             job = job_from_dict(self.job, source=str(run_dir / "run.json"))
+            train_dirs = folder_list(self.train_dir)
             relay = None
             if launching:
                 from ..launch import signal_ranks, train_processes
@@ -119,10 +121,10 @@ class JobRunner(submitit.helpers.Checkpointable):
                 try:
                     if launching:  # the signal is only recorded here, and passed on to the ranks
                         with warning.deferred():
-                            summary = train_processes(self.procs, job, Path(self.train_dir), Path(self.val_dir),
+                            summary = train_processes(self.procs, job, train_dirs, Path(self.val_dir),
                                                       run_dir, resume, warned=True)
                     else:
-                        summary = train(job, Path(self.train_dir), Path(self.val_dir), run_dir, resume=resume,
+                        summary = train(job, train_dirs, Path(self.val_dir), run_dir, resume=resume,
                                         progress=False, warning=warning)
                 except Preempted:  # `last` holds the state: now let submitit checkpoint and requeue
                     warning.forward()
@@ -157,13 +159,13 @@ class JobRunner(submitit.helpers.Checkpointable):
         at the step the ranks agree on and ends; rank 0 saves `last` and requeues the job."""
         from ..jobfile import job_from_dict
         from ..preempt import DeferredSignal, Preempted
-        from ..train import train
+        from ..train import folder_list, train
 
         run_dir = Path(self.run_dir)
         job = job_from_dict(self.job, source=str(run_dir / "run.json"))
         with DeferredSignal(submitit.JobEnvironment._usr_sig()) as warning:
             try:
-                return {"train": train(job, Path(self.train_dir), Path(self.val_dir), run_dir,
+                return {"train": train(job, folder_list(self.train_dir), Path(self.val_dir), run_dir,
                                        resume=(run_dir / LAST).exists(), progress=False, warning=warning)}
             except Preempted:
                 print("hpcseg job runner: stopped for the warning signal; rank 0 requeues the job", flush=True)

@@ -67,6 +67,7 @@ class RunStatus:
     gpus: int | None = None  # per node, as submitted; 0 where the training ran on the CPU (its train.json says)
     nodes: int | None = None
     processes: int | None = None  # training processes per node
+    fold: int | None = None  # the cross-validation fold of a `submit --folds` run (its run id ends in -f<fold>)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +163,12 @@ def merge(run: Run, sched: str | None, sched_failed: bool, now: float) -> RunSta
                      best_dice=progress.get("best_dice"), best_epoch=progress.get("best_epoch"),
                      updated=progress.get("updated"), time_left_s=left, error=error,
                      sweep=run.record.get("sweep") or {}, path=str(run.path), damage=list(run.damage),
-                     **_resources(run))
+                     fold=_fold(run.record), **_resources(run))
+
+
+def _fold(record: dict) -> int | None:
+    fold = record.get("fold")
+    return fold if isinstance(fold, int) and not isinstance(fold, bool) else None
 
 
 def _resources(run: Run) -> dict:

@@ -53,6 +53,7 @@ class SubmitOptions:
     sweeps: tuple[str, ...] = ()
     max_parallel: int | None = None
     dry_run: bool = False
+    folds: bool = False  # every cross-validation fold of --data's folds.json, each sweep setting x each fold
 
 
 @dataclass
@@ -78,6 +79,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # printed by a dry run above its script
     nodes: int = 1
     resources: Resources | None = None  # where each resource came from, for the `resources:` line
+    #: with --folds: the folds, and per element its (sweep setting index, fold); see fold_axis
+    folds: Any = None
+    element_folds: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def tasks_per_node(self) -> int:
@@ -151,6 +155,8 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     given: dict[str, str] = {}  # the keys the job file and --set give (the others are defaults)
     job = load_job(opts.job_file, list(opts.overrides), given)  # a JobError names every problem of the file
     elements = _elements(job, parse_sweeps(opts.sweeps))
+    folds = fold_axis(opts) if opts.folds else None
+    elements, element_folds = with_folds(elements, folds)
     # the experiment name becomes the scheduler's job name and a folder of every path in the job script
     experiment = check_name("--name" if opts.name else "name", opts.name or job.name)
     for _, element in elements:
@@ -160,7 +166,8 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     if opts.max_parallel is not None and opts.max_parallel < 1:
         raise ClusterError(f"--max-parallel {opts.max_parallel}: must be at least 1")
     base = Path(opts.data) if opts.data else Path(".")
-    folders = {key: getattr(job.data, key) for key in DATA_KEYS if key != "test_dir" or job.data.test_dir}
+    folders = {key: getattr(job.data, key) for key in DATA_KEYS if (key != "test_dir" or job.data.test_dir)
+               and (folds is None or key == "test_dir")}  # with --folds, the folds train and validate
     paths = {key: (base / rel).absolute() for key, rel in folders.items()}
     scratch, scratch_source = resolve_scratch(opts.scratch, profile.scratch), _scratch_source(opts, profile)
     for what, value in _script_text(opts, profile, paths, scratch_source, scratch):  # before anything reads them
@@ -168,19 +175,57 @@ def plan_submission(opts: SubmitOptions) -> Plan:
     notes = _check_data_folders(opts, executor, base, folders, paths)
     delay = _signal_delay(executor, profile.signal_delay_s, res.minutes.value, res.minutes.name)
     _check_scratch(scratch_source, scratch)
-    check_data([path for path in paths.values() if path.is_dir()])  # last: it reads files
+    check_data([path for path in paths.values() if path.is_dir()] + (folds.folders if folds else []))  # reads files
     gpus = res.gpus.value
     return Plan(executor=executor, profile=profile, experiment=experiment, scratch=scratch, queue=res.queue.value,
                 gpus=gpus, cpus=res.cpus.value, mem_gb=res.mem_gb.value, minutes=res.minutes.value,
                 max_parallel=opts.max_parallel or len(elements), signal_delay_s=delay,
-                train_dir=paths["train_dir"], val_dir=paths["val_dir"], test_dir=paths.get("test_dir"),
-                elements=elements, notes=notes, nodes=opts.nodes, resources=res,
+                train_dir=paths.get("train_dir"), val_dir=paths.get("val_dir"), test_dir=paths.get("test_dir"),
+                elements=elements, notes=notes, nodes=opts.nodes, resources=res, folds=folds,
+                element_folds=element_folds,
                 warnings=_warnings(executor, gpus, res.gpus.name, len(elements), opts.max_parallel)
                 + _small_batch_warnings(executor, gpus, elements))
 
 
 #: the job's data folders, relative to --data (test_dir may be empty: no test)
 DATA_KEYS = ("train_dir", "val_dir", "test_dir")
+
+
+def fold_axis(opts: SubmitOptions):
+    """--folds: the folds of --data's folds.json (every fold a run, next to the sweep's axes), read and checked."""
+    from ..folds import read_folds
+
+    if not opts.data:
+        raise ClusterError("--folds: give --data, the folder `hpcseg prepare --folds K` wrote")
+    return read_folds(Path(opts.data).absolute())
+
+
+def with_folds(elements: list, folds) -> tuple[list, list[tuple[int, int]]]:
+    """The elements repeated for each fold (each sweep setting x each fold) and their (setting, fold); unchanged
+    without folds."""
+    if folds is None:
+        return elements, []
+    element_folds = [(i, k) for i in range(len(elements)) for k in range(len(folds))]
+    if len(element_folds) > 1000:
+        raise ClusterError(f"--folds: {len(element_folds)} runs ({len(elements)} settings x {len(folds)} folds); at "
+                           f"most 1000 per submission")
+    return [elements[i] for i, _ in element_folds], element_folds
+
+
+def run_ids(sweep_id: str, plan: Plan) -> list[str]:
+    """One run id per element: the sweep id, `<sweep id>-<i>` per setting, and `-f<k>` per fold."""
+    n = len(plan.elements)
+    if plan.folds is not None:
+        settings = len(plan.elements) // len(plan.folds)
+        return [f"{sweep_id}-{i}-f{k}" if settings > 1 else f"{sweep_id}-f{k}" for i, k in plan.element_folds]
+    return [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
+
+
+def run_folders(plan: Plan, element: int) -> tuple[Any, Path]:
+    """(training folder(s), validation folder) of an element: the job's, or the other folds and its fold."""
+    if plan.folds is None:
+        return plan.train_dir, plan.val_dir
+    return plan.folds.split(plan.element_folds[element][1])
 
 
 def _elements(job: Job, axes: list[tuple[str, list[Any]]]) -> list[tuple[dict[str, Any], Job]]:
@@ -226,7 +271,7 @@ def _check_data_folders(opts: SubmitOptions, executor: str, base: Path, folders:
     if opts.data and not base.is_dir():
         _unreachable(opts, executor, notes, base.absolute(), f"--data {opts.data}: no such folder")
         return notes
-    if opts.data:
+    if opts.data and "train_dir" in folders:
         from ..data import refuse_slice_folder
 
         refuse_slice_folder("--data", Path(opts.data), folders["train_dir"], folders["val_dir"],
@@ -408,7 +453,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     plan = plan_submission(opts)
     n = len(plan.elements)
     sweep_id = new_run_id()
-    run_ids = [sweep_id] if n == 1 else [f"{sweep_id}-{i}" for i in range(n)]
+    ids = run_ids(sweep_id, plan)
     exp_dir = plan.scratch / plan.experiment
     array = n > 1 and backends.BACKENDS[plan.executor].arrays  # else one job per element
     for warning in plan.warnings:
@@ -416,13 +461,14 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     shared = exp_dir / ".arrays" / sweep_id if array else None
 
     if opts.dry_run:
-        folder = shared or exp_dir / run_ids[0] / "submitit"
+        folder = shared or exp_dir / ids[0] / "submitit"
         scripts = [job_script(plan, folder, n)] if array or n == 1 else \
-            [job_script(plan, exp_dir / rid / "submitit", 1) for rid in run_ids]
+            [job_script(plan, exp_dir / rid / "submitit", 1) for rid in ids]
         for note in plan.notes:
             echo(note)
-        for (values, _), rid in zip(plan.elements, run_ids):
+        for i, ((values, _), rid) in enumerate(zip(plan.elements, ids)):
             where = f"  {' '.join(f'{k}={v!r}' for k, v in values.items())}" if values else ""
+            where += f"  fold {plan.element_folds[i][1]}" if plan.folds is not None else ""
             echo(f"# would submit run {rid} ({plan.executor}){where} -> {exp_dir / rid}")
         echo(f"# {plan.resources.line()}")
         for script in scripts:
@@ -437,7 +483,8 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
         made += make_private_dir(exp_dir)
         runs, runners = [], []
         commit = git_commit()
-        for (values, job), rid in zip(plan.elements, run_ids):
+        for i, ((values, job), rid) in enumerate(zip(plan.elements, ids)):
+            train_dir, val_dir = run_folders(plan, i)
             run_dir = exp_dir / rid
             made += make_private_dir(run_dir)
             filled.append(run_dir)
@@ -452,15 +499,18 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
                 "resources": {"gpus": plan.gpus, "nodes": plan.nodes, "processes": plan.tasks_per_node,
                               "cpus": plan.cpus, "mem_gb": plan.mem_gb,
                               "time": hours_minutes(plan.minutes), "signal_delay_s": plan.signal_delay_s},
-                "data": {"train_dir": str(plan.train_dir), "val_dir": str(plan.val_dir),
-                         "test_dir": str(plan.test_dir) if plan.test_dir else None},
+                "data": {"train_dir": [str(d) for d in train_dir] if isinstance(train_dir, list) else str(train_dir),
+                         "val_dir": str(val_dir), "test_dir": str(plan.test_dir) if plan.test_dir else None},
                 "epochs": job.train.epochs, "submitit_dir": str(submitit_dir),
                 "versions": versions.here(),  # the job compares its own at its start (jobrunner)
             }
+            if plan.folds is not None:  # status groups the folds of a setting into one cross-validation line
+                record.update(setting=plan.element_folds[i][0], fold=plan.element_folds[i][1], folds=len(plan.folds))
             run = Run(path=run_dir, record=record)
             write_record(run)
             runs.append(run)
-            runners.append(JobRunner(job.to_dict(), str(plan.train_dir), str(plan.val_dir), str(run_dir),
+            runners.append(JobRunner(job.to_dict(), [str(d) for d in train_dir] if isinstance(train_dir, list)
+                                     else str(train_dir), str(val_dir), str(run_dir),
                                      str(plan.test_dir) if plan.test_dir else None, procs=plan.tasks_per_node,
                                      mem_gb=plan.mem_gb))
         if shared is not None:
@@ -487,6 +537,7 @@ def submit(opts: SubmitOptions, echo=print) -> Submitted:
     echo(plan.resources.line())
     for run in runs:
         sweep = "  " + " ".join(f"{k}={v}" for k, v in run.record["sweep"].items()) if run.record["sweep"] else ""
+        sweep += f"  fold {run.record['fold']}" if "fold" in run.record else ""
         echo(f"submitted run {run.run_id}  job {run.job_id}  ({plan.executor}){sweep}  {run.path}")
     return Submitted(runs=runs)
 
