@@ -469,3 +469,18 @@ def test_a_rule_this_hpcseg_cannot_apply_is_refused(run_on_a_rule, run_and_scans
     assert code == 2 and output.startswith(f"hpcseg: error: {newer / 'best.pt'}: normalisation rule ") and \
         "is not one this hpcseg applies (version 1, percentile in (0, 100])" in output, output
     assert not (tmp_path / "out").exists()
+
+
+def test_3d_views_leave_room_for_the_name_of_a_narrow_view(tmp_path):
+    """A scan a few voxels deep gives a sagittal view narrower than its name: the picture widens to show it whole."""
+    from PIL import Image
+
+    from hpcseg.views import _font, save_views
+
+    image = np.zeros((3, 100, 100), np.float32)  # 3 coronal planes: the sagittal view is 3 pixels wide
+    image[:, 10:90, 10:90] = 1.0
+    save_views(tmp_path / "v.png", image, (image > 0).astype(np.uint8))
+    with Image.open(tmp_path / "v.png") as png:
+        width, pixels = png.width, np.asarray(png.convert("L"))
+    # the right edge is not cut through text: its last columns are white background
+    assert width >= _font().getlength("sagittal") and (pixels[:, -2:] == 255).all()

@@ -74,7 +74,8 @@ def save_views(path: Path, image: np.ndarray, classes: np.ndarray, truth: np.nda
     widths, height = [p.width for p in panels[0]], max(p.height for p in panels[0])
     columns = [margin + sum(widths[:i]) + gap * i for i in range(len(cuts))]
     legend_width = sum(16 + int(font.getlength(name)) + 14 for name in LEGEND)
-    width = max(columns[-1] + widths[-1] + 4, int(font.getlength(title)) + 8, legend_width + 8)
+    names_end = max(x + 8 + int(font.getlength(view)) for x, view in zip(columns, VIEWS))  # a narrow view's name
+    width = max(columns[-1] + widths[-1] + 4, names_end, int(font.getlength(title)) + 8, legend_width + 8)
     canvas = Image.new("RGB", (width, 2 * line + len(rows) * (height + gap) + line), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 2), title, fill="black", font=font)
