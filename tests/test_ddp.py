@@ -257,7 +257,8 @@ def test_a_two_gpu_job_is_one_run_of_two_ranks_that_requeues_on_the_warning(back
     if backend in ("slurm", "sge") and _cluster_gpus(backend) < 2:
         pytest.skip(f"the dev {backend} node has fewer than 2 (fake) GPUs: restart it with hpc/dev-cluster/")
     epochs = 40
-    [(run_id, job_id)] = cli.submit("--gpus", "2", "--time", "00:30", "--name", "ddp", data=tiny_data,
+    # 3 GB: two ranks and their launcher, each a torch process (the LSF emulator enforces -M as LSF does)
+    [(run_id, job_id)] = cli.submit("--gpus", "2", "--mem", "3", "--time", "00:30", "--name", "ddp", data=tiny_data,
                                     sets=[f"train.epochs={epochs}", "train.val_interval=20"])
     run_dir = cli.scratch / "ddp" / run_id
     cli.wait(run_id, ("RUNNING",), timeout_s=120, until=lambda r: (r["epoch"] or 0) >= 3)

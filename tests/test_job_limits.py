@@ -87,10 +87,10 @@ def test_the_smallest_limit_wins_and_bounds_the_host_memory_for_data(monkeypatch
 def test_the_job_runner_passes_the_request_on_to_the_training_processes(monkeypatch):
     from hpcseg.cluster.jobrunner import export_memory_request
 
-    monkeypatch.delenv(memlimit.ENV, raising=False)
+    monkeypatch.setenv(memlimit.ENV, "64")  # inherited from the submitting shell (restored after the test)
     export_memory_request(16.0)
-    assert os.environ[memlimit.ENV] == "16"
-    export_memory_request(4.0)  # one the job's environment set wins
+    assert os.environ[memlimit.ENV] == "16"  # the job's own request wins
+    export_memory_request(None)  # a run submitted without a request keeps what it has
     assert os.environ[memlimit.ENV] == "16"
 
 

@@ -35,9 +35,10 @@ from .runs import ATTEMPTS, OUTCOME
 
 
 def export_memory_request(mem_gb: float | None) -> None:
-    """The job's memory request as HPCSEG_JOB_MEM_GB (memlimit.py), for this process and the ranks it starts; a value
-    the job's environment already sets wins."""
-    if mem_gb and not os.environ.get(MEMORY_ENV):
+    """The job's memory request as HPCSEG_JOB_MEM_GB (memlimit.py), for this process and the ranks it starts. It
+    replaces a value the job inherited: schedulers hand a job the submitting shell's environment, which may hold
+    another job's request (a submit from inside a job, or a test process)."""
+    if mem_gb:
         os.environ[MEMORY_ENV] = f"{mem_gb:g}"
 
 
