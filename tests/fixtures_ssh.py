@@ -122,6 +122,10 @@ def install_cluster_hpcseg(home: Path) -> None:
     """~/venv of the cluster user: the test venv's dependencies through a .pth, hpcseg itself installed from a
     copy of this checkout (not editable); redone only when the sources changed."""
     copy, digest = _source_copy()
+    deps = sysconfig.get_paths()["purelib"]
+    digest = f"{digest} {deps}"  # another test venv (another checkout) needs its own .pth
+    let_other_users_through(Path(deps) / "click")  # every session: the checkout may lie in a private folder
+    let_other_users_through(REPO / "tests" / "lsf_emulator")  # the cluster side runs the emulator from here
     try:
         venv = home / "venv"
         stamp = venv / "hpcseg-source.sha256"
@@ -132,8 +136,6 @@ def install_cluster_hpcseg(home: Path) -> None:
         assert made.returncode == 0, made.stderr
         site = as_cluster([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"]).stdout.strip()
-        deps = sysconfig.get_paths()["purelib"]
-        let_other_users_through(Path(deps) / "click")
         if as_cluster(["test", "-r", f"{deps}/click/__init__.py"]).returncode != 0:
             pytest.fail(f"{deps}: not readable by {USER}; the cluster's venv borrows the test venv's dependencies "
                         "(keep the checkout in a folder other users can enter, e.g. under /work or /tmp)")
