@@ -47,21 +47,12 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _own_rss(root: Path) -> int:
-    """This process's resident memory (what a job's memory counts), in bytes."""
+def _own_status(root: Path, field: str) -> int:
+    """A size of this process from /proc/self/status (VmRSS: resident, what a job's memory counts; VmSize: its
+    address space), in bytes; 0 where it cannot be read."""
     try:
         for line in (root / "proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def _own_vm(root: Path) -> int:
-    try:
-        for line in (root / "proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -77,7 +68,7 @@ def asked(environ: Mapping[str, str], root: Path) -> Limit | None:
         return None
     if not 0 < gb < float("inf"):
         return None
-    return Limit(f"the job's request ({ENV}={text})", int(gb * GB), _own_rss(root))
+    return Limit(f"the job's request ({ENV}={text})", int(gb * GB), _own_status(root, "VmRSS"))
 
 
 def _mounts(root: Path) -> list[tuple[str, str, str, str]]:
@@ -139,7 +130,7 @@ def cgroup(root: Path) -> Limit | None:
 def rlimits(root: Path) -> list[Limit]:
     """RLIMIT_RSS (LSF's -M handed to the OS) and RLIMIT_AS of this process, where set."""
     out = []
-    for name, used in (("RLIMIT_RSS", _own_rss(root)), ("RLIMIT_AS", _own_vm(root))):
+    for name, used in (("RLIMIT_RSS", _own_status(root, "VmRSS")), ("RLIMIT_AS", _own_status(root, "VmSize"))):
         soft, _ = resource.getrlimit(getattr(resource, name))
         if soft != resource.RLIM_INFINITY and 0 < soft < UNLIMITED:
             out.append(Limit(name, soft, used))

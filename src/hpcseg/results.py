@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import TISSUES
-from .cluster.collect import JOB_TEST, _summary_ok
+from .cluster.collect import JOB_TEST, summary_ok
 from .cluster.runs import (ATTEMPTS, MAX_RECORD_BYTES, OUTCOME, PROGRESS, RUN_RECORD, NotTrusted, json_records,
                            read_owned)
 from .jobfile import tomllib
@@ -220,7 +220,7 @@ def load_result(path: Path, experiment: str | None = None) -> RunResult:
             continue
         for test in names:
             summary = _read_json(test / "summary.json", damage)
-            if _summary_ok(summary):
+            if summary_ok(summary):
                 result.tests.setdefault(test.name, summary)
                 result.test_dirs.setdefault(test.name, test)
     return result

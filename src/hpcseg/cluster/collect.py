@@ -310,7 +310,7 @@ def _dice(value) -> bool:
     return _number(value) or (isinstance(value, float) and math.isnan(value))  # NaN: a tissue absent from the data
 
 
-def _summary_ok(summary) -> bool:
+def summary_ok(summary) -> bool:
     """Whether a summary.json holds Dice per tissue and their mean (a damaged one is left out, not trusted)."""
     return isinstance(summary, dict) and isinstance(summary.get("dice_per_class"), dict) \
         and all(isinstance(k, str) and _dice(v) for k, v in summary["dice_per_class"].items()) \
@@ -336,7 +336,7 @@ def dice_lines(folder: Path) -> list[str]:
             summary = json.loads(read_owned(test / "summary.json"))
         except (OSError, NotTrusted, ValueError, RecursionError):
             continue
-        if not _summary_ok(summary):
+        if not summary_ok(summary):
             lines.append(f"test on {test.name}: {test / 'summary.json'} is damaged")
             continue
         pngs = [p for p in _scan(test / "png", dirs=False) if p.name.endswith(".png")]
